@@ -1,0 +1,105 @@
+//! Why a packet got the action it got.
+//!
+//! Every packet ends in exactly one *outcome* reason, each tied to one XDP action, so
+//! the per-action totals are sums the agent computes: the kernel bumps one counter
+//! per packet. *Event* reasons count what happened on the way (a flow was scheduled,
+//! a reply was rewritten) and have no action of their own.
+
+/// XDP action numbers (uapi `enum xdp_action`).
+pub mod xdp_action {
+    /// The program failed; the kernel drops the frame and traces it.
+    pub const ABORTED: u32 = 0;
+    /// Dropped.
+    pub const DROP: u32 = 1;
+    /// Handed to the kernel's stack.
+    pub const PASS: u32 = 2;
+    /// Sent back out of the interface it came in on.
+    pub const TX: u32 = 3;
+    /// Sent out of another interface.
+    pub const REDIRECT: u32 = 4;
+}
+
+macro_rules! reasons {
+    ($($variant:ident = $name:literal, $action:expr, $doc:literal;)+) => {
+        /// Why a packet got its action: the index into [`crate::Counters`].
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Reason {
+            $(#[doc = $doc] $variant,)+
+        }
+
+        /// Number of reasons: the length of [`crate::Counters::by_reason`].
+        pub const REASON_COUNT: usize = [$(Reason::$variant),+].len();
+
+        impl Reason {
+            /// Every reason, in counter order.
+            pub const ALL: [Reason; REASON_COUNT] = [$(Reason::$variant),+];
+
+            /// The snake_case name used in metrics and the CLI.
+            pub const fn name(self) -> &'static str {
+                match self { $(Reason::$variant => $name,)+ }
+            }
+
+            /// The XDP action of an outcome; `None` for an event.
+            pub const fn action(self) -> Option<u32> {
+                match self { $(Reason::$variant => $action,)+ }
+            }
+        }
+    };
+}
+
+use xdp_action::{DROP, PASS, REDIRECT, TX};
+
+reasons! {
+    // Outcomes handed to the kernel untouched: not ours.
+    PassNotIpv4 = "pass_not_ipv4", Some(PASS), "Not IPv4 (ARP, IPv6, unknown ethertype).";
+    PassNotTcpUdp = "pass_not_tcp_udp", Some(PASS), "IPv4 but neither TCP nor UDP (ICMP, VRRP, ...).";
+    PassNotVip = "pass_not_vip", Some(PASS), "TCP/UDP for no VIP and from no backend.";
+    PassFragment = "pass_fragment", Some(PASS), "An IPv4 fragment not addressed to a VIP.";
+    PassTtlExpired = "pass_ttl_expired", Some(PASS), "For a VIP but TTL <= 1: the kernel sends time-exceeded.";
+    // Outcomes of packets we rewrote but leave the kernel to deliver.
+    PassNoNeighbour = "pass_no_neighbour", Some(PASS), "Rewritten, next hop not resolved yet: the kernel forwards it and resolves it.";
+    PassNotTxPort = "pass_not_tx_port", Some(PASS), "Rewritten, egress interface not in the redirect map: the kernel forwards it.";
+    // Outcomes of malformed or unsteerable packets.
+    DropTruncatedEthernet = "drop_truncated_ethernet", Some(DROP), "Shorter than an Ethernet (or 802.1Q) header.";
+    DropTruncatedIpv4 = "drop_truncated_ipv4", Some(DROP), "Shorter than its IPv4 header, options included.";
+    DropBadIpVersion = "drop_bad_ip_version", Some(DROP), "Ethertype IPv4 but version field not 4.";
+    DropBadIhl = "drop_bad_ihl", Some(DROP), "IPv4 header length below 5 words.";
+    DropBadTotalLength = "drop_bad_total_length", Some(DROP), "IPv4 total length below the header or beyond the frame.";
+    DropTruncatedL4 = "drop_truncated_l4", Some(DROP), "TCP/UDP header cut short.";
+    DropBadTcpDataOffset = "drop_bad_tcp_data_offset", Some(DROP), "TCP data offset below 5 words or beyond the packet.";
+    DropFragment = "drop_fragment", Some(DROP), "An IPv4 fragment addressed to a VIP: it cannot be steered.";
+    DropNoBackend = "drop_no_backend", Some(DROP), "For a VIP with no backend available.";
+    DropNoRoute = "drop_no_route", Some(DROP), "Rewritten but the kernel has no route to forward it.";
+    // Outcomes of forwarded packets.
+    Tx = "tx", Some(TX), "Rewritten and sent back out of the interface it came in on.";
+    Redirect = "redirect", Some(REDIRECT), "Rewritten and redirected out of another interface.";
+    // Events.
+    FlowNew = "flow_new", None, "A flow was scheduled onto a backend (a SYN, or a flow-table miss).";
+    FlowHit = "flow_hit", None, "A packet of a known flow (flow-table hit).";
+    FlowMissNonSyn = "flow_miss_non_syn", None, "A non-SYN packet missed the flow table (evicted, or a takeover).";
+    FlowBackendGone = "flow_backend_gone", None, "A known flow's backend was removed: the flow was scheduled again.";
+    Reply = "reply", None, "A backend's reply was rewritten to come from its VIP.";
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_snake_case() {
+        let mut names: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
+        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')));
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), REASON_COUNT);
+    }
+
+    #[test]
+    fn counter_order_is_declaration_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The loaded XDP program and typed access to its maps.
+//!
+//! This is the only place that knows map names and value layouts on the user side;
+//! everything above it speaks [`foobar_lb_common`] types.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash},
+    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    util::nr_cpus,
+};
+use foobar_lb_common::{
+    Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint, FlowKey, FlowState, ReplyTarget,
+    TrafficStats, VipAddr, VipInfo, map_names as names, schedule_index,
+};
+
+/// The XDP program object, built by `build.rs`.
+pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/foobar-lb"));
+/// The benchmark's floor program (parse nothing, XDP_TX).
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
+/// Name of the balancing program in [`PROGRAM_OBJECT`].
+pub const PROGRAM_NAME: &str = "foobar_lb";
+
+/// Failures of the data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The object could not be loaded (maps created, relocations done).
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// The kernel refused or failed the program.
+    #[error("program: {0}")]
+    Program(#[from] ProgramError),
+    /// A map operation failed.
+    #[error("map {map}: {source}")]
+    Map {
+        /// Which map.
+        map: &'static str,
+        /// What the kernel said.
+        source: MapError,
+    },
+    /// A map expected in the object is missing (object and agent out of step).
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    /// The devmap refused an interface.
+    #[error("redirect map: {0}")]
+    TxPort(#[from] aya::maps::xdp::XdpMapError),
+    /// The CPU count could not be read.
+    #[error("counting CPUs: {0}")]
+    Cpus(String),
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+/// How to load the data plane.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Entries of the flow table (LRU).
+    pub flow_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            flow_capacity: DEFAULT_FLOW_CAPACITY,
+        }
+    }
+}
+
+/// The loaded program and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+}
+
+macro_rules! map {
+    ($self:ident, $kind:ident, $name:expr) => {
+        $kind::try_from(
+            $self
+                .ebpf
+                .map_mut($name)
+                .ok_or(DataplaneError::MissingMap($name))?,
+        )
+        .map_err(map_err($name))?
+    };
+}
+
+impl Dataplane {
+    /// Loads the object and the program into the kernel (verified, not attached).
+    pub fn load(options: &LoadOptions) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::FLOWS, options.flow_capacity)
+            .load(PROGRAM_OBJECT)?;
+        program(&mut ebpf)?.load()?;
+        Ok(Self { ebpf })
+    }
+
+    /// The balancing program, for attaching or test runs.
+    pub fn program_mut(&mut self) -> Result<&mut Xdp> {
+        program(&mut self.ebpf)
+    }
+
+    /// Attaches the program to an interface.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<XdpLinkId> {
+        Ok(self.program_mut()?.attach(interface, mode)?)
+    }
+
+    /// Adds or updates a VIP.
+    pub fn set_vip(&mut self, vip: &Endpoint, info: &VipInfo) -> Result<()> {
+        let mut m: HashMap<_, Endpoint, VipInfo> = map!(self, HashMap, names::VIPS);
+        m.insert(vip, info, 0).map_err(map_err(names::VIPS))
+    }
+
+    /// Removes a VIP; new packets for it pass to the kernel.
+    pub fn remove_vip(&mut self, vip: &Endpoint) -> Result<()> {
+        let mut m: HashMap<_, Endpoint, VipInfo> = map!(self, HashMap, names::VIPS);
+        m.remove(vip).map_err(map_err(names::VIPS))
+    }
+
+    /// Sets how many VIPs use an address (0 removes it).
+    pub fn set_vip_address_uses(&mut self, addr: &VipAddr, uses: u32) -> Result<()> {
+        let mut m: HashMap<_, VipAddr, u32> = map!(self, HashMap, names::VIP_ADDRS);
+        if uses == 0 {
+            m.remove(addr).map_err(map_err(names::VIP_ADDRS))
+        } else {
+            m.insert(addr, uses, 0).map_err(map_err(names::VIP_ADDRS))
+        }
+    }
+
+    /// Writes a backend slot.
+    pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        let mut m: Array<_, Backend> = map!(self, Array, names::BACKENDS);
+        m.set(id, backend, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    /// Writes the slots of a VIP's schedule that differ from `previous`.
+    /// Returns how many slots were written.
+    pub fn write_schedule(&mut self, vip_id: u32, schedule: &[u32], previous: &[u32]) -> Result<usize> {
+        let mut m: Array<_, u32> = map!(self, Array, names::SCHEDULES);
+        let mut written = 0;
+        for (slot, &backend) in schedule.iter().enumerate() {
+            if previous.get(slot) != Some(&backend) {
+                m.set(schedule_index(vip_id, slot as u32), backend, 0)
+                    .map_err(map_err(names::SCHEDULES))?;
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    /// The round-robin cursor of a VIP: how many flows it has scheduled.
+    pub fn rr_cursor(&mut self, vip_id: u32) -> Result<u32> {
+        let m: Array<_, u32> = map!(self, Array, names::RR_CURSORS);
+        m.get(&vip_id, 0).map_err(map_err(names::RR_CURSORS))
+    }
+
+    /// Sets the round-robin cursor of a VIP.
+    pub fn set_rr_cursor(&mut self, vip_id: u32, value: u32) -> Result<()> {
+        let mut m: Array<_, u32> = map!(self, Array, names::RR_CURSORS);
+        m.set(vip_id, value, 0).map_err(map_err(names::RR_CURSORS))
+    }
+
+    /// Tells the data plane how to rewrite replies coming from a backend endpoint.
+    pub fn set_reply(&mut self, backend: &Endpoint, target: &ReplyTarget) -> Result<()> {
+        let mut m: HashMap<_, Endpoint, ReplyTarget> = map!(self, HashMap, names::REPLIES);
+        m.insert(backend, target, 0).map_err(map_err(names::REPLIES))
+    }
+
+    /// Stops rewriting replies from a backend endpoint.
+    pub fn remove_reply(&mut self, backend: &Endpoint) -> Result<()> {
+        let mut m: HashMap<_, Endpoint, ReplyTarget> = map!(self, HashMap, names::REPLIES);
+        m.remove(backend).map_err(map_err(names::REPLIES))
+    }
+
+    /// Lets the program redirect packets out of an interface.
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        let mut m: DevMapHash<_> = map!(self, DevMapHash, names::TX_PORTS);
+        Ok(m.insert(ifindex, ifindex, None, 0)?)
+    }
+
+    /// Sets a flow-table entry (tests and takeovers).
+    pub fn set_flow(&mut self, key: &FlowKey, flow: &FlowState) -> Result<()> {
+        let mut m: HashMap<_, FlowKey, FlowState> = map!(self, HashMap, names::FLOWS);
+        m.insert(key, flow, 0).map_err(map_err(names::FLOWS))
+    }
+
+    /// The flow-table entry of a flow, if any.
+    pub fn flow(&mut self, key: &FlowKey) -> Result<Option<FlowState>> {
+        let m: HashMap<_, FlowKey, FlowState> = map!(self, HashMap, names::FLOWS);
+        match m.get(key, 0) {
+            Ok(flow) => Ok(Some(flow)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::FLOWS)(e)),
+        }
+    }
+
+    /// Every flow-table entry.
+    pub fn flows(&mut self) -> Result<Vec<(FlowKey, FlowState)>> {
+        let m: HashMap<_, FlowKey, FlowState> = map!(self, HashMap, names::FLOWS);
+        // Entries evicted during the walk show up as errors: skip them.
+        Ok(m.iter().filter_map(|entry| entry.ok()).collect())
+    }
+
+    /// Removes the flows pinned to any of `backend_ids`; returns how many.
+    pub fn remove_flows_of(&mut self, backend_ids: &[u32]) -> Result<usize> {
+        let doomed: Vec<FlowKey> = self
+            .flows()?
+            .into_iter()
+            .filter(|(_, flow)| backend_ids.contains(&flow.backend_id))
+            .map(|(key, _)| key)
+            .collect();
+        let mut m: HashMap<_, FlowKey, FlowState> = map!(self, HashMap, names::FLOWS);
+        for key in &doomed {
+            // Already evicted is as good as removed.
+            let _ = m.remove(key);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Global counters, summed over CPUs.
+    pub fn counters(&mut self) -> Result<Counters> {
+        let m: PerCpuArray<_, Counters> = map!(self, PerCpuArray, names::COUNTERS);
+        let per_cpu = m.get(&0, 0).map_err(map_err(names::COUNTERS))?;
+        Ok(per_cpu.iter().fold(Counters::default(), |mut sum, c| {
+            sum.add(c);
+            sum
+        }))
+    }
+
+    /// Traffic counters of a VIP id, summed over CPUs.
+    pub fn vip_stats(&mut self, vip_id: u32) -> Result<TrafficStats> {
+        self.traffic(names::VIP_STATS, vip_id)
+    }
+
+    /// Traffic counters of a backend id, summed over CPUs.
+    pub fn backend_stats(&mut self, backend_id: u32) -> Result<TrafficStats> {
+        self.traffic(names::BACKEND_STATS, backend_id)
+    }
+
+    /// Zeroes the counters of a VIP id about to be (re)used.
+    pub fn reset_vip_stats(&mut self, vip_id: u32) -> Result<()> {
+        self.reset_traffic(names::VIP_STATS, vip_id)
+    }
+
+    /// Zeroes the counters of a backend id about to be (re)used.
+    pub fn reset_backend_stats(&mut self, backend_id: u32) -> Result<()> {
+        self.reset_traffic(names::BACKEND_STATS, backend_id)
+    }
+
+    fn traffic(&mut self, name: &'static str, index: u32) -> Result<TrafficStats> {
+        let m: PerCpuArray<_, TrafficStats> = map!(self, PerCpuArray, name);
+        let per_cpu = m.get(&index, 0).map_err(map_err(name))?;
+        Ok(per_cpu.iter().fold(TrafficStats::default(), |mut sum, s| {
+            sum.add(s);
+            sum
+        }))
+    }
+
+    fn reset_traffic(&mut self, name: &'static str, index: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e.to_string()))?;
+        let zeros = PerCpuValues::try_from(vec![TrafficStats::default(); cpus])
+            .map_err(|e| DataplaneError::Cpus(e.to_string()))?;
+        let mut m: PerCpuArray<&mut MapData, TrafficStats> = map!(self, PerCpuArray, name);
+        m.set(index, zeros, 0).map_err(map_err(name))
+    }
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let program = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or(DataplaneError::MissingMap(PROGRAM_NAME))?;
+    Ok(program.try_into()?)
+}
+
+/// Loads the benchmark's floor program (parse nothing, XDP_TX). The returned object
+/// must be kept alive while the program is used.
+pub fn load_floor() -> Result<Ebpf> {
+    let mut ebpf = Ebpf::load(FLOOR_OBJECT)?;
+    let floor: &mut Xdp = ebpf
+        .program_mut("floor")
+        .ok_or(DataplaneError::MissingMap("floor"))?
+        .try_into()?;
+    floor.load()?;
+    Ok(ebpf)
+}

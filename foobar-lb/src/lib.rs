@@ -1,0 +1,11 @@
+//! foobar-lb: an XDP layer-4 load balancer.
+//!
+//! The kernel side (`foobar-lb-ebpf`) only looks things up; this crate decides:
+//! [`schedule`] computes the Maglev tables and round-robin rings, [`state`] holds
+//! the validated desired configuration, [`reconcile`] turns it into minimal map
+//! updates, and [`dataplane`] loads the program and owns the maps.
+
+pub mod dataplane;
+pub mod reconcile;
+pub mod schedule;
+pub mod state;
