@@ -147,10 +147,12 @@ fn schedule(vip: &VipInfo, pkt: &Packet) -> Option<u32> {
 /// Atomically takes the next value of a shared cursor.
 ///
 /// `core::sync::atomic` is not offered for the BPF target; the intrinsic gives the
-/// BPF atomic fetch-and-add (CPU v3, see `bpf-linker-v3`).
+/// BPF atomic fetch-and-add (CPU v3, see `bpf-linker-v3`). SeqCst on purpose: LLVM 22
+/// lowers a *relaxed* fetch-add to the plain `lock add`, dropping the fetch flag while
+/// still using the register as the old value (seen in the object: imm 0 vs 0x01).
 #[inline(always)]
 unsafe fn take_ticket(cursor: *mut u32) -> u32 {
-    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(cursor, 1) }
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(cursor, 1) }
 }
 
 #[inline(always)]

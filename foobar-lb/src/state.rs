@@ -1,1 +1,311 @@
+//! The desired state: VIPs and their backends as an operator writes them, and the
+//! validation that turns them into schedules or refuses them whole.
 
+use std::{collections::BTreeMap, net::IpAddr};
+
+use foobar_lb_common::{Endpoint, FAMILY_IPV4, MAX_BACKENDS, MAX_VIPS, PROTO_TCP, PROTO_UDP};
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::{self, DEFAULT_MAGLEV_SIZE, Weighted};
+
+/// Largest backend weight, as in HAProxy.
+pub const MAX_WEIGHT: u32 = 256;
+
+/// Transport protocol of a VIP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+}
+
+/// How a VIP picks the backend of a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Weighted round robin: consecutive new flows take consecutive backends.
+    #[default]
+    Rr,
+    /// Maglev consistent hashing of the flow: the same flow always lands on the same
+    /// backend for the same backend set, on any balancer.
+    Maglev,
+}
+
+/// A backend of a VIP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    /// Server address.
+    pub address: IpAddr,
+    /// Server port.
+    pub port: u16,
+    /// Relative share of new flows, 0 to [`MAX_WEIGHT`]; 0 drains (existing flows stay).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_table_size() -> u32 {
+    DEFAULT_MAGLEV_SIZE
+}
+
+/// A virtual service: address, port, protocol, scheduler and backends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSpec {
+    /// Name for people (metrics labels, CLI).
+    pub name: String,
+    /// The virtual address clients connect to.
+    pub address: IpAddr,
+    /// The virtual port.
+    pub port: u16,
+    /// TCP or UDP.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// `rr` or `maglev`.
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    /// Maglev table size, a prime; ignored for `rr`.
+    #[serde(default = "default_table_size")]
+    pub maglev_table_size: u32,
+    /// The servers.
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+}
+
+/// Every VIP the balancer should serve.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredState {
+    /// The VIPs.
+    #[serde(default)]
+    pub vips: Vec<VipSpec>,
+}
+
+/// A refused configuration: the field at fault and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct StateError {
+    /// Path of the bad field, e.g. `vips[0].backends[2].weight`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> StateError {
+    StateError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A validated VIP, ready to write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedVip {
+    /// The VIP as the data plane keys it.
+    pub endpoint: Endpoint,
+    /// What it was made from.
+    pub spec: VipSpec,
+    /// Backend endpoints, in the order of `spec.backends`.
+    pub backends: Vec<Endpoint>,
+    /// The schedule, as positions in `backends`.
+    pub schedule: Vec<u32>,
+}
+
+/// Converts an address and port to the data plane's form; IPv6 is refused for now.
+pub fn endpoint(address: IpAddr, port: u16, protocol: Protocol) -> Result<Endpoint, &'static str> {
+    match address {
+        IpAddr::V4(v4) => Ok(Endpoint {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            port: port.to_be(),
+            proto: protocol.number(),
+            family: FAMILY_IPV4,
+        }),
+        IpAddr::V6(_) => Err("IPv6 is not supported by the data plane yet"),
+    }
+}
+
+impl DesiredState {
+    /// Checks everything and computes every schedule; nothing is written here, so a
+    /// refusal leaves the running state as it was.
+    pub fn plan(&self) -> Result<Vec<PlannedVip>, StateError> {
+        if self.vips.len() > MAX_VIPS as usize {
+            return Err(invalid("vips", format!("{} VIPs, at most {MAX_VIPS}", self.vips.len())));
+        }
+        let total: usize = self.vips.iter().map(|v| v.backends.len()).sum();
+        if total > MAX_BACKENDS as usize {
+            return Err(invalid("vips", format!("{total} backends in all, at most {MAX_BACKENDS}")));
+        }
+        let mut vips_seen = BTreeMap::new();
+        let mut names_seen = BTreeMap::new();
+        let mut backends_seen: BTreeMap<Endpoint, String> = BTreeMap::new();
+        let mut planned = Vec::with_capacity(self.vips.len());
+        for (v, vip) in self.vips.iter().enumerate() {
+            let at = format!("vips[{v}]");
+            if vip.name.trim().is_empty() {
+                return Err(invalid(format!("{at}.name"), "must not be empty"));
+            }
+            if let Some(other) = names_seen.insert(vip.name.clone(), v) {
+                return Err(invalid(format!("{at}.name"), format!("{:?} is also the name of vips[{other}]", vip.name)));
+            }
+            if vip.port == 0 {
+                return Err(invalid(format!("{at}.port"), "must be 1-65535"));
+            }
+            let vip_ep = endpoint(vip.address, vip.port, vip.protocol)
+                .map_err(|m| invalid(format!("{at}.address"), m))?;
+            if vip.address.is_unspecified() || vip.address.is_multicast() {
+                return Err(invalid(format!("{at}.address"), "must be a unicast address"));
+            }
+            if let Some(other) = vips_seen.insert(vip_ep, v) {
+                return Err(invalid(at, format!("same address, port and protocol as vips[{other}]")));
+            }
+            let mut weighted = Vec::with_capacity(vip.backends.len());
+            for (b, backend) in vip.backends.iter().enumerate() {
+                let at = format!("{at}.backends[{b}]");
+                if backend.port == 0 {
+                    return Err(invalid(format!("{at}.port"), "must be 1-65535"));
+                }
+                if backend.weight > MAX_WEIGHT {
+                    return Err(invalid(format!("{at}.weight"), format!("{} is above {MAX_WEIGHT}", backend.weight)));
+                }
+                let ep = endpoint(backend.address, backend.port, vip.protocol)
+                    .map_err(|m| invalid(format!("{at}.address"), m))?;
+                if backend.address.is_unspecified() || backend.address.is_multicast() {
+                    return Err(invalid(format!("{at}.address"), "must be a unicast address"));
+                }
+                if ep == vip_ep {
+                    return Err(invalid(at, "a backend cannot be its own VIP"));
+                }
+                // Replies are mapped back to their VIP by the backend endpoint alone.
+                if let Some(other) = backends_seen.insert(ep, at.clone()) {
+                    return Err(invalid(at, format!("same address and port as {other}: a backend endpoint serves one VIP")));
+                }
+                weighted.push(Weighted {
+                    endpoint: ep,
+                    weight: backend.weight,
+                });
+            }
+            let schedule = match vip.scheduler {
+                Scheduler::Rr => schedule::round_robin(&weighted),
+                Scheduler::Maglev => schedule::maglev(&weighted, vip.maglev_table_size),
+            }
+            .map_err(|e| {
+                let field = match e {
+                    schedule::ScheduleError::RingTooLong { .. } => format!("{at}.backends"),
+                    _ => format!("{at}.maglev_table_size"),
+                };
+                invalid(field, e.to_string())
+            })?;
+            planned.push(PlannedVip {
+                endpoint: vip_ep,
+                spec: vip.clone(),
+                backends: weighted.iter().map(|w| w.endpoint).collect(),
+                schedule,
+            });
+        }
+        // VIPs keyed by their endpoint must not collide with any backend either.
+        for p in &planned {
+            if let Some(backend) = backends_seen.get(&p.endpoint) {
+                return Err(invalid(backend.clone(), format!("same endpoint as VIP {:?}", p.spec.name)));
+            }
+        }
+        Ok(planned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vip(name: &str, addr: &str, backends: &[(&str, u16, u32)]) -> VipSpec {
+        VipSpec {
+            name: name.into(),
+            address: addr.parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            scheduler: Scheduler::Rr,
+            maglev_table_size: DEFAULT_MAGLEV_SIZE,
+            backends: backends
+                .iter()
+                .map(|&(a, port, weight)| BackendSpec {
+                    address: a.parse().unwrap(),
+                    port,
+                    weight,
+                })
+                .collect(),
+        }
+    }
+
+    fn field_of(state: DesiredState) -> String {
+        state.plan().unwrap_err().field
+    }
+
+    #[test]
+    fn plans_a_valid_state() {
+        let state = DesiredState {
+            vips: vec![vip("web", "10.0.0.100", &[("10.1.0.11", 8080, 3), ("10.1.0.12", 8080, 1)])],
+        };
+        let plan = state.plan().unwrap();
+        assert_eq!(plan[0].schedule, vec![0, 0, 1, 0]);
+        assert_eq!(plan[0].endpoint.port, 80u16.to_be());
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let mut s = DesiredState { vips: vec![vip("web", "10.0.0.100", &[("10.1.0.11", 8080, 300)])] };
+        assert_eq!(field_of(s.clone()), "vips[0].backends[0].weight");
+        s.vips[0].backends[0].weight = 1;
+        s.vips[0].backends[0].port = 0;
+        assert_eq!(field_of(s.clone()), "vips[0].backends[0].port");
+        s.vips[0].backends[0].port = 80;
+        s.vips[0].address = "::1".parse().unwrap();
+        assert_eq!(field_of(s.clone()), "vips[0].address");
+        s.vips[0].address = "10.0.0.100".parse().unwrap();
+        s.vips[0].scheduler = Scheduler::Maglev;
+        s.vips[0].maglev_table_size = 1000;
+        assert_eq!(field_of(s.clone()), "vips[0].maglev_table_size");
+        s.vips[0].maglev_table_size = 65_537;
+        s.vips.push(vip("web", "10.0.0.101", &[]));
+        assert_eq!(field_of(s.clone()), "vips[1].name");
+        s.vips[1].name = "other".into();
+        s.vips[1].address = "10.0.0.100".parse().unwrap();
+        assert_eq!(field_of(s.clone()), "vips[1]");
+        s.vips[1] = vip("other", "10.0.0.101", &[("10.1.0.11", 80, 1)]);
+        assert_eq!(field_of(s.clone()), "vips[1].backends[0]");
+        s.vips[1].backends.clear();
+        assert!(s.plan().is_ok());
+    }
+
+    #[test]
+    fn parses_toml_with_defaults() {
+        let state: DesiredState = toml::from_str(
+            r#"
+            [[vips]]
+            name = "web"
+            address = "10.0.0.100"
+            port = 80
+            backends = [{ address = "10.1.0.11", port = 8080 }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(state.vips[0].scheduler, Scheduler::Rr);
+        assert_eq!(state.vips[0].backends[0].weight, 1);
+        assert!(toml::from_str::<DesiredState>("[[vips]]\nname='x'\naddress='1.2.3.4'\nport=1\ncolour='red'").is_err());
+    }
+}
