@@ -40,6 +40,10 @@ pub const BACKENDS: u8 = 20;
 pub const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 99);
 /// A backend address with no route at all.
 pub const UNROUTABLE_BACKEND: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// A server on the client-side network: reaching it leaves by the way it came (XDP_TX).
+pub const SAME_SIDE_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
+/// A server behind an interface the program may not redirect to.
+pub const OFF_MAP_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5);
 /// The backends' port.
 pub const BACKEND_PORT: u16 = 8080;
 
@@ -95,6 +99,7 @@ impl PacketLab {
         for (inside, peer, addr, lb_mac) in [
             ("lbc", "lbc-peer", "10.0.0.1/24", LB_CLIENT_MAC),
             ("lbb", "lbb-peer", "10.1.0.1/24", LB_BACKEND_MAC),
+            ("lbx", "lbx-peer", "10.2.0.1/24", [0x02, 0xfb, 0, 0, 2, 0x01]),
         ] {
             ns.ip(&["link", "add", inside, "type", "veth", "peer", "name", peer]);
             ns.ip(&["link", "set", inside, "address", &mac(lb_mac)]);
@@ -106,6 +111,8 @@ impl PacketLab {
             ns.ip(&["neigh", "replace", &addr.to_string(), "lladdr", &mac(m), "dev", dev, "nud", "permanent"]);
         };
         permanent(CLIENT, CLIENT_MAC, "lbc");
+        permanent(SAME_SIDE_BACKEND, [0x02, 0x5a, 0, 0, 0, 50], "lbc");
+        permanent(OFF_MAP_BACKEND, [0x02, 0x0f, 0, 0, 0, 5], "lbx");
         for i in 0..BACKENDS {
             permanent(backend_addr(i), backend_mac(i), "lbb");
         }
