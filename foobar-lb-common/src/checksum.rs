@@ -22,11 +22,7 @@ pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
 /// New checksum after a 32-bit field changed from `old` to `new`.
 #[inline(always)]
 pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
-    let sum = !check as u32
-        + (!old >> 16)
-        + (!old & 0xffff)
-        + (new >> 16)
-        + (new & 0xffff);
+    let sum = !check as u32 + (!old >> 16) + (!old & 0xffff) + (new >> 16) + (new & 0xffff);
     !fold(sum)
 }
 
@@ -66,7 +62,9 @@ mod tests {
 
     #[test]
     fn replace2_matches_a_full_recompute() {
-        let mut words = [0x4500u16, 0x0073, 0x0000, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7];
+        let mut words = [
+            0x4500u16, 0x0073, 0x0000, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7,
+        ];
         let check = full(&words);
         for new in [0u16, 1, 0xffff, 0x1234, 0xfffe] {
             let old = words[3];
@@ -78,7 +76,9 @@ mod tests {
 
     #[test]
     fn replace4_matches_a_full_recompute() {
-        let words = [0x4500u16, 0x0073, 0x0000, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7];
+        let words = [
+            0x4500u16, 0x0073, 0x0000, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7,
+        ];
         let check = full(&words);
         for new in [0u32, 0xffff_ffff, 0x0a00_0001, 0x7f00_0001, 0xc0a8_00c7] {
             let mut changed = words;
@@ -88,7 +88,10 @@ mod tests {
             let got = replace4(check, old, new);
             // 0x0000 and 0xffff are the same value in one's complement.
             let want = full(&changed);
-            assert!(got == want || (got ^ want) == 0xffff && (got == 0 || want == 0), "{new:#x}: {got:#x} vs {want:#x}");
+            assert!(
+                got == want || (got ^ want) == 0xffff && (got == 0 || want == 0),
+                "{new:#x}: {got:#x} vs {want:#x}"
+            );
         }
     }
 

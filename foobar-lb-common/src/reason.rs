@@ -56,7 +56,6 @@ reasons! {
     PassNotTcpUdp = "pass_not_tcp_udp", Some(PASS), "IPv4 but neither TCP nor UDP (ICMP, VRRP, ...).";
     PassNotVip = "pass_not_vip", Some(PASS), "TCP/UDP for no VIP and from no backend.";
     PassFragment = "pass_fragment", Some(PASS), "An IPv4 fragment not addressed to a VIP.";
-    PassTtlExpired = "pass_ttl_expired", Some(PASS), "For a VIP but TTL <= 1: the kernel sends time-exceeded.";
     // Outcomes of packets we rewrote but leave the kernel to deliver.
     PassNoNeighbour = "pass_no_neighbour", Some(PASS), "Rewritten, next hop not resolved yet: the kernel forwards it and resolves it.";
     PassNotTxPort = "pass_not_tx_port", Some(PASS), "Rewritten, egress interface not in the redirect map: the kernel forwards it.";
@@ -90,7 +89,10 @@ mod tests {
     #[test]
     fn names_are_unique_and_snake_case() {
         let mut names: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
-        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')));
+        assert!(names.iter().all(|n| {
+            n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        }));
         names.sort();
         names.dedup();
         assert_eq!(names.len(), REASON_COUNT);

@@ -1,5 +1,9 @@
 //! Sending a rewritten packet on: the kernel's FIB and neighbour tables give the
 //! egress interface and both MAC addresses, so routes and ARP stay the kernel's job.
+//!
+//! The balancer forwards as a middlebox, as Katran and Cilium's XDP balancer do: the
+//! TTL is left alone. A packet is rewritten at most once (its new destination is no
+//! VIP), so the balancer cannot loop it.
 
 use core::mem::{size_of, zeroed};
 
@@ -15,7 +19,7 @@ use foobar_lb_common::Reason;
 use network_types::eth::EthHdr;
 
 use crate::{
-    TX_PORTS, Verdict, nat,
+    TX_PORTS, Verdict,
     parse::{Packet, ptr_at},
 };
 
@@ -33,9 +37,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, dst: u32, src: u32) -> Verdict {
     fib.__bindgen_anon_2.tos = pkt.tos;
     fib.__bindgen_anon_3.ipv4_src = src;
     fib.__bindgen_anon_4.ipv4_dst = dst;
-    let rc = unsafe {
-        bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0)
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         // The kernel forwards the rewritten packet itself and resolves the neighbour.
@@ -58,6 +60,5 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, dst: u32, src: u32) -> Verdict {
         (*eth).dst_addr = fib.dmac;
         (*eth).src_addr = fib.smac;
     }
-    nat::decrement_ttl(ctx, pkt);
     Verdict { action, reason }
 }

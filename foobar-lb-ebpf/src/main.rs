@@ -9,7 +9,10 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic fetch-add for the round-robin cursor")]
+#![expect(
+    internal_features,
+    reason = "atomic fetch-add for the round-robin cursor"
+)]
 
 mod forward;
 mod nat;

@@ -61,25 +61,19 @@ fn rewrite(
         // The L4 checksum covers the pseudo-header's address and the port.
         let l4_check = check.read_unaligned();
         let l4_check = if pkt.proto == PROTO_UDP {
-            checksum::udp_replace2(checksum::udp_replace4(l4_check, old_addr, new_addr), old_port, new_port)
+            checksum::udp_replace2(
+                checksum::udp_replace4(l4_check, old_addr, new_addr),
+                old_port,
+                new_port,
+            )
         } else {
-            checksum::replace2(checksum::replace4(l4_check, old_addr, new_addr), old_port, new_port)
+            checksum::replace2(
+                checksum::replace4(l4_check, old_addr, new_addr),
+                old_port,
+                new_port,
+            )
         };
         check.write_unaligned(l4_check);
     }
     Ok(())
-}
-
-/// Decrements the TTL as a router does, keeping the header checksum right.
-#[inline(always)]
-pub fn decrement_ttl(ctx: &XdpContext, pkt: &Packet) {
-    if let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, pkt.l3) {
-        unsafe {
-            // TTL and protocol share one 16-bit checksum word.
-            let old = u16::from_ne_bytes([(*ip).ttl, (*ip).proto]);
-            (*ip).ttl -= 1;
-            let new = u16::from_ne_bytes([(*ip).ttl, (*ip).proto]);
-            (*ip).check = checksum::replace2(u16::from_ne_bytes((*ip).check), old, new).to_ne_bytes();
-        }
-    }
 }

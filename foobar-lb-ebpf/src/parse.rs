@@ -38,7 +38,6 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub ttl: u8,
     pub tos: u8,
     /// IPv4 total length, host order.
     pub tot_len: u16,
@@ -59,8 +58,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut l3 = EthHdr::LEN;
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-        let vlan: *const VlanHdr =
-            ptr_at(ctx, l3).ok_or(drop(Reason::DropTruncatedEthernet))?;
+        let vlan: *const VlanHdr = ptr_at(ctx, l3).ok_or(drop(Reason::DropTruncatedEthernet))?;
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         l3 += VlanHdr::LEN;
     }
@@ -95,7 +93,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let dst = u32::from_ne_bytes(ip.dst_addr);
     if u16::from_be_bytes(ip.frags) & IP_MF_AND_OFFSET != 0 {
         // Only the first fragment has ports: none can be steered consistently.
-        let vip_addr = VipAddr { addr: [dst, 0, 0, 0] };
+        let vip_addr = VipAddr {
+            addr: [dst, 0, 0, 0],
+        };
         let reason = match unsafe { VIP_ADDRS.get(&vip_addr) } {
             Some(_) => Reason::DropFragment,
             None => Reason::PassFragment,
@@ -115,7 +115,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
         sport,
         dport,
         proto,
-        ttl: ip.ttl,
         tos: ip.tos,
         tot_len,
         frame_len: frame_len as u32,

@@ -34,7 +34,14 @@ pub fn balance(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         family: FAMILY_IPV4,
     };
     if let Some(target) = unsafe { REPLIES.get(&from) } {
-        return to_client(ctx, &pkt, target.vip.addr[0], target.vip.port, target.vip_id, target.backend_id);
+        return to_client(
+            ctx,
+            &pkt,
+            target.vip.addr[0],
+            target.vip.port,
+            target.vip_id,
+            target.backend_id,
+        );
     }
     Err(Verdict::of(Reason::PassNotVip))
 }
@@ -43,9 +50,6 @@ pub fn balance(ctx: &XdpContext) -> Result<Verdict, Verdict> {
 #[inline(always)]
 fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<Verdict, Verdict> {
     let l4 = parse::l4(ctx, pkt)?;
-    if pkt.ttl <= 1 {
-        return Err(Verdict::of(Reason::PassTtlExpired));
-    }
     let key = FlowKey {
         src: [pkt.src, 0, 0, 0],
         dst: [pkt.dst, 0, 0, 0],
@@ -98,10 +102,21 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<Verdict, 
         }
     };
 
-    nat::rewrite_destination(ctx, pkt, &l4, backend.endpoint.addr[0], backend.endpoint.port)?;
+    nat::rewrite_destination(
+        ctx,
+        pkt,
+        &l4,
+        backend.endpoint.addr[0],
+        backend.endpoint.port,
+    )?;
     add_packet(&VIP_STATS, vip.id, pkt.frame_len, false);
     add_packet(&BACKEND_STATS, backend_id, pkt.frame_len, false);
-    Ok(forward::forward(ctx, pkt, backend.endpoint.addr[0], pkt.src))
+    Ok(forward::forward(
+        ctx,
+        pkt,
+        backend.endpoint.addr[0],
+        pkt.src,
+    ))
 }
 
 /// A backend's reply to a client: rewrite its source to the VIP and forward it.
@@ -115,9 +130,6 @@ fn to_client(
     backend_id: u32,
 ) -> Result<Verdict, Verdict> {
     let l4 = parse::l4(ctx, pkt)?;
-    if pkt.ttl <= 1 {
-        return Err(Verdict::of(Reason::PassTtlExpired));
-    }
     nat::rewrite_source(ctx, pkt, &l4, vip_addr, vip_port)?;
     count(Reason::Reply);
     add_packet(&VIP_STATS, vip_id, pkt.frame_len, true);
@@ -169,7 +181,12 @@ fn add_new_flow(stats: &aya_ebpf::maps::PerCpuArray<TrafficStats>, index: u32) {
 }
 
 #[inline(always)]
-fn add_packet(stats: &aya_ebpf::maps::PerCpuArray<TrafficStats>, index: u32, bytes: u32, reply: bool) {
+fn add_packet(
+    stats: &aya_ebpf::maps::PerCpuArray<TrafficStats>,
+    index: u32,
+    bytes: u32,
+    reply: bool,
+) {
     if let Some(s) = stats.get_ptr_mut(index) {
         let s = unsafe { &mut *s };
         if reply {

@@ -15,7 +15,8 @@ use foobar_lb_common::{
 };
 
 /// The XDP program object, built by `build.rs`.
-pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/foobar-lb"));
+pub static PROGRAM_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/foobar-lb"));
 /// The benchmark's floor program (parse nothing, XDP_TX).
 pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
 /// Name of the balancing program in [`PROGRAM_OBJECT`].
@@ -137,7 +138,12 @@ impl Dataplane {
 
     /// Writes the slots of a VIP's schedule that differ from `previous`.
     /// Returns how many slots were written.
-    pub fn write_schedule(&mut self, vip_id: u32, schedule: &[u32], previous: &[u32]) -> Result<usize> {
+    pub fn write_schedule(
+        &mut self,
+        vip_id: u32,
+        schedule: &[u32],
+        previous: &[u32],
+    ) -> Result<usize> {
         let mut m: Array<_, u32> = map!(self, Array, names::SCHEDULES);
         let mut written = 0;
         for (slot, &backend) in schedule.iter().enumerate() {
@@ -165,7 +171,8 @@ impl Dataplane {
     /// Tells the data plane how to rewrite replies coming from a backend endpoint.
     pub fn set_reply(&mut self, backend: &Endpoint, target: &ReplyTarget) -> Result<()> {
         let mut m: HashMap<_, Endpoint, ReplyTarget> = map!(self, HashMap, names::REPLIES);
-        m.insert(backend, target, 0).map_err(map_err(names::REPLIES))
+        m.insert(backend, target, 0)
+            .map_err(map_err(names::REPLIES))
     }
 
     /// Stops rewriting replies from a backend endpoint.

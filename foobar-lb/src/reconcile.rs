@@ -12,8 +12,8 @@ use std::{
 };
 
 use foobar_lb_common::{
-    BACKEND_ACTIVE, Backend, Endpoint, MAX_BACKENDS, MAX_VIPS, ReplyTarget, SCHED_MAGLEV,
-    SCHED_RR, VipAddr, VipInfo, hash::flow_hash_v4,
+    BACKEND_ACTIVE, Backend, Endpoint, MAX_BACKENDS, MAX_VIPS, ReplyTarget, SCHED_MAGLEV, SCHED_RR,
+    VipAddr, VipInfo, hash::flow_hash_v4,
 };
 
 use crate::{
@@ -116,7 +116,12 @@ impl Balancer {
         let needed = plans
             .iter()
             .flat_map(|p| p.backends.iter().map(move |b| (p, b)))
-            .filter(|(p, b)| self.vips.get(&p.endpoint).and_then(|o| o.backend_id(b)).is_none())
+            .filter(|(p, b)| {
+                self.vips
+                    .get(&p.endpoint)
+                    .and_then(|o| o.backend_id(b))
+                    .is_none()
+            })
             .count();
         if needed > self.free_backend_ids.len() {
             return Err(StateError {
@@ -142,7 +147,9 @@ impl Balancer {
                 Some(old) => old.id,
                 None => {
                     // plan() bounds the VIP count, and ids of VIPs kept are not free.
-                    let id = free_vips.pop_front().expect("VIP count is bounded by plan()");
+                    let id = free_vips
+                        .pop_front()
+                        .expect("VIP count is bounded by plan()");
                     self.dataplane.reset_vip_stats(id)?;
                     self.dataplane.set_rr_cursor(id, 0)?;
                     report.vips_added += 1;
@@ -157,15 +164,32 @@ impl Balancer {
                     None => {
                         let backend_id = free_backends.pop_front().expect("counted above");
                         self.dataplane.reset_backend_stats(backend_id)?;
-                        self.dataplane.set_backend(backend_id, &Backend { endpoint: *backend, flags: BACKEND_ACTIVE })?;
-                        self.dataplane.set_reply(backend, &ReplyTarget { vip: plan.endpoint, vip_id: id, backend_id })?;
+                        self.dataplane.set_backend(
+                            backend_id,
+                            &Backend {
+                                endpoint: *backend,
+                                flags: BACKEND_ACTIVE,
+                            },
+                        )?;
+                        self.dataplane.set_reply(
+                            backend,
+                            &ReplyTarget {
+                                vip: plan.endpoint,
+                                vip_id: id,
+                                backend_id,
+                            },
+                        )?;
                         report.backends_added += 1;
                         backend_id
                     }
                 };
                 backend_ids.push(backend_id);
             }
-            let schedule: Vec<u32> = plan.schedule.iter().map(|&i| backend_ids[i as usize]).collect();
+            let schedule: Vec<u32> = plan
+                .schedule
+                .iter()
+                .map(|&i| backend_ids[i as usize])
+                .collect();
             let previous = old.map(|o| o.schedule.as_slice()).unwrap_or(&[]);
             report.slots_written += self.dataplane.write_schedule(id, &schedule, previous)?;
             let info = VipInfo {
@@ -178,12 +202,21 @@ impl Balancer {
                 flags: 0,
             };
             self.dataplane.set_vip(&plan.endpoint, &info)?;
-            next.insert(plan.endpoint, AppliedVip { id, plan, backend_ids, schedule });
+            next.insert(
+                plan.endpoint,
+                AppliedVip {
+                    id,
+                    plan,
+                    backend_ids,
+                    schedule,
+                },
+            );
         }
 
         // Retire what is no longer wanted: VIPs first, then backends. A backend
         // endpoint that moved to another VIP keeps the reply entry written for it above.
-        let wanted: std::collections::BTreeSet<&Endpoint> = next.values().flat_map(|v| &v.plan.backends).collect();
+        let wanted: std::collections::BTreeSet<&Endpoint> =
+            next.values().flat_map(|v| &v.plan.backends).collect();
         for (endpoint, old) in &self.vips {
             let kept = next.get(endpoint);
             if kept.is_none() {
@@ -193,7 +226,8 @@ impl Balancer {
             }
             for (backend, &backend_id) in old.plan.backends.iter().zip(&old.backend_ids) {
                 if kept.and_then(|k| k.backend_id(backend)).is_none() {
-                    self.dataplane.set_backend(backend_id, &Backend::default())?;
+                    self.dataplane
+                        .set_backend(backend_id, &Backend::default())?;
                     if !wanted.contains(backend) {
                         self.dataplane.remove_reply(backend)?;
                     }
@@ -217,7 +251,10 @@ impl Balancer {
 
     /// Rewrites the VIP address use counts that changed (fragments to a VIP address
     /// are dropped, others passed).
-    fn write_vip_addresses(&mut self, next: &BTreeMap<Endpoint, AppliedVip>) -> Result<(), DataplaneError> {
+    fn write_vip_addresses(
+        &mut self,
+        next: &BTreeMap<Endpoint, AppliedVip>,
+    ) -> Result<(), DataplaneError> {
         let uses = |vips: &BTreeMap<Endpoint, AppliedVip>| {
             let mut uses: BTreeMap<VipAddr, u32> = BTreeMap::new();
             for ep in vips.keys() {
@@ -239,7 +276,12 @@ impl Balancer {
 
     /// The simulator: which backend a new flow from `client:port` to `vip` would get,
     /// computed from the schedule as written, without the kernel.
-    pub fn explain(&mut self, vip: &Endpoint, client: Ipv4Addr, client_port: u16) -> Result<Option<Endpoint>, DataplaneError> {
+    pub fn explain(
+        &mut self,
+        vip: &Endpoint,
+        client: Ipv4Addr,
+        client_port: u16,
+    ) -> Result<Option<Endpoint>, DataplaneError> {
         let Some(applied) = self.vips.get(vip) else {
             return Ok(None);
         };

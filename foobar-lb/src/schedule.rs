@@ -43,7 +43,9 @@ pub enum ScheduleError {
 
 /// Positions (into `backends`) sorted by endpoint, weightless ones left out.
 fn canonical_order(backends: &[Weighted]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].weight > 0).collect();
+    let mut order: Vec<usize> = (0..backends.len())
+        .filter(|&i| backends[i].weight > 0)
+        .collect();
     order.sort_by_key(|&i| backends[i].endpoint);
     order
 }
@@ -55,7 +57,10 @@ pub fn is_prime(n: u32) -> bool {
 
 fn endpoint_hash(seed: u32, ep: &Endpoint) -> u32 {
     let tail = (ep.port as u32) << 16 | (ep.proto as u32) << 8 | ep.family as u32;
-    ep.addr.iter().chain(Some(&tail)).fold(seed, |h, &w| hash32(h, w))
+    ep.addr
+        .iter()
+        .chain(Some(&tail))
+        .fold(seed, |h, &w| hash32(h, w))
 }
 
 /// The weighted Maglev lookup table of `size` slots: each slot holds a position in
@@ -89,7 +94,11 @@ pub fn maglev(backends: &[Weighted], size: u32) -> Result<Vec<u32>, ScheduleErro
             (offset, skip)
         })
         .collect();
-    let max_weight = order.iter().map(|&i| backends[i].weight as u64).max().unwrap_or(1);
+    let max_weight = order
+        .iter()
+        .map(|&i| backends[i].weight as u64)
+        .max()
+        .unwrap_or(1);
     let mut next = vec![0u64; order.len()];
     let mut table = vec![u32::MAX; size as usize];
     let mut filled = 0usize;
@@ -128,11 +137,16 @@ fn gcd(a: u64, b: u64) -> u64 {
 /// `a a b a`, not `a a a b`. Weights are reduced by their gcd to keep the ring short.
 pub fn round_robin(backends: &[Weighted]) -> Result<Vec<u32>, ScheduleError> {
     let order = canonical_order(backends);
-    let g = order.iter().fold(0u64, |g, &i| gcd(g, backends[i].weight as u64));
+    let g = order
+        .iter()
+        .fold(0u64, |g, &i| gcd(g, backends[i].weight as u64));
     if g == 0 {
         return Ok(Vec::new());
     }
-    let weights: Vec<i64> = order.iter().map(|&i| (backends[i].weight as u64 / g) as i64).collect();
+    let weights: Vec<i64> = order
+        .iter()
+        .map(|&i| (backends[i].weight as u64 / g) as i64)
+        .collect();
     let total: i64 = weights.iter().sum();
     if total as u64 > SCHEDULE_STRIDE as u64 {
         return Err(ScheduleError::RingTooLong { len: total as u64 });
@@ -164,7 +178,12 @@ mod tests {
     fn backend(i: u32, weight: u32) -> Weighted {
         Weighted {
             endpoint: Endpoint {
-                addr: [u32::from_be_bytes([10, 1, (i >> 8) as u8, i as u8]).to_be(), 0, 0, 0],
+                addr: [
+                    u32::from_be_bytes([10, 1, (i >> 8) as u8, i as u8]).to_be(),
+                    0,
+                    0,
+                    0,
+                ],
                 port: 8080u16.to_be(),
                 proto: PROTO_TCP,
                 family: FAMILY_IPV4,
@@ -184,7 +203,10 @@ mod tests {
     /// Maps a table of positions to the endpoints they name, to compare tables of
     /// differently ordered inputs.
     fn by_endpoint(backends: &[Weighted], table: &[u32]) -> Vec<Endpoint> {
-        table.iter().map(|&i| backends[i as usize].endpoint).collect()
+        table
+            .iter()
+            .map(|&i| backends[i as usize].endpoint)
+            .collect()
     }
 
     #[test]
@@ -205,7 +227,10 @@ mod tests {
                 let share = DEFAULT_MAGLEV_SIZE as f64 * backends[i as usize].weight as f64
                     / total_weight as f64;
                 let error = (count as f64 - share).abs() / share;
-                assert!(error <= 0.02, "n={n} backend {i}: {count} slots vs share {share:.1}");
+                assert!(
+                    error <= 0.02,
+                    "n={n} backend {i}: {count} slots vs share {share:.1}"
+                );
             }
         }
     }
@@ -216,11 +241,18 @@ mod tests {
             let all: Vec<_> = (0..n).map(|i| backend(i, 1)).collect();
             let before = by_endpoint(&all, &maglev(&all, DEFAULT_MAGLEV_SIZE).unwrap());
             let removed = all[n as usize / 2].endpoint;
-            let fewer: Vec<_> = all.iter().copied().filter(|b| b.endpoint != removed).collect();
+            let fewer: Vec<_> = all
+                .iter()
+                .copied()
+                .filter(|b| b.endpoint != removed)
+                .collect();
             let after = by_endpoint(&fewer, &maglev(&fewer, DEFAULT_MAGLEV_SIZE).unwrap());
             let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
             let bound = DEFAULT_MAGLEV_SIZE as f64 * (1.0 / n as f64 + 0.01);
-            assert!(moved as f64 <= bound, "n={n}: {moved} slots moved, bound {bound:.0}");
+            assert!(
+                moved as f64 <= bound,
+                "n={n}: {moved} slots moved, bound {bound:.0}"
+            );
             // Slots of other backends only move to fill the removed one's: none of theirs
             // moves between two survivors beyond that bound (checked above), and adding it
             // back, in any position of the input, restores the table exactly.
@@ -245,12 +277,21 @@ mod tests {
     #[test]
     fn maglev_rejects_bad_sizes_and_skips_drained_backends() {
         let backends = vec![backend(0, 1), backend(1, 0)];
-        assert_eq!(maglev(&backends, 65_536), Err(ScheduleError::BadTableSize(65_536)));
-        assert_eq!(maglev(&backends, 70_001), Err(ScheduleError::BadTableSize(70_001)));
+        assert_eq!(
+            maglev(&backends, 65_536),
+            Err(ScheduleError::BadTableSize(65_536))
+        );
+        assert_eq!(
+            maglev(&backends, 70_001),
+            Err(ScheduleError::BadTableSize(70_001))
+        );
         assert!(maglev(&backends, 13).unwrap().iter().all(|&b| b == 0));
         assert!(maglev(&[backend(0, 0)], 13).unwrap().is_empty());
         let many: Vec<_> = (0..13).map(|i| backend(i, 1)).collect();
-        assert!(matches!(maglev(&many, 13), Err(ScheduleError::TableTooSmall { .. })));
+        assert!(matches!(
+            maglev(&many, 13),
+            Err(ScheduleError::TableTooSmall { .. })
+        ));
     }
 
     #[test]
@@ -259,7 +300,11 @@ mod tests {
         let start = Instant::now();
         let table = maglev(&backends, DEFAULT_MAGLEV_SIZE).unwrap();
         // A figure for the record (this is a debug build), not an assertion on time.
-        println!("maglev 1000 backends x {} slots: {:?}", table.len(), start.elapsed());
+        println!(
+            "maglev 1000 backends x {} slots: {:?}",
+            table.len(),
+            start.elapsed()
+        );
         assert_eq!(shares(&table).len(), 1000);
     }
 
@@ -283,9 +328,15 @@ mod tests {
 
     #[test]
     fn round_robin_skips_drained_and_bounds_the_ring() {
-        assert_eq!(round_robin(&[backend(0, 0), backend(1, 2)]).unwrap(), vec![1]);
+        assert_eq!(
+            round_robin(&[backend(0, 0), backend(1, 2)]).unwrap(),
+            vec![1]
+        );
         assert!(round_robin(&[backend(0, 0)]).unwrap().is_empty());
         let wide: Vec<_> = (0..300).map(|i| backend(i, 250 + i % 2)).collect();
-        assert!(matches!(round_robin(&wide), Err(ScheduleError::RingTooLong { .. })));
+        assert!(matches!(
+            round_robin(&wide),
+            Err(ScheduleError::RingTooLong { .. })
+        ));
     }
 }

@@ -12,7 +12,9 @@ use crate::schedule::{self, DEFAULT_MAGLEV_SIZE, Weighted};
 pub const MAX_WEIGHT: u32 = 256;
 
 /// Transport protocol of a VIP.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// TCP.
@@ -146,11 +148,17 @@ impl DesiredState {
     /// refusal leaves the running state as it was.
     pub fn plan(&self) -> Result<Vec<PlannedVip>, StateError> {
         if self.vips.len() > MAX_VIPS as usize {
-            return Err(invalid("vips", format!("{} VIPs, at most {MAX_VIPS}", self.vips.len())));
+            return Err(invalid(
+                "vips",
+                format!("{} VIPs, at most {MAX_VIPS}", self.vips.len()),
+            ));
         }
         let total: usize = self.vips.iter().map(|v| v.backends.len()).sum();
         if total > MAX_BACKENDS as usize {
-            return Err(invalid("vips", format!("{total} backends in all, at most {MAX_BACKENDS}")));
+            return Err(invalid(
+                "vips",
+                format!("{total} backends in all, at most {MAX_BACKENDS}"),
+            ));
         }
         let mut vips_seen = BTreeMap::new();
         let mut names_seen = BTreeMap::new();
@@ -162,7 +170,10 @@ impl DesiredState {
                 return Err(invalid(format!("{at}.name"), "must not be empty"));
             }
             if let Some(other) = names_seen.insert(vip.name.clone(), v) {
-                return Err(invalid(format!("{at}.name"), format!("{:?} is also the name of vips[{other}]", vip.name)));
+                return Err(invalid(
+                    format!("{at}.name"),
+                    format!("{:?} is also the name of vips[{other}]", vip.name),
+                ));
             }
             if vip.port == 0 {
                 return Err(invalid(format!("{at}.port"), "must be 1-65535"));
@@ -170,10 +181,16 @@ impl DesiredState {
             let vip_ep = endpoint(vip.address, vip.port, vip.protocol)
                 .map_err(|m| invalid(format!("{at}.address"), m))?;
             if vip.address.is_unspecified() || vip.address.is_multicast() {
-                return Err(invalid(format!("{at}.address"), "must be a unicast address"));
+                return Err(invalid(
+                    format!("{at}.address"),
+                    "must be a unicast address",
+                ));
             }
             if let Some(other) = vips_seen.insert(vip_ep, v) {
-                return Err(invalid(at, format!("same address, port and protocol as vips[{other}]")));
+                return Err(invalid(
+                    at,
+                    format!("same address, port and protocol as vips[{other}]"),
+                ));
             }
             let mut weighted = Vec::with_capacity(vip.backends.len());
             for (b, backend) in vip.backends.iter().enumerate() {
@@ -182,19 +199,30 @@ impl DesiredState {
                     return Err(invalid(format!("{at}.port"), "must be 1-65535"));
                 }
                 if backend.weight > MAX_WEIGHT {
-                    return Err(invalid(format!("{at}.weight"), format!("{} is above {MAX_WEIGHT}", backend.weight)));
+                    return Err(invalid(
+                        format!("{at}.weight"),
+                        format!("{} is above {MAX_WEIGHT}", backend.weight),
+                    ));
                 }
                 let ep = endpoint(backend.address, backend.port, vip.protocol)
                     .map_err(|m| invalid(format!("{at}.address"), m))?;
                 if backend.address.is_unspecified() || backend.address.is_multicast() {
-                    return Err(invalid(format!("{at}.address"), "must be a unicast address"));
+                    return Err(invalid(
+                        format!("{at}.address"),
+                        "must be a unicast address",
+                    ));
                 }
                 if ep == vip_ep {
                     return Err(invalid(at, "a backend cannot be its own VIP"));
                 }
                 // Replies are mapped back to their VIP by the backend endpoint alone.
                 if let Some(other) = backends_seen.insert(ep, at.clone()) {
-                    return Err(invalid(at, format!("same address and port as {other}: a backend endpoint serves one VIP")));
+                    return Err(invalid(
+                        at,
+                        format!(
+                            "same address and port as {other}: a backend endpoint serves one VIP"
+                        ),
+                    ));
                 }
                 weighted.push(Weighted {
                     endpoint: ep,
@@ -222,7 +250,10 @@ impl DesiredState {
         // VIPs keyed by their endpoint must not collide with any backend either.
         for p in &planned {
             if let Some(backend) = backends_seen.get(&p.endpoint) {
-                return Err(invalid(backend.clone(), format!("same endpoint as VIP {:?}", p.spec.name)));
+                return Err(invalid(
+                    backend.clone(),
+                    format!("same endpoint as VIP {:?}", p.spec.name),
+                ));
             }
         }
         Ok(planned)
@@ -259,7 +290,11 @@ mod tests {
     #[test]
     fn plans_a_valid_state() {
         let state = DesiredState {
-            vips: vec![vip("web", "10.0.0.100", &[("10.1.0.11", 8080, 3), ("10.1.0.12", 8080, 1)])],
+            vips: vec![vip(
+                "web",
+                "10.0.0.100",
+                &[("10.1.0.11", 8080, 3), ("10.1.0.12", 8080, 1)],
+            )],
         };
         let plan = state.plan().unwrap();
         assert_eq!(plan[0].schedule, vec![0, 0, 1, 0]);
@@ -268,7 +303,9 @@ mod tests {
 
     #[test]
     fn names_the_bad_field() {
-        let mut s = DesiredState { vips: vec![vip("web", "10.0.0.100", &[("10.1.0.11", 8080, 300)])] };
+        let mut s = DesiredState {
+            vips: vec![vip("web", "10.0.0.100", &[("10.1.0.11", 8080, 300)])],
+        };
         assert_eq!(field_of(s.clone()), "vips[0].backends[0].weight");
         s.vips[0].backends[0].weight = 1;
         s.vips[0].backends[0].port = 0;
@@ -306,6 +343,11 @@ mod tests {
         .unwrap();
         assert_eq!(state.vips[0].scheduler, Scheduler::Rr);
         assert_eq!(state.vips[0].backends[0].weight, 1);
-        assert!(toml::from_str::<DesiredState>("[[vips]]\nname='x'\naddress='1.2.3.4'\nport=1\ncolour='red'").is_err());
+        assert!(
+            toml::from_str::<DesiredState>(
+                "[[vips]]\nname='x'\naddress='1.2.3.4'\nport=1\ncolour='red'"
+            )
+            .is_err()
+        );
     }
 }

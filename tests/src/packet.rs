@@ -3,8 +3,8 @@
 use std::net::Ipv4Addr;
 
 use etherparse::{
-    IpHeaders, Ipv4Header, LinkExtHeader, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
-    VlanId, ip_number,
+    IpHeaders, Ipv4Header, LinkExtHeader, NetHeaders, PacketBuilder, PacketHeaders,
+    TransportHeader, VlanId, ip_number,
 };
 
 use crate::packet_lab::{CLIENT_MAC, LB_CLIENT_MAC};
@@ -105,10 +105,16 @@ impl Frame {
             self.dst.octets(),
         )
         .expect("ipv4 header");
-        ip.options = self.ip_options.as_slice().try_into().expect("ip options: a multiple of 4, at most 40 bytes");
+        ip.options = self
+            .ip_options
+            .as_slice()
+            .try_into()
+            .expect("ip options: a multiple of 4, at most 40 bytes");
         let ip = IpHeaders::Ipv4(ip, Default::default());
         let step = match self.vlan {
-            Some(id) => eth.single_vlan(VlanId::try_new(id).expect("vlan id")).ip(ip),
+            Some(id) => eth
+                .single_vlan(VlanId::try_new(id).expect("vlan id"))
+                .ip(ip),
             None => eth.ip(ip),
         };
         let mut out = Vec::new();
@@ -124,7 +130,9 @@ impl Frame {
                 tcp.write(&mut out, &self.payload).expect("write");
             }
             L4::Udp | L4::UdpNoChecksum => {
-                step.udp(self.sport, self.dport).write(&mut out, &self.payload).expect("write");
+                step.udp(self.sport, self.dport)
+                    .write(&mut out, &self.payload)
+                    .expect("write");
                 if self.l4 == L4::UdpNoChecksum {
                     let l4 = out.len() - self.payload.len() - 8;
                     out[l4 + 6..l4 + 8].copy_from_slice(&[0, 0]);
@@ -166,7 +174,11 @@ pub struct Parsed {
 /// (a UDP checksum of 0 means none and is accepted as such).
 pub fn parse(frame: &[u8]) -> Parsed {
     let headers = PacketHeaders::from_ethernet_slice(frame).expect("parse output frame");
-    let eth = headers.link.clone().and_then(|l| l.ethernet2()).expect("ethernet");
+    let eth = headers
+        .link
+        .clone()
+        .and_then(|l| l.ethernet2())
+        .expect("ethernet");
     let vlan = headers.link_exts.iter().find_map(|e| match e {
         LinkExtHeader::Vlan(v) => Some(v.vlan_id.value()),
         _ => None,
@@ -174,16 +186,28 @@ pub fn parse(frame: &[u8]) -> Parsed {
     let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
         panic!("not IPv4: {:?}", headers.net)
     };
-    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 header checksum");
+    assert_eq!(
+        ip.header_checksum,
+        ip.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
     let payload = headers.payload.slice().to_vec();
     let (sport, dport, udp_checksum) = match &headers.transport {
         Some(TransportHeader::Tcp(tcp)) => {
-            assert_eq!(tcp.checksum, tcp.calc_checksum_ipv4(ip, &payload).unwrap(), "TCP checksum");
+            assert_eq!(
+                tcp.checksum,
+                tcp.calc_checksum_ipv4(ip, &payload).unwrap(),
+                "TCP checksum"
+            );
             (tcp.source_port, tcp.destination_port, None)
         }
         Some(TransportHeader::Udp(udp)) => {
             if udp.checksum != 0 {
-                assert_eq!(udp.checksum, udp.calc_checksum_ipv4(ip, &payload).unwrap(), "UDP checksum");
+                assert_eq!(
+                    udp.checksum,
+                    udp.calc_checksum_ipv4(ip, &payload).unwrap(),
+                    "UDP checksum"
+                );
             }
             (udp.source_port, udp.destination_port, Some(udp.checksum))
         }

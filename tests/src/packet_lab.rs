@@ -48,7 +48,10 @@ pub const OFF_MAP_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5);
 pub const BACKEND_PORT: u16 = 8080;
 
 fn mac(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// `struct xdp_md` for test_run's ctx_in: the interface a packet arrives on.
@@ -89,7 +92,8 @@ pub struct PacketLab {
     /// ifindex of the backend-side interface.
     pub backend_if: u32,
     _entered: Entered,
-    _ns: Netns,
+    /// The namespace the lab lives in.
+    pub ns: Netns,
 }
 
 impl PacketLab {
@@ -99,7 +103,12 @@ impl PacketLab {
         for (inside, peer, addr, lb_mac) in [
             ("lbc", "lbc-peer", "10.0.0.1/24", LB_CLIENT_MAC),
             ("lbb", "lbb-peer", "10.1.0.1/24", LB_BACKEND_MAC),
-            ("lbx", "lbx-peer", "10.2.0.1/24", [0x02, 0xfb, 0, 0, 2, 0x01]),
+            (
+                "lbx",
+                "lbx-peer",
+                "10.2.0.1/24",
+                [0x02, 0xfb, 0, 0, 2, 0x01],
+            ),
         ] {
             ns.ip(&["link", "add", inside, "type", "veth", "peer", "name", peer]);
             ns.ip(&["link", "set", inside, "address", &mac(lb_mac)]);
@@ -108,7 +117,17 @@ impl PacketLab {
             ns.ip(&["link", "set", peer, "up"]);
         }
         let permanent = |addr: Ipv4Addr, m: [u8; 6], dev: &str| {
-            ns.ip(&["neigh", "replace", &addr.to_string(), "lladdr", &mac(m), "dev", dev, "nud", "permanent"]);
+            ns.ip(&[
+                "neigh",
+                "replace",
+                &addr.to_string(),
+                "lladdr",
+                &mac(m),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
         };
         permanent(CLIENT, CLIENT_MAC, "lbc");
         permanent(SAME_SIDE_BACKEND, [0x02, 0x5a, 0, 0, 0, 50], "lbc");
@@ -116,7 +135,15 @@ impl PacketLab {
         for i in 0..BACKENDS {
             permanent(backend_addr(i), backend_mac(i), "lbb");
         }
-        ns.ip(&["route", "add", "198.18.0.0/15", "via", &CLIENT.to_string(), "dev", "lbc"]);
+        ns.ip(&[
+            "route",
+            "add",
+            "198.18.0.0/15",
+            "via",
+            &CLIENT.to_string(),
+            "dev",
+            "lbc",
+        ]);
         // bpf_fib_lookup forwards only where the kernel would: a router's sysctl.
         ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
 
@@ -130,14 +157,21 @@ impl PacketLab {
             client_if,
             backend_if,
             _entered: entered,
-            _ns: ns,
+            ns,
         }
     }
 
     /// A balancer with one TCP VIP `VIP:80` over backends of the given weights.
     pub fn with_vip(scheduler: Scheduler, weights: &[u32]) -> Self {
         let mut lab = Self::new();
-        lab.apply(vec![vip_spec("web", VIP, 80, Protocol::Tcp, scheduler, weights)]);
+        lab.apply(vec![vip_spec(
+            "web",
+            VIP,
+            80,
+            Protocol::Tcp,
+            scheduler,
+            weights,
+        )]);
         lab
     }
 
@@ -153,7 +187,12 @@ impl PacketLab {
 
     /// Runs a frame `repeat` times (the kernel does not reset it in between) and
     /// returns the last outcome and the kernel's mean time per run.
-    pub fn run_repeated(&mut self, side: Side, frame: &[u8], repeat: u32) -> (Outcome, std::time::Duration) {
+    pub fn run_repeated(
+        &mut self,
+        side: Side,
+        frame: &[u8],
+        repeat: u32,
+    ) -> (Outcome, std::time::Duration) {
         let ifindex = match side {
             Side::Client => self.client_if,
             Side::Backend => self.backend_if,
@@ -181,7 +220,13 @@ impl PacketLab {
             })
             .expect("test_run");
         out.truncate(result.data_size_out as usize);
-        (Outcome { action: result.return_value, packet: out }, result.duration)
+        (
+            Outcome {
+                action: result.return_value,
+                packet: out,
+            },
+            result.duration,
+        )
     }
 
     /// Global counters, summed over CPUs.
@@ -202,7 +247,14 @@ impl Default for PacketLab {
 }
 
 /// A VIP spec over backends `backend_addr(0..)` on [`BACKEND_PORT`] with these weights.
-pub fn vip_spec(name: &str, addr: Ipv4Addr, port: u16, protocol: Protocol, scheduler: Scheduler, weights: &[u32]) -> VipSpec {
+pub fn vip_spec(
+    name: &str,
+    addr: Ipv4Addr,
+    port: u16,
+    protocol: Protocol,
+    scheduler: Scheduler,
+    weights: &[u32],
+) -> VipSpec {
     VipSpec {
         name: name.into(),
         address: addr.into(),

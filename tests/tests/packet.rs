@@ -52,13 +52,23 @@ fn reply(backend: u8, client: Ipv4Addr, client_port: u16) -> Frame {
     Frame {
         src_mac: backend_mac(backend),
         dst_mac: [0x02, 0xfb, 0, 0, 1, 0x01],
-        ..Frame::tcp(backend_addr(backend), BACKEND_PORT, client, client_port, Tcp::SynAck)
+        ..Frame::tcp(
+            backend_addr(backend),
+            BACKEND_PORT,
+            client,
+            client_port,
+            Tcp::SynAck,
+        )
     }
 }
 
 fn outcome_total(lab: &mut PacketLab) -> u64 {
     let c = lab.counters();
-    Reason::ALL.iter().filter(|r| r.action().is_some()).map(|&r| c.get(r)).sum()
+    Reason::ALL
+        .iter()
+        .filter(|r| r.action().is_some())
+        .map(|&r| c.get(r))
+        .sum()
 }
 
 /// Offsets in an untagged IPv4 frame.
@@ -125,7 +135,13 @@ fn traffic_from_a_non_backend_port_passes() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
     let mut r = reply(0, CLIENT, 1000);
     r.sport = 22; // the backend host, but not the backend service
-    untouched(&mut lab, Side::Backend, &r.build(), PASS, Reason::PassNotVip);
+    untouched(
+        &mut lab,
+        Side::Backend,
+        &r.build(),
+        PASS,
+        Reason::PassNotVip,
+    );
 }
 
 #[test]
@@ -141,7 +157,13 @@ fn removed_vip_passes() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
     forwarded(&mut lab, &syn(1000));
     lab.apply(vec![]);
-    untouched(&mut lab, Side::Client, &syn(1001).build(), PASS, Reason::PassNotVip);
+    untouched(
+        &mut lab,
+        Side::Client,
+        &syn(1001).build(),
+        PASS,
+        Reason::PassNotVip,
+    );
 }
 
 // ---------------------------------------------------------------- forwarding and rewrite
@@ -152,10 +174,21 @@ fn syn_is_rewritten_to_the_backend_and_redirected() {
     let input = syn(40_000);
     let p = forwarded(&mut lab, &input);
     assert_eq!((p.src, p.sport), (CLIENT, 40_000), "source kept");
-    assert_eq!((p.dst, p.dport), (backend_addr(0), BACKEND_PORT), "destination NATed");
-    assert_eq!(p.src_mac, LB_BACKEND_MAC, "leaves by the backend-side interface");
-    assert_eq!(p.dst_mac, backend_mac(0), "next hop from the neighbour table");
-    assert_eq!(p.ttl, input.ttl - 1, "routed: TTL decremented");
+    assert_eq!(
+        (p.dst, p.dport),
+        (backend_addr(0), BACKEND_PORT),
+        "destination NATed"
+    );
+    assert_eq!(
+        p.src_mac, LB_BACKEND_MAC,
+        "leaves by the backend-side interface"
+    );
+    assert_eq!(
+        p.dst_mac,
+        backend_mac(0),
+        "next hop from the neighbour table"
+    );
+    assert_eq!(p.ttl, input.ttl, "a middlebox: TTL untouched");
     assert_eq!(p.payload, input.payload);
     assert_eq!(lab.count(Reason::Redirect), 1);
     assert_eq!(lab.count(Reason::FlowNew), 1);
@@ -164,7 +197,14 @@ fn syn_is_rewritten_to_the_backend_and_redirected() {
 #[test]
 fn udp_is_rewritten_with_a_correct_checksum() {
     let mut lab = PacketLab::new();
-    lab.apply(vec![vip_spec("dns", VIP, 53, Protocol::Udp, Scheduler::Maglev, &[1, 1])]);
+    lab.apply(vec![vip_spec(
+        "dns",
+        VIP,
+        53,
+        Protocol::Udp,
+        Scheduler::Maglev,
+        &[1, 1],
+    )]);
     let p = forwarded(&mut lab, &Frame::udp(CLIENT, 5353, VIP, 53));
     assert_eq!(p.dport, BACKEND_PORT);
     assert_ne!(p.udp_checksum, Some(0));
@@ -173,7 +213,14 @@ fn udp_is_rewritten_with_a_correct_checksum() {
 #[test]
 fn udp_without_checksum_keeps_checksum_zero() {
     let mut lab = PacketLab::new();
-    lab.apply(vec![vip_spec("dns", VIP, 53, Protocol::Udp, Scheduler::Rr, &[1])]);
+    lab.apply(vec![vip_spec(
+        "dns",
+        VIP,
+        53,
+        Protocol::Udp,
+        Scheduler::Rr,
+        &[1],
+    )]);
     let mut frame = Frame::udp(CLIENT, 5353, VIP, 53);
     frame.l4 = L4::UdpNoChecksum;
     let p = forwarded(&mut lab, &frame);
@@ -188,7 +235,11 @@ fn checksums_stay_right_over_many_random_flows() {
         vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Maglev, &[1, 2, 3]),
         VipSpec {
             backends: (3..6)
-                .map(|i| BackendSpec { address: backend_addr(i).into(), port: 5300 + i as u16, weight: 1 })
+                .map(|i| BackendSpec {
+                    address: backend_addr(i).into(),
+                    port: 5300 + i as u16,
+                    weight: 1,
+                })
                 .collect(),
             ..vip_spec("dns", VIP, 53, Protocol::Udp, Scheduler::Maglev, &[])
         },
@@ -203,11 +254,17 @@ fn checksums_stay_right_over_many_random_flows() {
             Frame::udp(src, sport, VIP, 53)
         };
         frame.src_mac = CLIENT_MAC;
-        frame.payload = (0..rng.random_range(0..200)).map(|_| rng.random()).collect();
+        frame.payload = (0..rng.random_range(0..200))
+            .map(|_| rng.random())
+            .collect();
         frame.ttl = rng.random_range(2..=255);
         // forwarded() parses the output, which checks both checksums.
         let first = forwarded(&mut lab, &frame);
-        assert_eq!(forwarded(&mut lab, &frame).dst, first.dst, "maglev is deterministic");
+        assert_eq!(
+            forwarded(&mut lab, &frame).dst,
+            first.dst,
+            "maglev is deterministic"
+        );
     }
 }
 
@@ -242,11 +299,12 @@ fn vlan_tagged_frames_are_steered_and_keep_their_tag() {
 }
 
 #[test]
-fn ttl_one_is_left_to_the_kernel() {
+fn ttl_one_is_forwarded_as_is() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
     let mut frame = syn(1000);
     frame.ttl = 1;
-    untouched(&mut lab, Side::Client, &frame.build(), PASS, Reason::PassTtlExpired);
+    let p = forwarded(&mut lab, &frame);
+    assert_eq!((p.ttl, p.dst), (1, backend_addr(0)));
 }
 
 #[test]
@@ -265,7 +323,11 @@ fn ethernet_padding_after_the_datagram_is_fine() {
 fn backend_on_the_client_side_is_reached_by_xdp_tx() {
     let mut lab = PacketLab::new();
     lab.apply(vec![VipSpec {
-        backends: vec![BackendSpec { address: SAME_SIDE_BACKEND.into(), port: 8080, weight: 1 }],
+        backends: vec![BackendSpec {
+            address: SAME_SIDE_BACKEND.into(),
+            port: 8080,
+            weight: 1,
+        }],
         ..vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[])
     }]);
     let out = lab.run(Side::Client, &syn(1000).build());
@@ -279,15 +341,22 @@ fn backend_on_the_client_side_is_reached_by_xdp_tx() {
 fn unresolved_next_hop_is_left_to_the_kernel_rewritten() {
     let mut lab = PacketLab::new();
     lab.apply(vec![VipSpec {
-        backends: vec![BackendSpec { address: UNRESOLVED_BACKEND.into(), port: 8080, weight: 1 }],
+        backends: vec![BackendSpec {
+            address: UNRESOLVED_BACKEND.into(),
+            port: 8080,
+            weight: 1,
+        }],
         ..vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[])
     }]);
-    let input = syn(1000);
-    let out = lab.run(Side::Client, &input.build());
+    let out = lab.run(Side::Client, &syn(1000).build());
     assert_eq!(action_name(out.action), "PASS");
     let p = parse(&out.packet);
-    assert_eq!((p.dst, p.dport), (UNRESOLVED_BACKEND, 8080), "the kernel forwards the NATed packet");
-    assert_eq!((p.dst_mac, p.ttl), (LB_CLIENT_MAC, input.ttl), "MACs and TTL left to the kernel");
+    assert_eq!(
+        (p.dst, p.dport),
+        (UNRESOLVED_BACKEND, 8080),
+        "the kernel forwards the NATed packet"
+    );
+    assert_eq!(p.dst_mac, LB_CLIENT_MAC, "MACs left to the kernel");
     assert_eq!(lab.count(Reason::PassNoNeighbour), 1);
 }
 
@@ -295,7 +364,11 @@ fn unresolved_next_hop_is_left_to_the_kernel_rewritten() {
 fn unroutable_backend_is_dropped() {
     let mut lab = PacketLab::new();
     lab.apply(vec![VipSpec {
-        backends: vec![BackendSpec { address: UNROUTABLE_BACKEND.into(), port: 8080, weight: 1 }],
+        backends: vec![BackendSpec {
+            address: UNROUTABLE_BACKEND.into(),
+            port: 8080,
+            weight: 1,
+        }],
         ..vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[])
     }]);
     let out = lab.run(Side::Client, &syn(1000).build());
@@ -307,13 +380,21 @@ fn unroutable_backend_is_dropped() {
 fn egress_outside_the_redirect_map_is_left_to_the_kernel() {
     let mut lab = PacketLab::new();
     lab.apply(vec![VipSpec {
-        backends: vec![BackendSpec { address: OFF_MAP_BACKEND.into(), port: 8080, weight: 1 }],
+        backends: vec![BackendSpec {
+            address: OFF_MAP_BACKEND.into(),
+            port: 8080,
+            weight: 1,
+        }],
         ..vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[])
     }]);
     let out = lab.run(Side::Client, &syn(1000).build());
     assert_eq!(action_name(out.action), "PASS");
     let p = parse(&out.packet);
-    assert_eq!((p.dst, p.dst_mac), (OFF_MAP_BACKEND, LB_CLIENT_MAC), "MACs untouched for the stack");
+    assert_eq!(
+        (p.dst, p.dst_mac),
+        (OFF_MAP_BACKEND, LB_CLIENT_MAC),
+        "MACs untouched for the stack"
+    );
     assert_eq!(lab.count(Reason::PassNotTxPort), 1);
 }
 
@@ -322,14 +403,18 @@ fn egress_outside_the_redirect_map_is_left_to_the_kernel() {
 #[test]
 fn rr_takes_backends_in_turn() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1, 1, 1]);
-    let order: Vec<u8> = (0..9).map(|i| backend_index(&forwarded(&mut lab, &syn(1000 + i)))).collect();
+    let order: Vec<u8> = (0..9)
+        .map(|i| backend_index(&forwarded(&mut lab, &syn(1000 + i))))
+        .collect();
     assert_eq!(order, [0, 1, 2, 0, 1, 2, 0, 1, 2]);
 }
 
 #[test]
 fn rr_interleaves_weights_smoothly() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[3, 1]);
-    let order: Vec<u8> = (0..8).map(|i| backend_index(&forwarded(&mut lab, &syn(1000 + i)))).collect();
+    let order: Vec<u8> = (0..8)
+        .map(|i| backend_index(&forwarded(&mut lab, &syn(1000 + i))))
+        .collect();
     assert_eq!(order, [0, 0, 1, 0, 0, 0, 1, 0]);
 }
 
@@ -349,12 +434,21 @@ fn rr_cursor_is_per_vip() {
     lab.apply(vec![
         vip_spec("a", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[1, 1]),
         VipSpec {
-            backends: (2..4).map(|i| BackendSpec { address: backend_addr(i).into(), port: 9000, weight: 1 }).collect(),
+            backends: (2..4)
+                .map(|i| BackendSpec {
+                    address: backend_addr(i).into(),
+                    port: 9000,
+                    weight: 1,
+                })
+                .collect(),
             ..vip_spec("b", VIP, 443, Protocol::Tcp, Scheduler::Rr, &[])
         },
     ]);
     let a1 = backend_index(&forwarded(&mut lab, &syn(1)));
-    let b1 = backend_index(&forwarded(&mut lab, &Frame::tcp(CLIENT, 2, VIP, 443, Tcp::Syn)));
+    let b1 = backend_index(&forwarded(
+        &mut lab,
+        &Frame::tcp(CLIENT, 2, VIP, 443, Tcp::Syn),
+    ));
     let a2 = backend_index(&forwarded(&mut lab, &syn(3)));
     assert_eq!((a1, b1, a2), (0, 2, 1));
 }
@@ -369,9 +463,17 @@ fn maglev_matches_the_user_space_simulator() {
     for _ in 0..1000 {
         let client = Ipv4Addr::from(0xc612_0000 | rng.random::<u32>() & 0xffff);
         let port = rng.random_range(1024..=u16::MAX);
-        let expected = lab.balancer.explain(&vip, client, port).unwrap().expect("a backend");
+        let expected = lab
+            .balancer
+            .explain(&vip, client, port)
+            .unwrap()
+            .expect("a backend");
         let p = forwarded(&mut lab, &Frame::tcp(client, port, VIP, 80, Tcp::Syn));
-        assert_eq!(p.dst, Ipv4Addr::from(expected.addr[0].to_ne_bytes()), "{client}:{port}");
+        assert_eq!(
+            p.dst,
+            Ipv4Addr::from(expected.addr[0].to_ne_bytes()),
+            "{client}:{port}"
+        );
     }
 }
 
@@ -381,7 +483,11 @@ fn maglev_gives_the_same_flow_the_same_backend_on_any_balancer() {
     let mut b = PacketLab::with_vip(Scheduler::Maglev, &[1, 1, 1, 1]);
     for port in 3000..3200 {
         let first = forwarded(&mut a, &syn(port)).dst;
-        assert_eq!(forwarded(&mut a, &syn(port)).dst, first, "same balancer, again");
+        assert_eq!(
+            forwarded(&mut a, &syn(port)).dst,
+            first,
+            "same balancer, again"
+        );
         assert_eq!(forwarded(&mut b, &syn(port)).dst, first, "another balancer");
     }
 }
@@ -389,8 +495,17 @@ fn maglev_gives_the_same_flow_the_same_backend_on_any_balancer() {
 #[test]
 fn maglev_removal_moves_only_the_removed_backends_new_flows() {
     let mut lab = PacketLab::with_vip(Scheduler::Maglev, &[1, 1, 1, 1]);
-    let before: Vec<u8> = (0..400).map(|p| backend_index(&forwarded(&mut lab, &syn(5000 + p)))).collect();
-    lab.apply(vec![vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Maglev, &[1, 1, 1])]);
+    let before: Vec<u8> = (0..400)
+        .map(|p| backend_index(&forwarded(&mut lab, &syn(5000 + p))))
+        .collect();
+    lab.apply(vec![vip_spec(
+        "web",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Scheduler::Maglev,
+        &[1, 1, 1],
+    )]);
     let mut moved_elsewhere = 0;
     for (p, &was) in (0..400).zip(&before) {
         let now = backend_index(&forwarded(&mut lab, &syn(5000 + p)));
@@ -401,7 +516,10 @@ fn maglev_removal_moves_only_the_removed_backends_new_flows() {
         }
     }
     // Maglev is not perfectly minimal: allow the 1% the table bound allows.
-    assert!(moved_elsewhere <= 4, "{moved_elsewhere} flows of surviving backends moved");
+    assert!(
+        moved_elsewhere <= 4,
+        "{moved_elsewhere} flows of surviving backends moved"
+    );
 }
 
 // ---------------------------------------------------------------- flow table
@@ -420,8 +538,17 @@ fn established_flow_hits_the_flow_table() {
 #[test]
 fn flows_stick_when_backends_are_added() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1, 1]);
-    let pinned: Vec<Ipv4Addr> = (0..20).map(|p| forwarded(&mut lab, &syn(1000 + p)).dst).collect();
-    lab.apply(vec![vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[1, 1, 1, 1])]);
+    let pinned: Vec<Ipv4Addr> = (0..20)
+        .map(|p| forwarded(&mut lab, &syn(1000 + p)).dst)
+        .collect();
+    lab.apply(vec![vip_spec(
+        "web",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Scheduler::Rr,
+        &[1, 1, 1, 1],
+    )]);
     for (p, dst) in (0..20).zip(&pinned) {
         assert_eq!(forwarded(&mut lab, &ack(1000 + p)).dst, *dst);
     }
@@ -430,14 +557,30 @@ fn flows_stick_when_backends_are_added() {
 #[test]
 fn maglev_flows_stick_when_the_table_changes() {
     let mut lab = PacketLab::with_vip(Scheduler::Maglev, &[1, 1]);
-    let pinned: Vec<Ipv4Addr> = (0..50).map(|p| forwarded(&mut lab, &syn(1000 + p)).dst).collect();
-    lab.apply(vec![vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Maglev, &[1, 1, 1, 1, 1])]);
+    let pinned: Vec<Ipv4Addr> = (0..50)
+        .map(|p| forwarded(&mut lab, &syn(1000 + p)).dst)
+        .collect();
+    lab.apply(vec![vip_spec(
+        "web",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Scheduler::Maglev,
+        &[1, 1, 1, 1, 1],
+    )]);
     let mut table_moved = 0;
     for (p, dst) in (0..50).zip(&pinned) {
-        assert_eq!(forwarded(&mut lab, &ack(1000 + p)).dst, *dst, "established flow kept");
+        assert_eq!(
+            forwarded(&mut lab, &ack(1000 + p)).dst,
+            *dst,
+            "established flow kept"
+        );
         table_moved += (forwarded(&mut lab, &syn(1000 + p)).dst != *dst) as u32;
     }
-    assert!(table_moved > 0, "the new table moves some new flows (else this proves nothing)");
+    assert!(
+        table_moved > 0,
+        "the new table moves some new flows (else this proves nothing)"
+    );
 }
 
 #[test]
@@ -457,7 +600,11 @@ fn syn_reschedules_a_reused_tuple() {
     let first = forwarded(&mut lab, &syn(1000)).dst;
     let again = forwarded(&mut lab, &syn(1000)).dst;
     assert_ne!(first, again, "a new connection takes the next ring slot");
-    assert_eq!(forwarded(&mut lab, &ack(1000)).dst, again, "and the flow follows it");
+    assert_eq!(
+        forwarded(&mut lab, &ack(1000)).dst,
+        again,
+        "and the flow follows it"
+    );
 }
 
 #[test]
@@ -487,10 +634,25 @@ fn drained_backend_keeps_its_flows_and_gets_no_new_ones() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1, 1]);
     forwarded(&mut lab, &syn(1000));
     assert_eq!(backend_index(&forwarded(&mut lab, &syn(1001))), 1);
-    lab.apply(vec![vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[1, 0])]);
-    assert_eq!(backend_index(&forwarded(&mut lab, &ack(1001))), 1, "existing flow kept");
+    lab.apply(vec![vip_spec(
+        "web",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Scheduler::Rr,
+        &[1, 0],
+    )]);
+    assert_eq!(
+        backend_index(&forwarded(&mut lab, &ack(1001))),
+        1,
+        "existing flow kept"
+    );
     for p in 0..10 {
-        assert_eq!(backend_index(&forwarded(&mut lab, &syn(2000 + p))), 0, "new flows avoid it");
+        assert_eq!(
+            backend_index(&forwarded(&mut lab, &syn(2000 + p))),
+            0,
+            "new flows avoid it"
+        );
     }
 }
 
@@ -498,15 +660,34 @@ fn drained_backend_keeps_its_flows_and_gets_no_new_ones() {
 fn all_drained_drops_new_flows_but_keeps_old_ones() {
     let mut lab = PacketLab::with_vip(Scheduler::Maglev, &[1]);
     forwarded(&mut lab, &syn(1000));
-    lab.apply(vec![vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Maglev, &[0])]);
+    lab.apply(vec![vip_spec(
+        "web",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Scheduler::Maglev,
+        &[0],
+    )]);
     assert_eq!(forwarded(&mut lab, &ack(1000)).dst, backend_addr(0));
-    untouched(&mut lab, Side::Client, &syn(1001).build(), DROP, Reason::DropNoBackend);
+    untouched(
+        &mut lab,
+        Side::Client,
+        &syn(1001).build(),
+        DROP,
+        Reason::DropNoBackend,
+    );
 }
 
 #[test]
 fn vip_without_backends_drops() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[]);
-    untouched(&mut lab, Side::Client, &syn(1000).build(), DROP, Reason::DropNoBackend);
+    untouched(
+        &mut lab,
+        Side::Client,
+        &syn(1000).build(),
+        DROP,
+        Reason::DropNoBackend,
+    );
 }
 
 #[test]
@@ -514,9 +695,17 @@ fn refused_change_leaves_the_data_plane_as_it_was() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1, 1]);
     let mut bad = vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[1, 1, 1]);
     bad.backends[2].weight = 10_000;
-    let err = lab.balancer.apply(&foobar_lb::state::DesiredState { vips: vec![bad] }).unwrap_err();
-    assert!(err.to_string().contains("vips[0].backends[2].weight"), "{err}");
-    let order: Vec<u8> = (0..4).map(|i| backend_index(&forwarded(&mut lab, &syn(1000 + i)))).collect();
+    let err = lab
+        .balancer
+        .apply(&foobar_lb::state::DesiredState { vips: vec![bad] })
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("vips[0].backends[2].weight"),
+        "{err}"
+    );
+    let order: Vec<u8> = (0..4)
+        .map(|i| backend_index(&forwarded(&mut lab, &syn(1000 + i))))
+        .collect();
     assert_eq!(order, [0, 1, 0, 1], "still the old two backends");
 }
 
@@ -556,8 +745,18 @@ fn reply_to_a_remote_client_goes_via_its_router() {
 #[test]
 fn udp_reply_is_rewritten_with_checksum() {
     let mut lab = PacketLab::new();
-    lab.apply(vec![vip_spec("dns", VIP, 53, Protocol::Udp, Scheduler::Rr, &[1])]);
-    let r = Frame { src_mac: backend_mac(0), ..Frame::udp(backend_addr(0), BACKEND_PORT, CLIENT, 5353) };
+    lab.apply(vec![vip_spec(
+        "dns",
+        VIP,
+        53,
+        Protocol::Udp,
+        Scheduler::Rr,
+        &[1],
+    )]);
+    let r = Frame {
+        src_mac: backend_mac(0),
+        ..Frame::udp(backend_addr(0), BACKEND_PORT, CLIENT, 5353)
+    };
     let out = lab.run(Side::Backend, &r.build());
     assert_eq!(out.action, REDIRECT);
     let p = parse(&out.packet);
@@ -568,8 +767,18 @@ fn udp_reply_is_rewritten_with_checksum() {
 #[test]
 fn udp_reply_without_checksum_keeps_zero() {
     let mut lab = PacketLab::new();
-    lab.apply(vec![vip_spec("dns", VIP, 53, Protocol::Udp, Scheduler::Rr, &[1])]);
-    let mut r = Frame { src_mac: backend_mac(0), ..Frame::udp(backend_addr(0), BACKEND_PORT, CLIENT, 5353) };
+    lab.apply(vec![vip_spec(
+        "dns",
+        VIP,
+        53,
+        Protocol::Udp,
+        Scheduler::Rr,
+        &[1],
+    )]);
+    let mut r = Frame {
+        src_mac: backend_mac(0),
+        ..Frame::udp(backend_addr(0), BACKEND_PORT, CLIENT, 5353)
+    };
     r.l4 = L4::UdpNoChecksum;
     let out = lab.run(Side::Backend, &r.build());
     assert_eq!(parse(&out.packet).udp_checksum, Some(0));
@@ -578,8 +787,21 @@ fn udp_reply_without_checksum_keeps_zero() {
 #[test]
 fn reply_from_a_removed_backend_passes() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1, 1]);
-    lab.apply(vec![vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[1])]);
-    untouched(&mut lab, Side::Backend, &reply(1, CLIENT, 1000).build(), PASS, Reason::PassNotVip);
+    lab.apply(vec![vip_spec(
+        "web",
+        VIP,
+        80,
+        Protocol::Tcp,
+        Scheduler::Rr,
+        &[1],
+    )]);
+    untouched(
+        &mut lab,
+        Side::Backend,
+        &reply(1, CLIENT, 1000).build(),
+        PASS,
+        Reason::PassNotVip,
+    );
 }
 
 // ---------------------------------------------------------------- counters
@@ -645,7 +867,13 @@ fn truncated_ipv4_header_drops_at_every_length() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
     let f = vip_syn();
     for cut in IP..IP + 20 {
-        untouched(&mut lab, Side::Client, &f[..cut.max(14)], DROP, Reason::DropTruncatedIpv4);
+        untouched(
+            &mut lab,
+            Side::Client,
+            &f[..cut.max(14)],
+            DROP,
+            Reason::DropTruncatedIpv4,
+        );
     }
 }
 
@@ -705,7 +933,11 @@ fn later_fragment_to_a_vip_drops() {
 #[test]
 fn truncated_tcp_header_drops_at_every_length() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
-    let f = Frame { payload: vec![], ..syn(1000) }.build();
+    let f = Frame {
+        payload: vec![],
+        ..syn(1000)
+    }
+    .build();
     for l4_len in 0..20usize {
         let mut cut = f[..TCP + l4_len].to_vec();
         cut[IP + 2..IP + 4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
@@ -719,13 +951,23 @@ fn tcp_data_offset_below_five_drops() {
     for doff in 0..5u8 {
         let mut f = vip_syn();
         f[TCP + 12] = doff << 4;
-        untouched(&mut lab, Side::Client, &f, DROP, Reason::DropBadTcpDataOffset);
+        untouched(
+            &mut lab,
+            Side::Client,
+            &f,
+            DROP,
+            Reason::DropBadTcpDataOffset,
+        );
     }
 }
 
 #[test]
 fn tcp_data_offset_beyond_packet_drops() {
-    let mut f = Frame { payload: vec![], ..syn(1000) }.build();
+    let mut f = Frame {
+        payload: vec![],
+        ..syn(1000)
+    }
+    .build();
     f[TCP + 12] = 0xf0; // 60-byte TCP header in a 20-byte segment
     dropped(&f, Reason::DropBadTcpDataOffset);
 }
@@ -733,8 +975,19 @@ fn tcp_data_offset_beyond_packet_drops() {
 #[test]
 fn truncated_udp_header_drops() {
     let mut lab = PacketLab::new();
-    lab.apply(vec![vip_spec("dns", VIP, 53, Protocol::Udp, Scheduler::Rr, &[1])]);
-    let f = Frame { payload: vec![], ..Frame::udp(CLIENT, 1000, VIP, 53) }.build();
+    lab.apply(vec![vip_spec(
+        "dns",
+        VIP,
+        53,
+        Protocol::Udp,
+        Scheduler::Rr,
+        &[1],
+    )]);
+    let f = Frame {
+        payload: vec![],
+        ..Frame::udp(CLIENT, 1000, VIP, 53)
+    }
+    .build();
     for l4_len in 4..8usize {
         let mut cut = f[..TCP + l4_len].to_vec();
         cut[IP + 2..IP + 4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
@@ -745,7 +998,11 @@ fn truncated_udp_header_drops() {
 #[test]
 fn truncated_reply_drops() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
-    let mut f = Frame { payload: vec![], ..reply(0, CLIENT, 1000) }.build();
+    let mut f = Frame {
+        payload: vec![],
+        ..reply(0, CLIENT, 1000)
+    }
+    .build();
     f.truncate(TCP + 10);
     f[IP + 2..IP + 4].copy_from_slice(&30u16.to_be_bytes());
     untouched(&mut lab, Side::Backend, &f, DROP, Reason::DropTruncatedL4);
@@ -762,5 +1019,8 @@ fn no_case_aborts() {
             assert_ne!(out.action, ABORTED, "cut at {cut}");
         }
     }
-    assert!(lab.count(Reason::Redirect) > 0, "the uncut frames were forwarded");
+    assert!(
+        lab.count(Reason::Redirect) > 0,
+        "the uncut frames were forwarded"
+    );
 }

@@ -1,1 +1,109 @@
-fn main(){}
+//! `cargo xtask`: setup, test and benchmarks for foobar-lb.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Setup, tests and benchmarks for foobar-lb")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent): nightly rust-src,
+    /// bpf-linker linked against the nightly's LLVM, Debian packages.
+    Setup,
+    /// Everything CI checks: fmt, clippy (user and eBPF side), unit tests, packet
+    /// tests and the random-frame run. Runs setup first; needs root.
+    Test,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// ns per packet of each data-plane path under BPF_PROG_TEST_RUN, as JSON lines.
+    Dataplane {
+        /// Runs per case.
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::ensure(),
+        Task::Test => test(),
+        Task::Bench {
+            which: Bench::Dataplane { repeat },
+        } => {
+            setup::ensure()?;
+            require_root("the benchmark loads BPF programs")?;
+            cargo(&["build", "-p", "tests", "--bin", "bench-dataplane"])?;
+            run(Command::new("target/debug/bench-dataplane").arg(repeat.to_string()))
+        }
+    }
+}
+
+fn test() -> Result<()> {
+    setup::ensure()?;
+    require_root("the packet tests load BPF programs and create network namespaces")?;
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "foobar-lb-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    // The eBPF crate only builds for the BPF target, with the nightly.
+    cargo(&[
+        "+nightly",
+        "clippy",
+        "-p",
+        "foobar-lb-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        "target/ebpf-clippy",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&["test", "--workspace", "--exclude", "foobar-lb-ebpf"])
+}
+
+fn require_root(why: &str) -> Result<()> {
+    let uid = String::from_utf8(Command::new("id").arg("-u").output()?.stdout)?;
+    if uid.trim() != "0" {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new("cargo").args(args))
+}
+
+/// Runs a command, failing with its command line if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

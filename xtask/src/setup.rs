@@ -1,0 +1,147 @@
+//! `cargo xtask setup`: brings a fresh machine to where the workspace builds and its
+//! tests run, and does nothing on a machine that is already there.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::run as run_command;
+
+/// Debian packages the tests use: `ip` and `sysctl` for the namespaces.
+const PACKAGES: &[&str] = &["iproute2", "procps"];
+
+/// Where bpf-linker finds the nightly's libLLVM; it keeps an rpath to it, so it must
+/// outlive the build (not /tmp).
+const LLVM_PREFIX: &str = "/opt/foobar-lb/llvm";
+
+/// bpf-linker release known to build against this machine's nightly.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Installs whatever is missing; says so when nothing is.
+pub fn ensure() -> Result<()> {
+    let mut did = Vec::new();
+    if rust_src_missing()? {
+        run_command(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+        did.push("nightly rust-src");
+    }
+    if !works("bpf-linker", &["--version"]) {
+        install_bpf_linker()?;
+        did.push("bpf-linker");
+    }
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !package_installed(p))
+        .collect();
+    if !missing.is_empty() {
+        run_command(Command::new("apt-get").args(["update", "-qq"]))?;
+        run_command(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        did.push("Debian packages");
+    }
+    if did.is_empty() {
+        eprintln!("setup: nothing to do, everything is installed");
+    } else {
+        eprintln!("setup: installed {}", did.join(", "));
+    }
+    Ok(())
+}
+
+fn works(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn output(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn rust_src_missing() -> Result<bool> {
+    if !works("rustc", &["+nightly", "--version"]) {
+        bail!(
+            "the nightly toolchain is missing: `rustup toolchain install nightly` (the eBPF program needs it)"
+        );
+    }
+    let installed = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )?;
+    Ok(!installed.lines().any(|l| l.starts_with("rust-src")))
+}
+
+fn package_installed(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Builds bpf-linker against the nightly's own libLLVM (see shared/TOOLCHAIN.md):
+/// the LLVM major comes from `rustc +nightly -vV`, never hard-coded.
+fn install_bpf_linker() -> Result<()> {
+    let version = output("rustc", &["+nightly", "-vV"])?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("no LLVM version in `rustc +nightly -vV`")?
+        .to_owned();
+    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"])?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    // The real shared object (libLLVM-*-rust-*.so beside it is a linker script).
+    let lib = std::fs::read_dir(&lib_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
+    let prefix_lib = Path::new(LLVM_PREFIX).join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for link in [
+        prefix_lib.join("libLLVM.so"),
+        prefix_lib.join(lib.file_name().unwrap()),
+    ] {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)?;
+    }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)"
+    );
+    run_command(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
