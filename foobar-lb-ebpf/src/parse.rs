@@ -96,7 +96,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
         let vip_addr = VipAddr {
             addr: [dst, 0, 0, 0],
         };
-        let reason = match unsafe { VIP_ADDRS.get(&vip_addr) } {
+        let reason = match unsafe { VIP_ADDRS.get(vip_addr) } {
             Some(_) => Reason::DropFragment,
             None => Reason::PassFragment,
         };

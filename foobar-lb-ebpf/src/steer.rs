@@ -24,7 +24,7 @@ pub fn balance(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         proto: pkt.proto,
         family: FAMILY_IPV4,
     };
-    if let Some(vip) = unsafe { VIPS.get(&to) } {
+    if let Some(vip) = unsafe { VIPS.get(to) } {
         return to_backend(ctx, &pkt, vip);
     }
     let from = Endpoint {
@@ -33,7 +33,7 @@ pub fn balance(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         proto: pkt.proto,
         family: FAMILY_IPV4,
     };
-    if let Some(target) = unsafe { REPLIES.get(&from) } {
+    if let Some(target) = unsafe { REPLIES.get(from) } {
         return to_client(
             ctx,
             &pkt,
@@ -64,7 +64,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<Verdict, 
     let known = if l4.syn {
         None
     } else {
-        unsafe { FLOWS.get(&key) }.map(|flow| flow.backend_id)
+        unsafe { FLOWS.get(key) }.map(|flow| flow.backend_id)
     };
     let pinned = match known {
         Some(id) => match active_backend(id) {
@@ -94,7 +94,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<Verdict, 
                 vip_id: vip.id,
             };
             // Failing to insert (map full of locked entries) only costs stickiness.
-            let _ = FLOWS.insert(&key, &flow, 0);
+            let _ = FLOWS.insert(key, flow, 0);
             count(Reason::FlowNew);
             add_new_flow(&VIP_STATS, vip.id);
             add_new_flow(&BACKEND_STATS, id);

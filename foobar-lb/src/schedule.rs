@@ -52,7 +52,10 @@ fn canonical_order(backends: &[Weighted]) -> Vec<usize> {
 
 /// True if `n` is prime (trial division; table sizes are small).
 pub fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d: &u32| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 fn endpoint_hash(seed: u32, ep: &Endpoint) -> u32 {

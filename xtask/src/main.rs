@@ -84,7 +84,46 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
-    cargo(&["test", "--workspace", "--exclude", "foobar-lb-ebpf"])
+    cargo_test(&["test", "--workspace", "--exclude", "foobar-lb-ebpf"])
+}
+
+/// Runs `cargo test`, echoing its output, and ends with one total over all test
+/// binaries (cargo prints a result per binary, the last often a doc-test's "0 passed").
+fn cargo_test(args: &[&str]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new("cargo")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim().strip_suffix(word).map(|n| {
+                            n.trim()
+                                .rsplit(' ')
+                                .next()
+                                .unwrap_or("0")
+                                .parse::<u64>()
+                                .unwrap_or(0)
+                        })
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo {args:?} failed: {status}");
+    }
+    Ok(())
 }
 
 fn require_root(why: &str) -> Result<()> {
