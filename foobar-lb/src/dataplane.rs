@@ -42,6 +42,9 @@ pub enum DataplaneError {
     /// A map expected in the object is missing (object and agent out of step).
     #[error("map {0} missing from the object")]
     MissingMap(&'static str),
+    /// A program expected in the object is missing.
+    #[error("program {0} missing from the object")]
+    MissingProgram(&'static str),
     /// The devmap refused an interface.
     #[error("redirect map: {0}")]
     TxPort(#[from] aya::maps::xdp::XdpMapError),
@@ -277,7 +280,7 @@ impl Dataplane {
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     let program = ebpf
         .program_mut(PROGRAM_NAME)
-        .ok_or(DataplaneError::MissingMap(PROGRAM_NAME))?;
+        .ok_or(DataplaneError::MissingProgram(PROGRAM_NAME))?;
     Ok(program.try_into()?)
 }
 
@@ -287,7 +290,7 @@ pub fn load_floor() -> Result<Ebpf> {
     let mut ebpf = Ebpf::load(FLOOR_OBJECT)?;
     let floor: &mut Xdp = ebpf
         .program_mut("floor")
-        .ok_or(DataplaneError::MissingMap("floor"))?
+        .ok_or(DataplaneError::MissingProgram("floor"))?
         .try_into()?;
     floor.load()?;
     Ok(ebpf)

@@ -143,6 +143,25 @@ pub fn endpoint(address: IpAddr, port: u16, protocol: Protocol) -> Result<Endpoi
     }
 }
 
+/// The endpoint of a VIP or backend at `at`, its port and address checked.
+fn checked_endpoint(
+    at: &str,
+    address: IpAddr,
+    port: u16,
+    protocol: Protocol,
+) -> Result<Endpoint, StateError> {
+    if port == 0 {
+        return Err(invalid(format!("{at}.port"), "must be 1-65535"));
+    }
+    if address.is_unspecified() || address.is_multicast() {
+        return Err(invalid(
+            format!("{at}.address"),
+            "must be a unicast address",
+        ));
+    }
+    endpoint(address, port, protocol).map_err(|m| invalid(format!("{at}.address"), m))
+}
+
 impl DesiredState {
     /// Checks everything and computes every schedule; nothing is written here, so a
     /// refusal leaves the running state as it was.
@@ -175,17 +194,7 @@ impl DesiredState {
                     format!("{:?} is also the name of vips[{other}]", vip.name),
                 ));
             }
-            if vip.port == 0 {
-                return Err(invalid(format!("{at}.port"), "must be 1-65535"));
-            }
-            let vip_ep = endpoint(vip.address, vip.port, vip.protocol)
-                .map_err(|m| invalid(format!("{at}.address"), m))?;
-            if vip.address.is_unspecified() || vip.address.is_multicast() {
-                return Err(invalid(
-                    format!("{at}.address"),
-                    "must be a unicast address",
-                ));
-            }
+            let vip_ep = checked_endpoint(&at, vip.address, vip.port, vip.protocol)?;
             if let Some(other) = vips_seen.insert(vip_ep, v) {
                 return Err(invalid(
                     at,
@@ -195,21 +204,11 @@ impl DesiredState {
             let mut weighted = Vec::with_capacity(vip.backends.len());
             for (b, backend) in vip.backends.iter().enumerate() {
                 let at = format!("{at}.backends[{b}]");
-                if backend.port == 0 {
-                    return Err(invalid(format!("{at}.port"), "must be 1-65535"));
-                }
+                let ep = checked_endpoint(&at, backend.address, backend.port, vip.protocol)?;
                 if backend.weight > MAX_WEIGHT {
                     return Err(invalid(
                         format!("{at}.weight"),
                         format!("{} is above {MAX_WEIGHT}", backend.weight),
-                    ));
-                }
-                let ep = endpoint(backend.address, backend.port, vip.protocol)
-                    .map_err(|m| invalid(format!("{at}.address"), m))?;
-                if backend.address.is_unspecified() || backend.address.is_multicast() {
-                    return Err(invalid(
-                        format!("{at}.address"),
-                        "must be a unicast address",
                     ));
                 }
                 if ep == vip_ep {
