@@ -69,6 +69,18 @@ pub struct Endpoint {
 }
 const _: () = assert!(size_of::<Endpoint>() == 20);
 
+impl Endpoint {
+    /// An IPv4 endpoint; `addr` and `port` in network order, as read from a packet.
+    pub const fn ipv4(addr: u32, port: u16, proto: u8) -> Self {
+        Self {
+            addr: [addr, 0, 0, 0],
+            port,
+            proto,
+            family: FAMILY_IPV4,
+        }
+    }
+}
+
 /// A VIP address alone, the key of the map that catches fragments sent to a VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

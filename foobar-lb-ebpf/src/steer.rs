@@ -2,10 +2,10 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{maps::PerCpuArray, programs::XdpContext};
 use foobar_lb_common::{
-    BACKEND_ACTIVE, Backend, Endpoint, FAMILY_IPV4, FlowKey, FlowState, Reason, SCHED_MAGLEV,
-    TrafficStats, VipInfo, hash::flow_hash_v4, schedule_index,
+    BACKEND_ACTIVE, Backend, Endpoint, FAMILY_IPV4, FlowKey, FlowState, Reason, ReplyTarget,
+    SCHED_MAGLEV, TrafficStats, VipInfo, hash::flow_hash_v4, schedule_index,
 };
 
 use crate::{
@@ -18,30 +18,13 @@ use crate::{
 #[inline(always)]
 pub fn balance(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let pkt = parse::parse(ctx)?;
-    let to = Endpoint {
-        addr: [pkt.dst, 0, 0, 0],
-        port: pkt.dport,
-        proto: pkt.proto,
-        family: FAMILY_IPV4,
-    };
+    let to = Endpoint::ipv4(pkt.dst, pkt.dport, pkt.proto);
     if let Some(vip) = unsafe { VIPS.get(to) } {
         return to_backend(ctx, &pkt, vip);
     }
-    let from = Endpoint {
-        addr: [pkt.src, 0, 0, 0],
-        port: pkt.sport,
-        proto: pkt.proto,
-        family: FAMILY_IPV4,
-    };
+    let from = Endpoint::ipv4(pkt.src, pkt.sport, pkt.proto);
     if let Some(target) = unsafe { REPLIES.get(from) } {
-        return to_client(
-            ctx,
-            &pkt,
-            target.vip.addr[0],
-            target.vip.port,
-            target.vip_id,
-            target.backend_id,
-        );
+        return to_client(ctx, &pkt, target);
     }
     Err(Verdict::of(Reason::PassNotVip))
 }
@@ -96,10 +79,13 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<Verdict, 
             // Failing to insert (map full of locked entries) only costs stickiness.
             let _ = FLOWS.insert(key, flow, 0);
             count(Reason::FlowNew);
-            add_new_flow(&VIP_STATS, vip.id);
-            add_new_flow(&BACKEND_STATS, id);
             (id, backend)
         }
+    };
+    let traffic = if pinned.is_some() {
+        Traffic::Forward
+    } else {
+        Traffic::NewFlow
     };
 
     nat::rewrite_destination(
@@ -109,8 +95,8 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<Verdict, 
         backend.endpoint.addr[0],
         backend.endpoint.port,
     )?;
-    add_packet(&VIP_STATS, vip.id, pkt.frame_len, false);
-    add_packet(&BACKEND_STATS, backend_id, pkt.frame_len, false);
+    account(&VIP_STATS, vip.id, pkt.frame_len, traffic);
+    account(&BACKEND_STATS, backend_id, pkt.frame_len, traffic);
     Ok(forward::forward(
         ctx,
         pkt,
@@ -121,19 +107,18 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<Verdict, 
 
 /// A backend's reply to a client: rewrite its source to the VIP and forward it.
 #[inline(always)]
-fn to_client(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    vip_addr: u32,
-    vip_port: u16,
-    vip_id: u32,
-    backend_id: u32,
-) -> Result<Verdict, Verdict> {
+fn to_client(ctx: &XdpContext, pkt: &Packet, target: &ReplyTarget) -> Result<Verdict, Verdict> {
     let l4 = parse::l4(ctx, pkt)?;
+    let (vip_addr, vip_port) = (target.vip.addr[0], target.vip.port);
     nat::rewrite_source(ctx, pkt, &l4, vip_addr, vip_port)?;
     count(Reason::Reply);
-    add_packet(&VIP_STATS, vip_id, pkt.frame_len, true);
-    add_packet(&BACKEND_STATS, backend_id, pkt.frame_len, true);
+    account(&VIP_STATS, target.vip_id, pkt.frame_len, Traffic::Reply);
+    account(
+        &BACKEND_STATS,
+        target.backend_id,
+        pkt.frame_len,
+        Traffic::Reply,
+    );
     Ok(forward::forward(ctx, pkt, pkt.dst, vip_addr))
 }
 
@@ -173,28 +158,30 @@ fn active_backend(id: u32) -> Option<Backend> {
     (backend.flags & BACKEND_ACTIVE != 0).then_some(*backend)
 }
 
-#[inline(always)]
-fn add_new_flow(stats: &aya_ebpf::maps::PerCpuArray<TrafficStats>, index: u32) {
-    if let Some(s) = stats.get_ptr_mut(index) {
-        unsafe { (*s).new_flows += 1 };
-    }
+/// What a packet counts as in a VIP's or backend's traffic stats.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Traffic {
+    /// The first packet of a flow, client to backend.
+    NewFlow,
+    /// Any later packet, client to backend.
+    Forward,
+    /// Backend to client.
+    Reply,
 }
 
+/// Counts one packet with one lookup of this CPU's stats entry.
 #[inline(always)]
-fn add_packet(
-    stats: &aya_ebpf::maps::PerCpuArray<TrafficStats>,
-    index: u32,
-    bytes: u32,
-    reply: bool,
-) {
-    if let Some(s) = stats.get_ptr_mut(index) {
-        let s = unsafe { &mut *s };
-        if reply {
-            s.reply_packets += 1;
-            s.reply_bytes += bytes as u64;
-        } else {
-            s.packets += 1;
-            s.bytes += bytes as u64;
-        }
+fn account(stats: &PerCpuArray<TrafficStats>, index: u32, bytes: u32, traffic: Traffic) {
+    let Some(s) = stats.get_ptr_mut(index) else {
+        return;
+    };
+    let s = unsafe { &mut *s };
+    if traffic == Traffic::Reply {
+        s.reply_packets += 1;
+        s.reply_bytes += bytes as u64;
+    } else {
+        s.packets += 1;
+        s.bytes += bytes as u64;
+        s.new_flows += (traffic == Traffic::NewFlow) as u64;
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use foobar_lb_common::{Endpoint, FAMILY_IPV4, MAX_BACKENDS, MAX_VIPS, PROTO_TCP, PROTO_UDP};
+use foobar_lb_common::{Endpoint, MAX_BACKENDS, MAX_VIPS, PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::{self, DEFAULT_MAGLEV_SIZE, Weighted};
@@ -133,12 +133,11 @@ pub struct PlannedVip {
 /// Converts an address and port to the data plane's form; IPv6 is refused for now.
 pub fn endpoint(address: IpAddr, port: u16, protocol: Protocol) -> Result<Endpoint, &'static str> {
     match address {
-        IpAddr::V4(v4) => Ok(Endpoint {
-            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-            port: port.to_be(),
-            proto: protocol.number(),
-            family: FAMILY_IPV4,
-        }),
+        IpAddr::V4(v4) => Ok(Endpoint::ipv4(
+            u32::from_ne_bytes(v4.octets()),
+            port.to_be(),
+            protocol.number(),
+        )),
         IpAddr::V6(_) => Err("IPv6 is not supported by the data plane yet"),
     }
 }
