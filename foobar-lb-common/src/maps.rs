@@ -52,6 +52,20 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     /// Per-CPU [`crate::TrafficStats`] per backend id.
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// Every map, for pinning.
+    pub const ALL: [&str; 11] = [
+        VIPS,
+        VIP_ADDRS,
+        BACKENDS,
+        SCHEDULES,
+        RR_CURSORS,
+        FLOWS,
+        REPLIES,
+        TX_PORTS,
+        COUNTERS,
+        VIP_STATS,
+        BACKEND_STATS,
+    ];
 }
 
 /// An address, port and protocol: a VIP, or a backend as seen in its replies.

@@ -3,16 +3,24 @@
 //! This is the only place that knows map names and value layouts on the user side;
 //! everything above it speaks [`foobar_lb_common`] types.
 
+use std::path::{Path, PathBuf};
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
     util::nr_cpus,
 };
 use foobar_lb_common::{
     Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint, FlowKey, FlowState, ReplyTarget,
     TrafficStats, VipAddr, VipInfo, map_names as names, schedule_index,
 };
+
+use crate::pin;
 
 /// The XDP program object, built by `build.rs`.
 pub static PROGRAM_OBJECT: &[u8] =
@@ -48,6 +56,12 @@ pub enum DataplaneError {
     /// The devmap refused an interface.
     #[error("redirect map: {0}")]
     TxPort(#[from] aya::maps::xdp::XdpMapError),
+    /// Pinning failed.
+    #[error(transparent)]
+    Pin(#[from] pin::PinError),
+    /// A link could not be held as a file-descriptor link (kernel without bpf_link).
+    #[error("the XDP link of {0} is not a bpf_link; this kernel is too old for pinning")]
+    NotALink(String),
     /// The CPU count could not be read.
     #[error("counting CPUs: {0}")]
     Cpus(String),
@@ -64,19 +78,34 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 pub struct LoadOptions {
     /// Entries of the flow table (LRU).
     pub flow_capacity: u32,
+    /// Where maps and links are pinned; `None` keeps everything private to this
+    /// process (tests, benchmarks).
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             flow_capacity: DEFAULT_FLOW_CAPACITY,
+            pin_dir: None,
         }
     }
+}
+
+/// What attaching to an interface did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// The program was attached where none of ours was.
+    New,
+    /// Our pinned link was already there; its program was swapped atomically.
+    Replaced,
 }
 
 /// The loaded program and its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    resumed: bool,
 }
 
 macro_rules! map {
@@ -93,12 +122,37 @@ macro_rules! map {
 
 impl Dataplane {
     /// Loads the object and the program into the kernel (verified, not attached).
+    /// With a pin directory, maps already pinned there are reused as they are (their
+    /// layout checked first), and new ones are pinned.
     pub fn load(options: &LoadOptions) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::FLOWS, options.flow_capacity)
-            .load(PROGRAM_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::FLOWS, options.flow_capacity);
+        let mut resumed = false;
+        if let Some(dir) = &options.pin_dir {
+            pin::prepare_dir(dir)?;
+            pin::check_pinned_layout(dir, options.flow_capacity)?;
+            resumed = pin::has_pinned_maps(dir);
+            for name in names::ALL {
+                loader.map_pin_path(name, pin::map_path(dir, name));
+            }
+        }
+        let mut ebpf = loader.load(PROGRAM_OBJECT)?;
         program(&mut ebpf)?.load()?;
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf,
+            pin_dir: options.pin_dir.clone(),
+            resumed,
+        })
+    }
+
+    /// Whether the maps were reopened from pins, with the state of an earlier agent.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// The pin directory, if any.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
     }
 
     /// The balancing program, for attaching or test runs.
@@ -109,6 +163,92 @@ impl Dataplane {
     /// Attaches the program to an interface.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<XdpLinkId> {
         Ok(self.program_mut()?.attach(interface, mode)?)
+    }
+
+    /// Attaches the program to an interface through a pinned link, or swaps it into
+    /// the link an earlier agent pinned there (no gap in forwarding). Without a pin
+    /// directory this is [`Dataplane::attach`].
+    pub fn attach_pinned(&mut self, interface: &str, mode: XdpMode) -> Result<Attached> {
+        let Some(dir) = self.pin_dir.clone() else {
+            self.attach(interface, mode)?;
+            return Ok(Attached::New);
+        };
+        let path = pin::link_path(&dir, interface);
+        if path.exists() {
+            match self.replace_in_pinned_link(&path) {
+                Ok(()) => return Ok(Attached::Replaced),
+                // A link whose interface went away cannot be updated: start afresh.
+                Err(_) => std::fs::remove_file(&path).map_err(|e| {
+                    pin::PinError::Directory {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    }
+                })?,
+            }
+        }
+        let program = self.program_mut()?;
+        let id = program.attach(interface, mode)?;
+        let link: FdLink = program
+            .take_link(id)?
+            .try_into()
+            .map_err(|_| DataplaneError::NotALink(interface.to_owned()))?;
+        // The pin holds the link; our fd closes when `link` drops.
+        link.pin(&path).map_err(|e| pin::PinError::Directory {
+            path,
+            message: e.to_string(),
+        })?;
+        Ok(Attached::New)
+    }
+
+    fn replace_in_pinned_link(&mut self, path: &Path) -> Result<()> {
+        let pinned = PinnedLink::from_pin(path).map_err(|e| pin::PinError::Directory {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .map_err(|_| DataplaneError::NotALink(path.display().to_string()))?;
+        let program = self.program_mut()?;
+        let id = program.attach_to_link(link)?;
+        // Only the pin keeps the link: dropping this program later must not detach it.
+        drop(program.take_link(id)?);
+        Ok(())
+    }
+
+    /// Detaches from an interface attached with [`Dataplane::attach_pinned`].
+    pub fn detach_pinned(&mut self, interface: &str) -> Result<()> {
+        if let Some(dir) = &self.pin_dir {
+            let path = pin::link_path(dir, interface);
+            std::fs::remove_file(&path).map_err(|e| pin::PinError::Directory {
+                path,
+                message: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Every VIP in the map, with its entry.
+    pub fn vips(&mut self) -> Result<Vec<(Endpoint, VipInfo)>> {
+        let m: HashMap<_, Endpoint, VipInfo> = map!(self, HashMap, names::VIPS);
+        m.iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::VIPS))
+    }
+
+    /// Every reply entry: backend endpoint → VIP and ids.
+    pub fn replies(&mut self) -> Result<Vec<(Endpoint, ReplyTarget)>> {
+        let m: HashMap<_, Endpoint, ReplyTarget> = map!(self, HashMap, names::REPLIES);
+        m.iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::REPLIES))
+    }
+
+    /// The first `len` slots of a VIP's schedule.
+    pub fn schedule(&mut self, vip_id: u32, len: u32) -> Result<Vec<u32>> {
+        let m: Array<_, u32> = map!(self, Array, names::SCHEDULES);
+        (0..len)
+            .map(|slot| m.get(&schedule_index(vip_id, slot), 0))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::SCHEDULES))
     }
 
     /// Adds or updates a VIP.

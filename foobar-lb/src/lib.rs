@@ -3,9 +3,18 @@
 //! The kernel side (`foobar-lb-ebpf`) only looks things up; this crate decides:
 //! [`schedule`] computes the Maglev tables and round-robin rings, [`state`] holds
 //! the validated desired configuration, [`reconcile`] turns it into minimal map
-//! updates, and [`dataplane`] loads the program and owns the maps.
+//! updates, and [`dataplane`] loads the program and owns the maps (pinned by [`pin`]).
+//! The [`agent`] ties them together behind the [`daemon`]'s control socket
+//! ([`api`]); [`cli`] and [`render`] are the command line.
 
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod dataplane;
+pub mod pin;
+pub mod render;
 pub mod reconcile;
 pub mod schedule;
 pub mod state;

@@ -94,6 +94,52 @@ impl Balancer {
         }
     }
 
+    /// Takes over a data plane whose maps were reopened from pins: what an earlier
+    /// agent wrote is read back (VIP ids, backend ids, schedules), so the next
+    /// [`Balancer::apply`] writes only what differs and keeps every flow.
+    pub fn adopt(mut dataplane: Dataplane) -> Result<Self, DataplaneError> {
+        let replies = dataplane.replies()?;
+        let mut vips = BTreeMap::new();
+        for (endpoint, info) in dataplane.vips()? {
+            let mut backends: Vec<(u32, Endpoint)> = replies
+                .iter()
+                .filter(|(_, target)| target.vip_id == info.id && target.vip == endpoint)
+                .map(|(backend, target)| (target.backend_id, *backend))
+                .collect();
+            backends.sort();
+            let schedule = dataplane.schedule(info.id, info.schedule_len)?;
+            let scheduler = if info.scheduler == SCHED_MAGLEV {
+                Scheduler::Maglev
+            } else {
+                Scheduler::Rr
+            };
+            let plan = PlannedVip::adopted(endpoint, scheduler, &backends);
+            let backend_ids = backends.iter().map(|&(id, _)| id).collect();
+            vips.insert(
+                endpoint,
+                AppliedVip {
+                    id: info.id,
+                    plan,
+                    backend_ids,
+                    schedule,
+                },
+            );
+        }
+        let used_vips: std::collections::BTreeSet<u32> = vips.values().map(|v| v.id).collect();
+        let used_backends: std::collections::BTreeSet<u32> = vips
+            .values()
+            .flat_map(|v| v.backend_ids.iter().copied())
+            .collect();
+        Ok(Self {
+            dataplane,
+            vips,
+            free_vip_ids: (0..MAX_VIPS).filter(|id| !used_vips.contains(id)).collect(),
+            free_backend_ids: (0..MAX_BACKENDS)
+                .filter(|id| !used_backends.contains(id))
+                .collect(),
+        })
+    }
+
     /// The data plane, for attaching, counters and tests.
     pub fn dataplane(&mut self) -> &mut Dataplane {
         &mut self.dataplane

@@ -130,6 +130,50 @@ pub struct PlannedVip {
     pub schedule: Vec<u32>,
 }
 
+impl PlannedVip {
+    /// A stand-in plan for a VIP read back from pinned maps: enough to diff against
+    /// (endpoints, scheduler); weights and name are unknown until the next apply.
+    pub fn adopted(endpoint: Endpoint, scheduler: Scheduler, backends: &[(u32, Endpoint)]) -> Self {
+        let (address, port, protocol) = socket_of(&endpoint);
+        let spec = VipSpec {
+            name: format!("{address}:{port}"),
+            address,
+            port,
+            protocol,
+            scheduler,
+            maglev_table_size: DEFAULT_MAGLEV_SIZE,
+            backends: backends
+                .iter()
+                .map(|(_, b)| {
+                    let (address, port, _) = socket_of(b);
+                    BackendSpec {
+                        address,
+                        port,
+                        weight: 1,
+                    }
+                })
+                .collect(),
+        };
+        Self {
+            endpoint,
+            spec,
+            backends: backends.iter().map(|&(_, b)| b).collect(),
+            schedule: Vec::new(),
+        }
+    }
+}
+
+/// The address, port and protocol of a data-plane endpoint (IPv4).
+pub fn socket_of(endpoint: &Endpoint) -> (IpAddr, u16, Protocol) {
+    let address = IpAddr::from(std::net::Ipv4Addr::from(endpoint.addr[0].to_ne_bytes()));
+    let protocol = if endpoint.proto == PROTO_UDP {
+        Protocol::Udp
+    } else {
+        Protocol::Tcp
+    };
+    (address, u16::from_be(endpoint.port), protocol)
+}
+
 /// Converts an address and port to the data plane's form; IPv6 is refused for now.
 pub fn endpoint(address: IpAddr, port: u16, protocol: Protocol) -> Result<Endpoint, &'static str> {
     match address {

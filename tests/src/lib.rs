@@ -2,6 +2,6 @@
 //! namespaces, a packet lab for BPF_PROG_TEST_RUN, and packets built and checked
 //! with etherparse.
 
-pub mod netns;
+pub use foobar_lab::netns;
 pub mod packet;
 pub mod packet_lab;

@@ -22,25 +22,57 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A uniquely named network namespace, deleted on drop.
+/// A network namespace, deleted on drop unless made persistent.
 pub struct Netns {
     name: String,
+    persistent: bool,
+}
+
+/// Panics unless we are root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "network tests and the lab need root (CAP_NET_ADMIN, CAP_BPF): run them as root"
+    );
 }
 
 impl Netns {
     /// Creates `fblb-<tag>-<pid>-<n>` with its loopback up.
     pub fn new(tag: &str) -> Self {
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "network tests need root (CAP_NET_ADMIN, CAP_BPF): run them through `cargo xtask test` as root"
-        );
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("fblb-{tag}-{}-{n}", std::process::id());
+        Self::create(unique_name(tag), false)
+    }
+
+    /// Creates a namespace with exactly this name, deleted on drop.
+    pub fn new_named(name: &str) -> Self {
+        Self::create(name.to_owned(), false)
+    }
+
+    /// Creates a namespace with exactly this name that outlives this process
+    /// (`ip netns del` removes it).
+    pub fn persistent(name: &str) -> Self {
+        Self::create(name.to_owned(), true)
+    }
+
+    fn create(name: String, persistent: bool) -> Self {
+        require_root();
         run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
+        let ns = Self { name, persistent };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// The path `nsenter --net=` and `setns` take.
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// A command that runs `program` inside the namespace but keeps this process's
+    /// mounts (so bpffs pins are the host's), unlike `ip netns exec`.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net={}", self.path())).arg("--").arg(program);
+        command
     }
 
     /// Its name.
@@ -72,8 +104,18 @@ impl Netns {
     }
 }
 
+/// `fblb-<tag>-<pid>-<n>`: unique across processes and calls.
+pub fn unique_name(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("fblb-{tag}-{}-{n}", std::process::id())
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
+        if self.persistent {
+            return;
+        }
         // Deleting the namespace removes its veths and anything attached to them.
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])

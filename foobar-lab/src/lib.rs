@@ -1,0 +1,7 @@
+//! The foobar.com lab: network namespaces with a client, the balancer and web
+//! servers, used by `cargo xtask lab` and by the end-to-end tests. It runs the
+//! built binaries; it does not link foobar-lb, so xtask can use it before the eBPF
+//! toolchain exists.
+
+pub mod lab;
+pub mod netns;

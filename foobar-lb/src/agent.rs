@@ -1,0 +1,605 @@
+//! The agent: owns the data plane, keeps it equal to the desired state, and answers
+//! the control API. Everything here is synchronous; the daemon serialises calls.
+//!
+//! The running VIPs start as the configuration file says; API changes edit them in
+//! place (as HAProxy's runtime API does) until the next reload, which makes the file
+//! the truth again.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    net::SocketAddr,
+    path::PathBuf,
+    time::Instant,
+};
+
+use foobar_lb_common::{Reason, TrafficStats, reason::xdp_action};
+use tracing::{info, warn};
+
+use crate::{
+    api::{
+        ApiError, BackendStatus, Changed, Count, ErrorKind, Explanation, Reply, Request, Stats,
+        Status, Traffic, TrafficCount, VipStatus,
+    },
+    config::{Config, ConfigError},
+    dataplane::{Attached, Dataplane, DataplaneError, LoadOptions},
+    pin,
+    reconcile::{ApplyError, ApplyReport, Balancer},
+    state::{DesiredState, endpoint, socket_of},
+};
+
+/// How the agent starts.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Where maps and links are pinned; `None` runs unpinned (the data plane stops
+    /// with the agent).
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// What happens to the data plane when the agent exits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnExit {
+    /// Keep forwarding with the pinned program and maps; the next agent takes over.
+    #[default]
+    Keep,
+    /// Detach from every interface and remove the pins.
+    Detach,
+}
+
+/// Why the agent could not start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration file was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data plane could not be loaded, attached or written.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// The VIPs could not be applied.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// A configured interface is unusable.
+    #[error("dataplane.interfaces: {interface}: {message}")]
+    Interface {
+        /// The interface.
+        interface: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A reload tried to change what only a restart can.
+    #[error("{field}: changing it needs a restart of the agent; nothing was changed")]
+    NeedsRestart {
+        /// The field.
+        field: &'static str,
+    },
+}
+
+/// Counter snapshots for rates.
+#[derive(Default)]
+struct RateMeter {
+    last: Option<(Instant, BTreeMap<(bool, u32), TrafficStats>)>,
+    rates: BTreeMap<(bool, u32), (f64, f64, f64)>,
+}
+
+/// The running agent.
+pub struct Agent {
+    balancer: Balancer,
+    config_path: PathBuf,
+    config: Config,
+    desired: DesiredState,
+    interfaces: Vec<String>,
+    started: Instant,
+    rates: RateMeter,
+}
+
+impl Agent {
+    /// Loads the configuration and the data plane (taking over a pinned one), applies
+    /// the VIPs, then attaches: a program never sees a half-written state.
+    pub fn start(options: &AgentOptions) -> Result<Agent, AgentError> {
+        let config = Config::load(&options.config)?;
+        let dataplane = Dataplane::load(&LoadOptions {
+            flow_capacity: config.dataplane.flow_capacity,
+            pin_dir: options.pin_dir.clone(),
+        })?;
+        let resumed = dataplane.resumed();
+        let mut balancer = if resumed {
+            Balancer::adopt(dataplane)?
+        } else {
+            Balancer::new(dataplane)
+        };
+        let desired = config.desired_state();
+        let report = balancer.apply(&desired)?;
+        info!(resumed, ?report, "VIPs applied");
+        let mut agent = Agent {
+            balancer,
+            config_path: options.config.clone(),
+            config: config.clone(),
+            desired,
+            interfaces: Vec::new(),
+            started: Instant::now(),
+            rates: RateMeter::default(),
+        };
+        let (attached, _) = agent.attach_all(&config)?;
+        info!(interfaces = ?attached, "attached");
+        // Links an earlier agent pinned for interfaces no longer configured.
+        if let Some(dir) = agent.balancer.dataplane().pin_dir().map(PathBuf::from) {
+            for stale in pin::pinned_interfaces(&dir) {
+                if !agent.interfaces.contains(&stale) {
+                    agent.balancer.dataplane().detach_pinned(&stale)?;
+                    info!(interface = stale, "detached: no longer configured");
+                }
+            }
+        }
+        Ok(agent)
+    }
+
+    /// Attaches to the configured interfaces not attached yet; on failure detaches the
+    /// ones attached by this call and changes nothing. Returns (attached, detached).
+    fn attach_all(&mut self, config: &Config) -> Result<(Vec<String>, Vec<String>), AgentError> {
+        let mode = config.dataplane.xdp_mode.mode();
+        let mut attached = Vec::new();
+        for interface in &config.dataplane.interfaces {
+            if self.interfaces.contains(interface) {
+                continue;
+            }
+            let result = ifindex(interface).and_then(|index| {
+                let dp = self.balancer.dataplane();
+                dp.add_tx_port(index)?;
+                Ok(dp.attach_pinned(interface, mode)?)
+            });
+            match result {
+                Ok(how) => {
+                    if how == Attached::Replaced {
+                        info!(interface, "took over the pinned link: no forwarding gap");
+                    }
+                    attached.push(interface.clone());
+                    self.interfaces.push(interface.clone());
+                }
+                Err(e) => {
+                    for done in &attached {
+                        let _ = self.balancer.dataplane().detach_pinned(done);
+                        self.interfaces.retain(|i| i != done);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut detached = Vec::new();
+        for interface in self.interfaces.clone() {
+            if !config.dataplane.interfaces.contains(&interface) {
+                self.balancer.dataplane().detach_pinned(&interface)?;
+                self.interfaces.retain(|i| *i != interface);
+                detached.push(interface);
+            }
+        }
+        Ok((attached, detached))
+    }
+
+    /// Re-reads the configuration file and applies it whole, or changes nothing.
+    pub fn reload(&mut self) -> Result<Changed, AgentError> {
+        let config = Config::load(&self.config_path)?;
+        if config.dataplane.flow_capacity != self.config.dataplane.flow_capacity {
+            return Err(AgentError::NeedsRestart {
+                field: "dataplane.flow_capacity",
+            });
+        }
+        let desired = config.desired_state();
+        // Validate before touching interfaces; apply validates again, cheaply.
+        desired
+            .plan()
+            .map_err(|source| ConfigError::Invalid {
+                path: self.config_path.clone(),
+                source,
+            })?;
+        let (attached, detached) = self.attach_all(&config)?;
+        let report = self.balancer.apply(&desired)?;
+        self.config = config;
+        self.desired = desired;
+        info!(?report, ?attached, ?detached, "reloaded");
+        Ok(changed(report, attached, detached))
+    }
+
+    /// Ends the agent: with [`OnExit::Detach`] the data plane goes too.
+    pub fn shutdown(mut self, on_exit: OnExit) {
+        let dir = self.balancer.dataplane().pin_dir().map(PathBuf::from);
+        match (on_exit, dir) {
+            (OnExit::Keep, Some(dir)) => {
+                info!(pin_dir = %dir.display(), "exiting; the data plane keeps forwarding")
+            }
+            (OnExit::Detach, Some(dir)) => match pin::remove_all(&dir) {
+                Ok(()) => info!(pin_dir = %dir.display(), "detached and unpinned"),
+                Err(e) => warn!(pin_dir = %dir.display(), "unpinning: {e}"),
+            },
+            (_, None) => info!("exiting; unpinned data plane stops with the agent"),
+        }
+    }
+
+    /// Answers one control request.
+    pub fn handle(&mut self, request: Request) -> Result<Reply, ApiError> {
+        match request {
+            Request::Status => self.status().map(Reply::Status),
+            Request::Stats => self.stats().map(Reply::Stats),
+            Request::Explain {
+                vip,
+                client,
+                client_port,
+            } => {
+                let i = self.find_vip(&vip)?;
+                let spec = &self.desired.vips[i];
+                let ep = endpoint(spec.address, spec.port, spec.protocol)
+                    .expect("running VIPs are valid");
+                let scheduler = spec.scheduler;
+                let backend = self
+                    .balancer
+                    .explain(&ep, client, client_port)
+                    .map_err(dataplane_error)?
+                    .map(|b| {
+                        let (address, port, _) = socket_of(&b);
+                        SocketAddr::new(address, port)
+                    });
+                Ok(Reply::Explained(Explanation {
+                    vip,
+                    backend,
+                    scheduler,
+                }))
+            }
+            Request::Reload => self.reload().map(Reply::Changed).map_err(|e| {
+                let field = match &e {
+                    AgentError::Config(c) => c.field().map(str::to_owned),
+                    AgentError::NeedsRestart { field } => Some((*field).to_owned()),
+                    _ => None,
+                };
+                let message = match (&e, &field) {
+                    (AgentError::Config(ConfigError::Invalid { path, source }), _) => {
+                        format!("{}: {}", path.display(), source.message)
+                    }
+                    _ => e.to_string(),
+                };
+                ApiError::new(ErrorKind::Invalid, field, message)
+            }),
+            Request::VipAdd { vip } => self.change(|state| {
+                state.vips.push(vip);
+                Ok(())
+            }),
+            Request::VipRemove { vip } => {
+                let i = self.find_vip(&vip)?;
+                self.change(|state| {
+                    state.vips.remove(i);
+                    Ok(())
+                })
+            }
+            Request::BackendAdd { vip, backend } => {
+                let i = self.find_vip(&vip)?;
+                let at = SocketAddr::new(backend.address, backend.port);
+                if self.find_backend(i, at).is_ok() {
+                    return Err(ApiError::new(
+                        ErrorKind::Invalid,
+                        Some("backend".into()),
+                        format!(
+                            "{at} is already a backend of {vip}; change its weight with `foobar-lb backend weight`"
+                        ),
+                    ));
+                }
+                self.change(|state| {
+                    state.vips[i].backends.push(backend);
+                    Ok(())
+                })
+            }
+            Request::BackendRemove { vip, backend } => {
+                let i = self.find_vip(&vip)?;
+                let b = self.find_backend(i, backend)?;
+                self.change(|state| {
+                    state.vips[i].backends.remove(b);
+                    Ok(())
+                })
+            }
+            Request::BackendSetWeight {
+                vip,
+                backend,
+                weight,
+            } => {
+                let i = self.find_vip(&vip)?;
+                let b = self.find_backend(i, backend)?;
+                self.change(|state| {
+                    state.vips[i].backends[b].weight = weight;
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    /// Applies an edited copy of the running state, or refuses it and keeps the old.
+    fn change(
+        &mut self,
+        edit: impl FnOnce(&mut DesiredState) -> Result<(), ApiError>,
+    ) -> Result<Reply, ApiError> {
+        let mut next = self.desired.clone();
+        edit(&mut next)?;
+        let report = self.balancer.apply(&next).map_err(|e| match e {
+            ApplyError::Invalid(s) => ApiError::new(ErrorKind::Invalid, Some(s.field), s.message),
+            ApplyError::Dataplane(d) => dataplane_error(d),
+        })?;
+        info!(?report, "changed through the API");
+        self.desired = next;
+        Ok(Reply::Changed(changed(report, Vec::new(), Vec::new())))
+    }
+
+    /// Index of a VIP by name or `address:port`.
+    fn find_vip(&self, key: &str) -> Result<usize, ApiError> {
+        let by_address: Option<SocketAddr> = key.parse().ok();
+        self.desired
+            .vips
+            .iter()
+            .position(|v| {
+                v.name == key || by_address == Some(SocketAddr::new(v.address, v.port))
+            })
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.desired.vips.iter().map(|v| v.name.as_str()).collect();
+                ApiError::new(
+                    ErrorKind::NotFound,
+                    Some("vip".into()),
+                    format!(
+                        "no VIP named {key:?}; known: {}",
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                )
+            })
+    }
+
+    fn find_backend(&self, vip: usize, at: SocketAddr) -> Result<usize, ApiError> {
+        let spec = &self.desired.vips[vip];
+        spec.backends
+            .iter()
+            .position(|b| SocketAddr::new(b.address, b.port) == at)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::NotFound,
+                    Some("backend".into()),
+                    format!("{at} is not a backend of {}", spec.name),
+                )
+            })
+    }
+
+    /// Takes a counter sample; rates are the difference to the previous one.
+    pub fn sample(&mut self) {
+        let now = Instant::now();
+        let mut snapshot = BTreeMap::new();
+        let ids: Vec<(u32, Vec<u32>)> = self
+            .balancer
+            .vips()
+            .map(|v| (v.id, v.backend_ids.clone()))
+            .collect();
+        let dp = self.balancer.dataplane();
+        for (vip_id, backend_ids) in ids {
+            if let Ok(s) = dp.vip_stats(vip_id) {
+                snapshot.insert((true, vip_id), s);
+            }
+            for id in backend_ids {
+                if let Ok(s) = dp.backend_stats(id) {
+                    snapshot.insert((false, id), s);
+                }
+            }
+        }
+        if let Some((then, last)) = &self.rates.last {
+            let dt = now.duration_since(*then).as_secs_f64().max(1e-3);
+            self.rates.rates = snapshot
+                .iter()
+                .map(|(key, s)| {
+                    let before = last.get(key).copied().unwrap_or_default();
+                    let packets = (s.packets + s.reply_packets)
+                        .saturating_sub(before.packets + before.reply_packets);
+                    let bytes =
+                        (s.bytes + s.reply_bytes).saturating_sub(before.bytes + before.reply_bytes);
+                    let flows = s.new_flows.saturating_sub(before.new_flows);
+                    (
+                        *key,
+                        (
+                            packets as f64 / dt,
+                            bytes as f64 * 8.0 / dt,
+                            flows as f64 / dt,
+                        ),
+                    )
+                })
+                .collect();
+        }
+        self.rates.last = Some((now, snapshot));
+    }
+
+    fn traffic(&self, key: (bool, u32), stats: TrafficStats, active_flows: u64) -> Traffic {
+        let (pps, bps, fps) = self.rates.rates.get(&key).copied().unwrap_or_default();
+        Traffic {
+            packets: stats.packets,
+            bytes: stats.bytes,
+            new_flows: stats.new_flows,
+            reply_packets: stats.reply_packets,
+            reply_bytes: stats.reply_bytes,
+            active_flows,
+            packets_per_second: pps,
+            bits_per_second: bps,
+            new_flows_per_second: fps,
+        }
+    }
+
+    fn status(&mut self) -> Result<Status, ApiError> {
+        let dp = self.balancer.dataplane();
+        let flows = dp.flows().map_err(dataplane_error)?;
+        let mut by_vip: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut by_backend: BTreeMap<u32, u64> = BTreeMap::new();
+        for (_, flow) in &flows {
+            *by_vip.entry(flow.vip_id).or_default() += 1;
+            *by_backend.entry(flow.backend_id).or_default() += 1;
+        }
+        let mut vips = Vec::new();
+        for spec in self.desired.vips.clone() {
+            let ep = endpoint(spec.address, spec.port, spec.protocol).expect("valid");
+            let applied = self.balancer.vip(&ep).expect("applied").clone();
+            let dp = self.balancer.dataplane();
+            let vip_stats = dp.vip_stats(applied.id).map_err(dataplane_error)?;
+            let mut backends = Vec::new();
+            for b in &spec.backends {
+                let bep = endpoint(b.address, b.port, spec.protocol).expect("valid");
+                let id = applied.backend_id(&bep).expect("applied");
+                let stats = self
+                    .balancer
+                    .dataplane()
+                    .backend_stats(id)
+                    .map_err(dataplane_error)?;
+                let slots = applied.schedule.iter().filter(|&&s| s == id).count();
+                backends.push(BackendStatus {
+                    address: SocketAddr::new(b.address, b.port),
+                    weight: b.weight,
+                    state: if b.weight == 0 { "draining" } else { "active" }.into(),
+                    share: if applied.schedule.is_empty() {
+                        0.0
+                    } else {
+                        slots as f64 / applied.schedule.len() as f64
+                    },
+                    traffic: self.traffic(
+                        (false, id),
+                        stats,
+                        by_backend.get(&id).copied().unwrap_or(0),
+                    ),
+                });
+            }
+            vips.push(VipStatus {
+                name: spec.name.clone(),
+                address: SocketAddr::new(spec.address, spec.port),
+                protocol: spec.protocol,
+                scheduler: spec.scheduler,
+                schedule_len: applied.schedule.len(),
+                traffic: self.traffic(
+                    (true, applied.id),
+                    vip_stats,
+                    by_vip.get(&applied.id).copied().unwrap_or(0),
+                ),
+                backends,
+            });
+        }
+        let dp = self.balancer.dataplane();
+        Ok(Status {
+            config: self.config_path.clone(),
+            interfaces: self.interfaces.clone(),
+            xdp_mode: format!("{:?}", self.config.dataplane.xdp_mode).to_lowercase(),
+            pin_dir: dp.pin_dir().map(PathBuf::from),
+            resumed: dp.resumed(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            flows: flows.len() as u64,
+            flow_capacity: self.config.dataplane.flow_capacity,
+            changed_since_reload: self.desired != self.config.desired_state(),
+            vips,
+        })
+    }
+
+    fn stats(&mut self) -> Result<Stats, ApiError> {
+        let counters = self
+            .balancer
+            .dataplane()
+            .counters()
+            .map_err(dataplane_error)?;
+        let count = |r: &Reason| Count {
+            name: r.name().into(),
+            value: counters.get(*r),
+        };
+        let actions = [
+            ("drop", xdp_action::DROP),
+            ("pass", xdp_action::PASS),
+            ("tx", xdp_action::TX),
+            ("redirect", xdp_action::REDIRECT),
+        ]
+        .iter()
+        .map(|&(name, action)| Count {
+            name: name.into(),
+            value: Reason::ALL
+                .iter()
+                .filter(|r| r.action() == Some(action))
+                .map(|r| counters.get(*r))
+                .sum(),
+        })
+        .collect();
+        let mut vips = Vec::new();
+        let mut backends = Vec::new();
+        for spec in self.desired.vips.clone() {
+            let ep = endpoint(spec.address, spec.port, spec.protocol).expect("valid");
+            let applied = self.balancer.vip(&ep).expect("applied").clone();
+            let dp = self.balancer.dataplane();
+            let s = dp.vip_stats(applied.id).map_err(dataplane_error)?;
+            vips.push(traffic_count(spec.name.clone(), s));
+            for (b, &id) in applied.plan.backends.iter().zip(&applied.backend_ids) {
+                let s = dp.backend_stats(id).map_err(dataplane_error)?;
+                let (address, port, _) = socket_of(b);
+                backends.push(traffic_count(
+                    format!("{}/{}", spec.name, SocketAddr::new(address, port)),
+                    s,
+                ));
+            }
+        }
+        Ok(Stats {
+            actions,
+            outcomes: Reason::ALL
+                .iter()
+                .filter(|r| r.action().is_some())
+                .map(count)
+                .collect(),
+            events: Reason::ALL
+                .iter()
+                .filter(|r| r.action().is_none())
+                .map(count)
+                .collect(),
+            vips,
+            backends,
+        })
+    }
+}
+
+fn traffic_count(name: String, s: TrafficStats) -> TrafficCount {
+    TrafficCount {
+        name,
+        packets: s.packets,
+        bytes: s.bytes,
+        new_flows: s.new_flows,
+        reply_packets: s.reply_packets,
+        reply_bytes: s.reply_bytes,
+    }
+}
+
+fn changed(report: ApplyReport, attached: Vec<String>, detached: Vec<String>) -> Changed {
+    Changed {
+        vips_added: report.vips_added,
+        vips_removed: report.vips_removed,
+        backends_added: report.backends_added,
+        backends_removed: report.backends_removed,
+        slots_written: report.slots_written,
+        flows_purged: report.flows_purged,
+        interfaces_attached: attached,
+        interfaces_detached: detached,
+    }
+}
+
+fn dataplane_error(e: DataplaneError) -> ApiError {
+    ApiError::new(ErrorKind::Dataplane, None, e.to_string())
+}
+
+/// The index of an interface in this network namespace.
+fn ifindex(name: &str) -> Result<u32, AgentError> {
+    let bad = |message: String| AgentError::Interface {
+        interface: name.to_owned(),
+        message,
+    };
+    let c_name = CString::new(name).map_err(|_| bad("not an interface name".into()))?;
+    // SAFETY: a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        return Err(bad(format!(
+            "no such interface in this network namespace ({})",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(index)
+}
+

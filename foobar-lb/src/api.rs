@@ -1,0 +1,340 @@
+//! The control API: one JSON request per line on a Unix socket, one JSON reply line.
+//!
+//! ```text
+//! → {"op":"backend_set_weight","vip":"www","backend":"10.1.0.11:8080","weight":0}
+//! ← {"Ok":{"changed":{"slots_written":3,...}}}
+//! ```
+//! The CLI is a thin client of this; anything else may speak it too.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{BackendSpec, Protocol, Scheduler, VipSpec};
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/foobar-lb/control.sock";
+/// Longest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// A request to the daemon.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// VIPs, backends, flows and rates.
+    Status,
+    /// Counters per VIP, backend, XDP action and reason.
+    Stats,
+    /// Adds a VIP.
+    VipAdd {
+        /// The VIP, backends included.
+        vip: VipSpec,
+    },
+    /// Removes a VIP by name or `address:port`.
+    VipRemove {
+        /// Name or `address:port`.
+        vip: String,
+    },
+    /// Adds a backend to a VIP.
+    BackendAdd {
+        /// Name or `address:port` of the VIP.
+        vip: String,
+        /// The backend.
+        backend: BackendSpec,
+    },
+    /// Removes a backend; its flows are purged.
+    BackendRemove {
+        /// Name or `address:port` of the VIP.
+        vip: String,
+        /// `address:port` of the backend.
+        backend: SocketAddr,
+    },
+    /// Changes a backend's weight; 0 drains it (no new flows, open ones stay).
+    BackendSetWeight {
+        /// Name or `address:port` of the VIP.
+        vip: String,
+        /// `address:port` of the backend.
+        backend: SocketAddr,
+        /// New weight.
+        weight: u32,
+    },
+    /// Which backend a new flow would get.
+    Explain {
+        /// Name or `address:port` of the VIP.
+        vip: String,
+        /// Client address.
+        client: Ipv4Addr,
+        /// Client port.
+        client_port: u16,
+    },
+    /// Re-reads the configuration file.
+    Reload,
+}
+
+/// A refused request: what was wrong, and where.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{}{message}", field.as_ref().map(|f| format!("{f}: ")).unwrap_or_default())]
+pub struct ApiError {
+    /// The kind of failure.
+    pub kind: ErrorKind,
+    /// The field at fault, when there is one.
+    pub field: Option<String>,
+    /// What to do about it, for people.
+    pub message: String,
+}
+
+/// Kinds of refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request was not understood.
+    BadRequest,
+    /// A VIP or backend named does not exist.
+    NotFound,
+    /// The change is invalid; nothing was changed.
+    Invalid,
+    /// The kernel refused a write.
+    Dataplane,
+}
+
+impl ApiError {
+    /// An error with a field.
+    pub fn new(kind: ErrorKind, field: Option<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// The successful answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// For `status`.
+    Status(Status),
+    /// For `stats`.
+    Stats(Stats),
+    /// For every change: what it wrote.
+    Changed(Changed),
+    /// For `explain`.
+    Explained(Explanation),
+}
+
+/// What a change did to the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changed {
+    /// VIPs added.
+    pub vips_added: usize,
+    /// VIPs removed.
+    pub vips_removed: usize,
+    /// Backends added.
+    pub backends_added: usize,
+    /// Backends removed.
+    pub backends_removed: usize,
+    /// Schedule slots rewritten.
+    pub slots_written: usize,
+    /// Flows purged because their backend went away.
+    pub flows_purged: usize,
+    /// Interfaces attached.
+    pub interfaces_attached: Vec<String>,
+    /// Interfaces detached.
+    pub interfaces_detached: Vec<String>,
+}
+
+/// The answer of `explain`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    /// The VIP asked about.
+    pub vip: String,
+    /// The backend a new flow would get; `None` when the VIP has no backend in its
+    /// schedule (the packet would be dropped).
+    pub backend: Option<SocketAddr>,
+    /// How it was chosen.
+    pub scheduler: Scheduler,
+}
+
+/// Packet, byte and flow counts with their current rates.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Packets towards backends.
+    pub packets: u64,
+    /// Bytes towards backends.
+    pub bytes: u64,
+    /// Flows scheduled.
+    pub new_flows: u64,
+    /// Reply packets towards clients.
+    pub reply_packets: u64,
+    /// Reply bytes towards clients.
+    pub reply_bytes: u64,
+    /// Entries in the flow table now.
+    pub active_flows: u64,
+    /// Packets per second both ways, over the last sampling interval.
+    pub packets_per_second: f64,
+    /// Bits per second both ways.
+    pub bits_per_second: f64,
+    /// New flows per second.
+    pub new_flows_per_second: f64,
+}
+
+/// A backend as the daemon sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    /// `address:port`.
+    pub address: SocketAddr,
+    /// Configured weight (0: draining).
+    pub weight: u32,
+    /// `active` or `draining`.
+    pub state: String,
+    /// Share of the VIP's schedule slots, 0 to 1.
+    pub share: f64,
+    /// Its traffic.
+    pub traffic: Traffic,
+}
+
+/// A VIP as the daemon sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipStatus {
+    /// Name.
+    pub name: String,
+    /// `address:port`.
+    pub address: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// rr or maglev.
+    pub scheduler: Scheduler,
+    /// Slots in its schedule.
+    pub schedule_len: usize,
+    /// Its traffic.
+    pub traffic: Traffic,
+    /// Its backends, in configuration order.
+    pub backends: Vec<BackendStatus>,
+}
+
+/// The answer of `status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Attached interfaces.
+    pub interfaces: Vec<String>,
+    /// XDP mode asked for.
+    pub xdp_mode: String,
+    /// Where maps and links are pinned.
+    pub pin_dir: Option<PathBuf>,
+    /// Whether this agent took over a running data plane.
+    pub resumed: bool,
+    /// Seconds since the agent started.
+    pub uptime_seconds: u64,
+    /// Entries in the flow table.
+    pub flows: u64,
+    /// Capacity of the flow table.
+    pub flow_capacity: u32,
+    /// Whether the running VIPs differ from the file (changed through the API).
+    pub changed_since_reload: bool,
+    /// The VIPs.
+    pub vips: Vec<VipStatus>,
+}
+
+/// One counter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Count {
+    /// What is counted.
+    pub name: String,
+    /// How many.
+    pub value: u64,
+}
+
+/// Counters of one VIP or backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficCount {
+    /// VIP name, or `vip/address:port` for a backend.
+    pub name: String,
+    /// Packets towards backends.
+    pub packets: u64,
+    /// Bytes towards backends.
+    pub bytes: u64,
+    /// Flows scheduled.
+    pub new_flows: u64,
+    /// Reply packets.
+    pub reply_packets: u64,
+    /// Reply bytes.
+    pub reply_bytes: u64,
+}
+
+/// The answer of `stats`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Packets per XDP action.
+    pub actions: Vec<Count>,
+    /// Packets per outcome (why each was passed, dropped or sent).
+    pub outcomes: Vec<Count>,
+    /// Flow-table events.
+    pub events: Vec<Count>,
+    /// Per VIP.
+    pub vips: Vec<TrafficCount>,
+    /// Per backend.
+    pub backends: Vec<TrafficCount>,
+}
+
+/// Why the CLI could not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket.
+    #[error(
+        "the foobar-lb daemon is not running (nothing listens on {0}); start it with \
+         `sudo foobar-lb run --config /etc/foobar-lb/foobar-lb.toml`, or point --socket at its socket"
+    )]
+    NotRunning(PathBuf),
+    /// The socket is root's.
+    #[error("permission denied on {0}: the control socket is root's only; run this with sudo")]
+    PermissionDenied(PathBuf),
+    /// Any other I/O failure.
+    #[error("talking to the daemon on {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The daemon answered something we do not understand.
+    #[error("the daemon's answer is not understood ({0}); is it the same version as this CLI?")]
+    Protocol(String),
+    /// The daemon refused the request.
+    #[error(transparent)]
+    Refused(#[from] ApiError),
+}
+
+/// Sends one request and waits for its reply.
+pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
+    let io = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning(socket.to_owned())
+        }
+        std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(socket.to_owned()),
+        _ => ClientError::Io {
+            path: socket.to_owned(),
+            source,
+        },
+    };
+    let mut stream = UnixStream::connect(socket).map_err(io)?;
+    // A status walk of a full flow table takes a while; a hung daemon must not hang us.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(io)?;
+    let mut line = serde_json::to_string(request).expect("requests serialize");
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    let reply: Result<Reply, ApiError> =
+        serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    Ok(reply?)
+}

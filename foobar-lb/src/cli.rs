@@ -1,0 +1,392 @@
+//! The command line: clap definitions (also the source of the man page and shell
+//! completions) and how each command's answer is shown.
+
+use std::{net::SocketAddr, path::PathBuf, str::FromStr};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    agent::OnExit,
+    api::{DEFAULT_SOCKET, Request},
+    state::{BackendSpec, MAX_WEIGHT, Protocol, Scheduler, VipSpec},
+};
+
+/// Default pin directory on bpffs.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/foobar-lb";
+
+/// foobar-lb: an XDP layer-4 load balancer.
+///
+/// `foobar-lb run` is the daemon: it attaches the XDP program and owns its maps. Every
+/// other command talks to it over its control socket and needs root.
+#[derive(Debug, Parser)]
+#[command(name = "foobar-lb", version, propagate_version = true)]
+pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, env = "FOOBAR_LB_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Output format of listings and answers.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned text for people.
+    Table,
+    /// JSON, one document, for programs.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: attach to the configured interfaces and serve the control socket.
+    ///
+    /// SIGHUP reloads the configuration file; SIGTERM and SIGINT stop the daemon.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb run --config /etc/foobar-lb/foobar-lb.toml
+    ///   sudo foobar-lb run --config lb.toml --on-exit detach
+    #[command(verbatim_doc_comment)]
+    Run(RunArgs),
+    /// List, add or remove VIPs.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// List, add, remove, drain or reweight backends of a VIP.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// VIPs, backends, weights, flows and rates.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb status
+    ///   sudo foobar-lb status -o json
+    #[command(verbatim_doc_comment)]
+    Status,
+    /// Counters per XDP action, outcome, VIP and backend.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb stats
+    ///   sudo foobar-lb stats -o json
+    #[command(verbatim_doc_comment)]
+    Stats,
+    /// Which backend a new flow from CLIENT would get on VIP (from the schedule as
+    /// written; no packet is sent).
+    ///
+    /// Examples:
+    ///   sudo foobar-lb explain www 198.51.100.7:53211
+    #[command(verbatim_doc_comment)]
+    Explain {
+        /// VIP name or address:port.
+        vip: String,
+        /// Client address:port (IPv4).
+        client: std::net::SocketAddrV4,
+    },
+    /// Re-read the configuration file and apply it whole; a bad file changes nothing.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb reload
+    #[command(verbatim_doc_comment)]
+    Reload,
+    /// Print a shell completion script.
+    ///
+    /// Examples:
+    ///   foobar-lb completions bash > /etc/bash_completion.d/foobar-lb
+    #[command(verbatim_doc_comment)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    ///
+    /// Examples:
+    ///   foobar-lb man > /usr/local/share/man/man8/foobar-lb.8
+    #[command(verbatim_doc_comment)]
+    Man,
+}
+
+/// Options of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The configuration file (TOML).
+    #[arg(short, long)]
+    pub config: PathBuf,
+    /// Where maps and links are pinned (on bpffs; mounted if needed).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Do not pin: the data plane stops when the daemon does.
+    #[arg(long, conflicts_with = "on_exit")]
+    pub no_pin: bool,
+    /// What happens to the data plane when the daemon exits.
+    #[arg(long, value_enum, default_value_t = OnExit::Keep)]
+    pub on_exit: OnExit,
+}
+
+/// `vip` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum VipCommand {
+    /// List the VIPs.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb vip list
+    #[command(verbatim_doc_comment)]
+    List,
+    /// Add a VIP.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb vip add www 10.0.0.100:80 --backend 10.1.0.11:8080 --backend 10.1.0.12:8080@2
+    ///   sudo foobar-lb vip add dns 10.0.0.100:53 --protocol udp --scheduler maglev
+    #[command(verbatim_doc_comment)]
+    Add {
+        /// A name for people.
+        name: String,
+        /// The virtual address:port.
+        address: SocketAddr,
+        /// tcp or udp.
+        #[arg(long, value_enum, default_value = "tcp")]
+        protocol: ProtocolArg,
+        /// rr (weighted round robin) or maglev (consistent hashing).
+        #[arg(long, value_enum, default_value = "rr")]
+        scheduler: SchedulerArg,
+        /// Maglev table size, a prime.
+        #[arg(long, default_value_t = crate::schedule::DEFAULT_MAGLEV_SIZE)]
+        maglev_table_size: u32,
+        /// A backend as address:port, optionally @weight (default 1). Repeatable.
+        #[arg(long = "backend", value_name = "ADDRESS:PORT[@WEIGHT]")]
+        backends: Vec<BackendArg>,
+    },
+    /// Remove a VIP; its flows end.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb vip remove www
+    #[command(verbatim_doc_comment)]
+    Remove {
+        /// VIP name or address:port.
+        vip: String,
+    },
+}
+
+/// `backend` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// List backends, of one VIP or of all.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb backend list www
+    #[command(verbatim_doc_comment)]
+    List {
+        /// VIP name or address:port.
+        vip: Option<String>,
+    },
+    /// Add a backend to a VIP.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb backend add www 10.1.0.13:8080 --weight 2
+    #[command(verbatim_doc_comment)]
+    Add {
+        /// VIP name or address:port.
+        vip: String,
+        /// Backend address:port.
+        backend: SocketAddr,
+        /// Share of new flows relative to the others (0 adds it drained).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=MAX_WEIGHT as i64))]
+        weight: u32,
+    },
+    /// Remove a backend: its open connections are cut (their flows are purged).
+    ///
+    /// Examples:
+    ///   sudo foobar-lb backend remove www 10.1.0.13:8080
+    #[command(verbatim_doc_comment)]
+    Remove {
+        /// VIP name or address:port.
+        vip: String,
+        /// Backend address:port.
+        backend: SocketAddr,
+    },
+    /// Drain a backend: no new flows, open connections keep working (weight 0).
+    ///
+    /// Examples:
+    ///   sudo foobar-lb backend drain www 10.1.0.11:8080
+    #[command(verbatim_doc_comment)]
+    Drain {
+        /// VIP name or address:port.
+        vip: String,
+        /// Backend address:port.
+        backend: SocketAddr,
+    },
+    /// Set a backend's weight (also how a drained backend comes back).
+    ///
+    /// Examples:
+    ///   sudo foobar-lb backend weight www 10.1.0.11:8080 3
+    #[command(verbatim_doc_comment)]
+    Weight {
+        /// VIP name or address:port.
+        vip: String,
+        /// Backend address:port.
+        backend: SocketAddr,
+        /// The new weight, 0 to 256.
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=MAX_WEIGHT as i64))]
+        weight: u32,
+    },
+}
+
+/// `--protocol` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ProtocolArg {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// `--scheduler` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SchedulerArg {
+    /// Weighted round robin.
+    Rr,
+    /// Maglev consistent hashing.
+    Maglev,
+}
+
+/// A `--backend ADDRESS:PORT[@WEIGHT]` value.
+#[derive(Clone, Debug)]
+pub struct BackendArg(pub BackendSpec);
+
+impl FromStr for BackendArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (address, weight) = match s.split_once('@') {
+            Some((a, w)) => (
+                a,
+                w.parse::<u32>()
+                    .map_err(|_| format!("weight {w:?} is not a number"))?,
+            ),
+            None => (s, 1),
+        };
+        if weight > MAX_WEIGHT {
+            return Err(format!("weight {weight} is above {MAX_WEIGHT}"));
+        }
+        let address: SocketAddr = address
+            .parse()
+            .map_err(|_| format!("{address:?} is not an address:port"))?;
+        Ok(BackendArg(BackendSpec {
+            address: address.ip(),
+            port: address.port(),
+            weight,
+        }))
+    }
+}
+
+impl Command {
+    /// The control request of a client command; `None` for the local ones.
+    pub fn request(&self) -> Option<Request> {
+        Some(match self {
+            Command::Run(_) | Command::Completions { .. } | Command::Man => return None,
+            Command::Status | Command::Vip(VipCommand::List) | Command::Backend(BackendCommand::List { .. }) => {
+                Request::Status
+            }
+            Command::Stats => Request::Stats,
+            Command::Reload => Request::Reload,
+            Command::Explain { vip, client } => Request::Explain {
+                vip: vip.clone(),
+                client: *client.ip(),
+                client_port: client.port(),
+            },
+            Command::Vip(VipCommand::Add {
+                name,
+                address,
+                protocol,
+                scheduler,
+                maglev_table_size,
+                backends,
+            }) => Request::VipAdd {
+                vip: VipSpec {
+                    name: name.clone(),
+                    address: address.ip(),
+                    port: address.port(),
+                    protocol: match protocol {
+                        ProtocolArg::Tcp => Protocol::Tcp,
+                        ProtocolArg::Udp => Protocol::Udp,
+                    },
+                    scheduler: match scheduler {
+                        SchedulerArg::Rr => Scheduler::Rr,
+                        SchedulerArg::Maglev => Scheduler::Maglev,
+                    },
+                    maglev_table_size: *maglev_table_size,
+                    backends: backends.iter().map(|b| b.0.clone()).collect(),
+                },
+            },
+            Command::Vip(VipCommand::Remove { vip }) => Request::VipRemove { vip: vip.clone() },
+            Command::Backend(BackendCommand::Add {
+                vip,
+                backend,
+                weight,
+            }) => Request::BackendAdd {
+                vip: vip.clone(),
+                backend: BackendSpec {
+                    address: backend.ip(),
+                    port: backend.port(),
+                    weight: *weight,
+                },
+            },
+            Command::Backend(BackendCommand::Remove { vip, backend }) => Request::BackendRemove {
+                vip: vip.clone(),
+                backend: *backend,
+            },
+            Command::Backend(BackendCommand::Drain { vip, backend }) => {
+                Request::BackendSetWeight {
+                    vip: vip.clone(),
+                    backend: *backend,
+                    weight: 0,
+                }
+            }
+            Command::Backend(BackendCommand::Weight {
+                vip,
+                backend,
+                weight,
+            }) => Request::BackendSetWeight {
+                vip: vip.clone(),
+                backend: *backend,
+                weight: *weight,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_backend_values() {
+        let b: BackendArg = "10.1.0.11:8080@3".parse().unwrap();
+        assert_eq!((b.0.port, b.0.weight), (8080, 3));
+        assert_eq!("10.1.0.11:8080".parse::<BackendArg>().unwrap().0.weight, 1);
+        assert!("10.1.0.11".parse::<BackendArg>().is_err());
+        assert!("10.1.0.11:8080@x".parse::<BackendArg>().is_err());
+        assert!("10.1.0.11:8080@999".parse::<BackendArg>().is_err());
+    }
+
+    #[test]
+    fn refuses_malformed_arguments() {
+        for args in [
+            &["foobar-lb", "backend", "add", "www", "10.1.0.300:80"][..],
+            &["foobar-lb", "backend", "weight", "www", "10.1.0.1:80", "257"],
+            &["foobar-lb", "vip", "add", "www", "10.0.0.1"],
+            &["foobar-lb", "explain", "www", "::1"],
+            &["foobar-lb", "status", "-o", "yaml"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?} was accepted");
+        }
+    }
+}

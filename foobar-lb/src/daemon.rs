@@ -1,0 +1,189 @@
+//! The daemon: the agent behind a Unix socket, with signals and a rate sampler.
+//!
+//! [`run`] takes its shutdown as a future, so tests drive it as tokio's mini-redis
+//! drives its server; the binary passes SIGTERM/SIGINT.
+
+use std::{
+    future::Future,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    agent::{Agent, AgentError, AgentOptions, OnExit},
+    api::{ApiError, ErrorKind, MAX_REQUEST_BYTES, Reply, Request},
+};
+
+/// How often counters are sampled for rates.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Agent options (configuration file, pin directory).
+    pub agent: AgentOptions,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// What happens to the data plane on exit.
+    pub on_exit: OnExit,
+}
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The agent could not start.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The control socket could not be set up.
+    #[error("control socket {path}: {message}")]
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+type Shared = Arc<Mutex<Agent>>;
+
+/// Runs until `shutdown` completes: starts the agent, serves the control socket,
+/// reloads on SIGHUP, samples counters, then exits as `on_exit` says.
+pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let socket_error = |message: String| DaemonError::Socket {
+        path: options.socket.clone(),
+        message,
+    };
+    let listener = bind(&options.socket).await.map_err(socket_error)?;
+    let agent_options = options.agent.clone();
+    let agent = match tokio::task::spawn_blocking(move || Agent::start(&agent_options)).await {
+        Ok(Ok(agent)) => agent,
+        Ok(Err(e)) => {
+            let _ = std::fs::remove_file(&options.socket);
+            return Err(e.into());
+        }
+        Err(join) => panic!("agent start panicked: {join}"),
+    };
+    let agent: Shared = Arc::new(Mutex::new(agent));
+    info!(socket = %options.socket.display(), "ready");
+
+    let mut hangup = signal(SignalKind::hangup()).map_err(|e| socket_error(e.to_string()))?;
+    let mut sampler = tokio::time::interval(SAMPLE_EVERY);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve(stream, agent.clone()));
+                }
+                Err(e) => warn!("accepting a control connection: {e}"),
+            },
+            _ = hangup.recv() => {
+                let agent = agent.clone();
+                let result = tokio::task::spawn_blocking(move || lock(&agent).reload()).await;
+                match result {
+                    Ok(Ok(changed)) => info!(?changed, "SIGHUP: reloaded"),
+                    Ok(Err(e)) => error!("SIGHUP: reload refused, the old state keeps running: {e}"),
+                    Err(e) => error!("SIGHUP: reload panicked: {e}"),
+                }
+            }
+            _ = sampler.tick() => {
+                let agent = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || lock(&agent).sample()).await;
+            }
+        }
+    }
+    info!("shutting down");
+    let _ = std::fs::remove_file(&options.socket);
+    // Connections still being served hold clones; wait for them briefly.
+    for _ in 0..50 {
+        if Arc::strong_count(&agent) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match Arc::try_unwrap(agent) {
+        Ok(agent) => agent
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown(options.on_exit),
+        Err(_) => warn!("control connections still open; exiting without cleanup"),
+    }
+    Ok(())
+}
+
+fn lock(agent: &Shared) -> std::sync::MutexGuard<'_, Agent> {
+    // A panic inside one request must not take the control API down with it.
+    agent.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Binds the control socket, root-only; refuses when another daemon answers there.
+async fn bind(path: &Path) -> Result<UnixListener, String> {
+    if UnixStream::connect(path).await.is_ok() {
+        return Err("another foobar-lb daemon is listening there".into());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("removing the stale socket: {e}"));
+        }
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(|e| e.to_string())?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| e.to_string())?;
+    Ok(listener)
+}
+
+/// Serves one connection: request lines in, reply lines out.
+async fn serve(stream: UnixStream, agent: Shared) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1)).lines();
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(e) => {
+                debug!("control connection: {e}");
+                return;
+            }
+        };
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                debug!(?request, "control request");
+                let agent = agent.clone();
+                tokio::task::spawn_blocking(move || lock(&agent).handle(request))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(ApiError::new(
+                            ErrorKind::Dataplane,
+                            None,
+                            format!("the request failed inside the agent: {e}"),
+                        ))
+                    })
+            }
+            Err(e) => Err(ApiError::new(
+                ErrorKind::BadRequest,
+                None,
+                format!("not a request: {e}"),
+            )),
+        };
+        let mut out = serde_json::to_string::<Result<Reply, ApiError>>(&reply)
+            .expect("replies serialize");
+        out.push('\n');
+        if write.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}

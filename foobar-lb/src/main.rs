@@ -1,0 +1,147 @@
+//! The `foobar-lb` binary: the daemon (`run`) and the CLI that talks to it.
+
+use std::{
+    io::{IsTerminal, Write},
+    process::ExitCode,
+};
+
+use anyhow::{Context, bail};
+use clap::{CommandFactory, Parser};
+use foobar_lb::{
+    agent::AgentOptions,
+    api::{self, Reply},
+    cli::{BackendCommand, Cli, Command, Output, RunArgs, VipCommand},
+    daemon::{self, RunOptions},
+    render,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match &cli.command {
+        Command::Run(args) => return run(args, &cli),
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "foobar-lb", &mut stdout);
+            return Ok(());
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut stdout)?;
+            return Ok(());
+        }
+        _ => {}
+    }
+    let request = cli.command.request().expect("client commands have requests");
+    let reply = api::call(&cli.socket, &request)?;
+    let text = match cli.output {
+        Output::Json => serde_json::to_string_pretty(&json_of(&cli.command, &reply))?,
+        Output::Table => table_of(&cli.command, &reply)?,
+    };
+    writeln!(stdout, "{text}")?;
+    Ok(())
+}
+
+/// The part of a reply a command shows, as JSON.
+fn json_of(command: &Command, reply: &Reply) -> serde_json::Value {
+    let value = |v: &dyn erased::Json| v.json();
+    match (command, reply) {
+        (Command::Vip(VipCommand::List), Reply::Status(s)) => value(&s.vips),
+        (Command::Backend(BackendCommand::List { vip }), Reply::Status(s)) => {
+            value(&selected(&s.vips, vip.as_deref()))
+        }
+        (_, Reply::Status(s)) => value(s),
+        (_, Reply::Stats(s)) => value(s),
+        (_, Reply::Changed(c)) => value(c),
+        (_, Reply::Explained(e)) => value(e),
+    }
+}
+
+/// The part of a reply a command shows, for people.
+fn table_of(command: &Command, reply: &Reply) -> anyhow::Result<String> {
+    Ok(match (command, reply) {
+        (Command::Vip(VipCommand::List), Reply::Status(s)) => render::vips(&s.vips),
+        (Command::Backend(BackendCommand::List { vip }), Reply::Status(s)) => {
+            let shown = selected(&s.vips, vip.as_deref());
+            if let (Some(vip), true) = (vip, shown.is_empty()) {
+                let known: Vec<&str> = s.vips.iter().map(|v| v.name.as_str()).collect();
+                bail!("vip: no VIP named {vip:?}; known: {}", known.join(", "));
+            }
+            render::backends(&shown)
+        }
+        (_, Reply::Status(s)) => render::status(s),
+        (_, Reply::Stats(s)) => render::stats(s),
+        (_, Reply::Changed(c)) => render::changed(c),
+        (_, Reply::Explained(e)) => render::explanation(e),
+    })
+}
+
+fn selected(vips: &[api::VipStatus], vip: Option<&str>) -> Vec<api::VipStatus> {
+    vips.iter()
+        .filter(|v| vip.is_none_or(|k| v.name == k || v.address.to_string() == k))
+        .cloned()
+        .collect()
+}
+
+mod erased {
+    /// Anything serializable, as a JSON value.
+    pub trait Json {
+        fn json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> serde_json::Value {
+            serde_json::to_value(self).expect("API types serialize")
+        }
+    }
+}
+
+fn run(args: &RunArgs, cli: &Cli) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "foobar-lb run needs root: it loads BPF programs and attaches them to interfaces; try sudo"
+        );
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let options = RunOptions {
+        agent: AgentOptions {
+            config: args.config.clone(),
+            pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
+        },
+        socket: cli.socket.clone(),
+        on_exit: args.on_exit,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let shutdown = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        daemon::run(options, shutdown).await
+    })?;
+    Ok(())
+}

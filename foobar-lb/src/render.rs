@@ -1,0 +1,224 @@
+//! How the CLI shows the daemon's answers to people.
+
+use comfy_table::{Cell, CellAlignment, Table, presets::NOTHING};
+
+use crate::api::{Changed, Explanation, Stats, Status, Traffic, VipStatus};
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING).set_header(header.iter().map(|h| Cell::new(h)));
+    t
+}
+
+fn right(value: impl ToString) -> Cell {
+    Cell::new(value.to_string()).set_alignment(CellAlignment::Right)
+}
+
+/// A count with a unit prefix: 1234567 → "1.2M".
+pub fn si(value: f64) -> String {
+    let (v, unit) = match value.abs() {
+        x if x >= 1e9 => (value / 1e9, "G"),
+        x if x >= 1e6 => (value / 1e6, "M"),
+        x if x >= 1e3 => (value / 1e3, "k"),
+        _ => (value, ""),
+    };
+    if unit.is_empty() {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}{unit}")
+    }
+}
+
+fn duration(seconds: u64) -> String {
+    match seconds {
+        s if s >= 86_400 => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+        s if s >= 3600 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn traffic_cells(t: &Traffic) -> [Cell; 4] {
+    [
+        right(t.active_flows),
+        right(si(t.packets_per_second)),
+        right(si(t.bits_per_second)),
+        right(si(t.new_flows_per_second)),
+    ]
+}
+
+/// `status`: a header line, then each VIP with its backends under it.
+pub fn status(s: &Status) -> String {
+    let mut out = format!(
+        "foobar-lb on {} ({} XDP), up {}, flows {}/{}",
+        s.interfaces.join(", "),
+        s.xdp_mode,
+        duration(s.uptime_seconds),
+        s.flows,
+        s.flow_capacity,
+    );
+    if let Some(dir) = &s.pin_dir {
+        out += &format!(", pinned at {}", dir.display());
+    }
+    if s.resumed {
+        out += " (took over a running data plane)";
+    }
+    if s.changed_since_reload {
+        out += &format!("\nchanged through the API since {} was read", s.config.display());
+    }
+    out.push_str("\n\n");
+    let mut t = table(&[
+        "VIP", "ADDRESS", "PROTO", "SCHED", "WEIGHT", "STATE", "SHARE", "FLOWS", "PKT/S",
+        "BIT/S", "NEW/S",
+    ]);
+    for vip in &s.vips {
+        let mut row = vec![
+            Cell::new(&vip.name),
+            Cell::new(vip.address),
+            Cell::new(format!("{:?}", vip.protocol).to_lowercase()),
+            Cell::new(format!("{:?}", vip.scheduler).to_lowercase()),
+            Cell::new(""),
+            Cell::new(if vip.backends.iter().any(|b| b.weight > 0) {
+                "up"
+            } else {
+                "no backend"
+            }),
+            Cell::new(""),
+        ];
+        row.extend(traffic_cells(&vip.traffic));
+        t.add_row(row);
+        for b in &vip.backends {
+            let mut row = vec![
+                Cell::new(""),
+                Cell::new(format!("└ {}", b.address)),
+                Cell::new(""),
+                Cell::new(""),
+                right(b.weight),
+                Cell::new(&b.state),
+                right(format!("{:.0}%", b.share * 100.0)),
+            ];
+            row.extend(traffic_cells(&b.traffic));
+            t.add_row(row);
+        }
+    }
+    out + &t.to_string()
+}
+
+/// `vip list`.
+pub fn vips(vips: &[VipStatus]) -> String {
+    let mut t = table(&["VIP", "ADDRESS", "PROTO", "SCHED", "BACKENDS", "SLOTS", "FLOWS"]);
+    for v in vips {
+        t.add_row(vec![
+            Cell::new(&v.name),
+            Cell::new(v.address),
+            Cell::new(format!("{:?}", v.protocol).to_lowercase()),
+            Cell::new(format!("{:?}", v.scheduler).to_lowercase()),
+            right(v.backends.len()),
+            right(v.schedule_len),
+            right(v.traffic.active_flows),
+        ]);
+    }
+    t.to_string()
+}
+
+/// `backend list`.
+pub fn backends(vips: &[VipStatus]) -> String {
+    let mut t = table(&[
+        "VIP", "BACKEND", "WEIGHT", "STATE", "SHARE", "FLOWS", "PACKETS", "BYTES",
+    ]);
+    for v in vips {
+        for b in &v.backends {
+            t.add_row(vec![
+                Cell::new(&v.name),
+                Cell::new(b.address),
+                right(b.weight),
+                Cell::new(&b.state),
+                right(format!("{:.0}%", b.share * 100.0)),
+                right(b.traffic.active_flows),
+                right(b.traffic.packets + b.traffic.reply_packets),
+                right(b.traffic.bytes + b.traffic.reply_bytes),
+            ]);
+        }
+    }
+    t.to_string()
+}
+
+/// `stats`.
+pub fn stats(s: &Stats) -> String {
+    let mut counts = table(&["COUNTER", "PACKETS"]);
+    for (group, list) in [
+        ("action", &s.actions),
+        ("outcome", &s.outcomes),
+        ("event", &s.events),
+    ] {
+        for c in list {
+            counts.add_row(vec![Cell::new(format!("{group} {}", c.name)), right(c.value)]);
+        }
+    }
+    let mut traffic = table(&[
+        "VIP / BACKEND", "PACKETS", "BYTES", "NEW FLOWS", "REPLY PKTS", "REPLY BYTES",
+    ]);
+    for c in s.vips.iter().chain(&s.backends) {
+        traffic.add_row(vec![
+            Cell::new(&c.name),
+            right(c.packets),
+            right(c.bytes),
+            right(c.new_flows),
+            right(c.reply_packets),
+            right(c.reply_bytes),
+        ]);
+    }
+    format!("{counts}\n\n{traffic}")
+}
+
+/// Any change: what it wrote.
+pub fn changed(c: &Changed) -> String {
+    let mut parts = Vec::new();
+    for (n, what) in [
+        (c.vips_added, "VIPs added"),
+        (c.vips_removed, "VIPs removed"),
+        (c.backends_added, "backends added"),
+        (c.backends_removed, "backends removed"),
+        (c.slots_written, "schedule slots written"),
+        (c.flows_purged, "flows purged"),
+    ] {
+        if n > 0 {
+            parts.push(format!("{n} {what}"));
+        }
+    }
+    if !c.interfaces_attached.is_empty() {
+        parts.push(format!("attached to {}", c.interfaces_attached.join(", ")));
+    }
+    if !c.interfaces_detached.is_empty() {
+        parts.push(format!("detached from {}", c.interfaces_detached.join(", ")));
+    }
+    if parts.is_empty() {
+        "applied: nothing to change".into()
+    } else {
+        format!("applied: {}", parts.join(", "))
+    }
+}
+
+/// `explain`.
+pub fn explanation(e: &Explanation) -> String {
+    match e.backend {
+        Some(b) => format!(
+            "{b} (by {})",
+            format!("{:?}", e.scheduler).to_lowercase()
+        ),
+        None => format!("no backend: {} has none in its schedule; the packet would be dropped", e.vip),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn si_prefixes() {
+        assert_eq!(si(999.0), "999");
+        assert_eq!(si(1234.0), "1.2k");
+        assert_eq!(si(2_500_000.0), "2.5M");
+        assert_eq!(duration(3725), "1h2m");
+    }
+}
