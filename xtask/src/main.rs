@@ -1,5 +1,6 @@
 //! `cargo xtask`: setup, test and benchmarks for foobar-lb.
 
+mod lab;
 mod setup;
 
 use std::process::Command;
@@ -22,11 +23,29 @@ enum Task {
     /// Everything CI checks: fmt, clippy (user and eBPF side), unit tests, packet
     /// tests and the random-frame run. Runs setup first; needs root.
     Test,
+    /// See the balancer work: builds the lab, sends requests through the VIP, drains
+    /// a backend live, and removes the lab. Runs setup first; needs root.
+    Demo,
+    /// The netns lab: client, balancer and two web servers.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
         which: Bench,
     },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Build the lab and start the agent and web servers; leaves them running.
+    Up,
+    /// Stop the lab's processes and remove its namespaces and pins.
+    Down,
+    /// Show the lab's agent status.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -43,6 +62,21 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::ensure(),
         Task::Test => test(),
+        Task::Demo => {
+            prepare_lab()?;
+            lab::demo()
+        }
+        Task::Lab { action } => match action {
+            LabAction::Up => {
+                prepare_lab()?;
+                lab::up()
+            }
+            LabAction::Down => {
+                require_root("the lab lives in network namespaces")?;
+                lab::down()
+            }
+            LabAction::Status => lab::status(),
+        },
         Task::Bench {
             which: Bench::Dataplane { repeat },
         } => {
@@ -52,6 +86,13 @@ fn main() -> Result<()> {
             run(Command::new("target/debug/bench-dataplane").arg(repeat.to_string()))
         }
     }
+}
+
+/// Setup, root, and the binaries the lab runs.
+fn prepare_lab() -> Result<()> {
+    setup::ensure()?;
+    require_root("the lab creates network namespaces and attaches XDP programs")?;
+    cargo(&["build", "-p", "foobar-lb", "-p", "foobar-web", "--bins"])
 }
 
 fn test() -> Result<()> {

@@ -8,7 +8,18 @@ use anyhow::{Context, Result, bail};
 use crate::run as run_command;
 
 /// Debian packages the tests use: `ip` and `sysctl` for the namespaces.
-const PACKAGES: &[&str] = &["iproute2", "procps"];
+/// Debian packages: namespaces and links (iproute2, ethtool, nsenter from util-linux),
+/// real clients (curl, wrk) and the balancers we compare against (nftables, haproxy).
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "procps",
+    "util-linux",
+    "ethtool",
+    "curl",
+    "wrk",
+    "nftables",
+    "haproxy",
+];
 
 /// Where bpf-linker finds the nightly's libLLVM; it keeps an rpath to it, so it must
 /// outlive the build (not /tmp).

@@ -1,0 +1,135 @@
+//! `cargo xtask lab up|down|status` and `cargo xtask demo`.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Result, bail};
+use foobar_lab::lab::{self, LB_CLIENT_IF, LB_SERVER_IF, Lab, LabSpec, VIP, VIP_PORT, web_addr};
+
+/// Namespace prefix of the persistent lab.
+const PREFIX: &str = "fblb-lab";
+
+fn spec(persistent: bool) -> LabSpec {
+    LabSpec {
+        prefix: PREFIX.into(),
+        webs: 2,
+        persistent,
+        bin_dir: PathBuf::from("target/debug"),
+    }
+}
+
+fn pids_file() -> PathBuf {
+    std::env::temp_dir().join(PREFIX).join("pids")
+}
+
+fn is_up() -> bool {
+    std::path::Path::new(&format!("/run/netns/{PREFIX}-lb")).exists()
+}
+
+fn cli_line() -> String {
+    format!(
+        "sudo target/debug/foobar-lb --socket {}",
+        std::env::temp_dir().join(PREFIX).join("control.sock").display()
+    )
+}
+
+/// Builds the lab and leaves it running.
+pub fn up() -> Result<()> {
+    if is_up() {
+        bail!("the lab is already up; `cargo xtask lab down` first");
+    }
+    let mut lab = Lab::up(spec(true));
+    lab.start_agent();
+    let pids = lab.detach_processes();
+    std::fs::write(
+        pids_file(),
+        pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
+    )?;
+    println!(
+        "lab up: client {PREFIX}-client 10.0.0.2 → VIP {VIP}:{VIP_PORT} on {PREFIX}-lb \
+         ({LB_CLIENT_IF}, {LB_SERVER_IF}) → web1 {}:8080, web2 {}:8080, round robin\n",
+        web_addr(0),
+        web_addr(1)
+    );
+    println!("try:");
+    println!("  sudo ip netns exec {PREFIX}-client curl -s http://{VIP}/");
+    println!("  {} status", cli_line());
+    println!("  {} backend drain www {}:8080", cli_line(), web_addr(0));
+    println!("  cargo xtask lab down");
+    Ok(())
+}
+
+/// Stops every lab process and removes the namespaces and pins.
+pub fn down() -> Result<()> {
+    if let Ok(pids) = std::fs::read_to_string(pids_file()) {
+        for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: signalling a pid we started; a stale one is at worst ESRCH.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let gone = lab::delete_namespaces(&format!("{PREFIX}-"));
+    lab::remove_pins(&PathBuf::from(format!("/sys/fs/bpf/{PREFIX}")));
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(PREFIX));
+    println!("lab down: removed {} namespaces", gone.len());
+    Ok(())
+}
+
+/// Shows what runs.
+pub fn status() -> Result<()> {
+    if !is_up() {
+        println!("the lab is down (`cargo xtask lab up`)");
+        return Ok(());
+    }
+    let status = Command::new("target/debug/foobar-lb")
+        .args(["--socket"])
+        .arg(std::env::temp_dir().join(PREFIX).join("control.sock"))
+        .arg("status")
+        .status()?;
+    if !status.success() {
+        bail!("the lab's namespaces exist but its agent does not answer");
+    }
+    Ok(())
+}
+
+/// The README's first command: the balancer doing its job, in one minute.
+pub fn demo() -> Result<()> {
+    if is_up() {
+        down()?;
+    }
+    println!("== building the lab: client → balancer (XDP on veth) → web1, web2");
+    let mut lab = Lab::up(LabSpec {
+        persistent: false,
+        ..spec(false)
+    });
+    lab.start_agent();
+    println!("{}\n", lab.cli_ok(&["status"]));
+
+    println!("== 6 requests from the client to http://{VIP}/ (round robin):");
+    requests(&lab, 6)?;
+
+    let web1 = format!("{}:8080", web_addr(0));
+    println!("\n== foobar-lb backend drain www {web1}");
+    println!("{}", lab.cli_ok(&["backend", "drain", "www", &web1]).trim());
+    println!("== 4 more requests: web1 gets no new connection");
+    requests(&lab, 4)?;
+
+    println!("\n== foobar-lb backend weight www {web1} 1");
+    println!("{}", lab.cli_ok(&["backend", "weight", "www", &web1, "1"]).trim());
+    requests(&lab, 2)?;
+
+    println!("\n{}", lab.cli_ok(&["status"]));
+    println!("== removing the lab");
+    drop(lab);
+    println!("done. `cargo xtask lab up` keeps one running to play with.");
+    Ok(())
+}
+
+fn requests(lab: &Lab, n: usize) -> Result<()> {
+    for i in 1..=n {
+        match lab.get() {
+            Some(server) => println!("  request {i}: answered by {server}"),
+            None => bail!("request {i} through the VIP failed; agent log:\n{}", lab.agent_log()),
+        }
+    }
+    Ok(())
+}
