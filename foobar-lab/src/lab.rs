@@ -10,8 +10,8 @@
 
 use std::{
     fs::File,
-    os::unix::process::CommandExt,
     net::Ipv4Addr,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread::sleep,
@@ -128,33 +128,80 @@ impl Lab {
 
         // client ── balancer
         client.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", LB_CLIENT_IF, "netns",
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            LB_CLIENT_IF,
+            "netns",
             lb.name(),
         ]);
         client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"]);
-        lb.ip(&["addr", "add", &format!("{LB_CLIENT_SIDE}/24"), "dev", LB_CLIENT_IF]);
+        lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_CLIENT_SIDE}/24"),
+            "dev",
+            LB_CLIENT_IF,
+        ]);
         // The VIP is the balancer's: it answers ARP for it, as the VRRP master will.
         lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", LB_CLIENT_IF]);
         client.ip(&["link", "set", "eth0", "up"]);
-        client.ip(&["route", "add", "default", "via", &LB_CLIENT_SIDE.to_string()]);
+        client.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &LB_CLIENT_SIDE.to_string(),
+        ]);
 
         // balancer ── a bridge ── web servers
         lb.ip(&["link", "add", "br-servers", "type", "bridge"]);
         lb.ip(&[
-            "link", "add", LB_SERVER_IF, "type", "veth", "peer", "name", "to-lb",
+            "link",
+            "add",
+            LB_SERVER_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "to-lb",
         ]);
         lb.ip(&["link", "set", "to-lb", "master", "br-servers", "up"]);
-        lb.ip(&["addr", "add", &format!("{LB_SERVER_SIDE}/24"), "dev", LB_SERVER_IF]);
+        lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_SERVER_SIDE}/24"),
+            "dev",
+            LB_SERVER_IF,
+        ]);
         for (i, web) in webs.iter().enumerate() {
             let port = format!("to-{}", web_name(i));
             lb.ip(&[
-                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
                 web.name(),
             ]);
             lb.ip(&["link", "set", &port, "master", "br-servers", "up"]);
             web.ip(&["addr", "add", &format!("{}/24", web_addr(i)), "dev", "eth0"]);
             web.ip(&["link", "set", "eth0", "up"]);
-            web.ip(&["route", "add", "default", "via", &LB_SERVER_SIDE.to_string()]);
+            web.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &LB_SERVER_SIDE.to_string(),
+            ]);
         }
         lb.ip(&["link", "set", "br-servers", "up"]);
         for ifname in [LB_CLIENT_IF, LB_SERVER_IF] {
@@ -206,13 +253,17 @@ impl Lab {
             .expect("spawn foobar-web");
         self.web_servers.push(child);
         let url = format!("http://{}:{WEB_PORT}/", web_addr(i));
-        wait_until(Duration::from_secs(10), &format!("{} to answer", web_name(i)), || {
-            self.lb
-                .command("curl")
-                .args(["-sf", "-m", "1", &url])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{} to answer", web_name(i)),
+            || {
+                self.lb
+                    .command("curl")
+                    .args(["-sf", "-m", "1", &url])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+        );
     }
 
     fn bin(&self, name: &str) -> String {
@@ -284,7 +335,11 @@ impl Lab {
             if self.cli(&["status"]).status.success() {
                 return;
             }
-            if let Some(status) = self.agent.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .agent
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.agent = None;
                 panic!("the agent exited ({status}):\n{}", self.agent_log());
             }

@@ -62,6 +62,15 @@ impl Netns {
         ns
     }
 
+    /// Another handle to the same namespace that does not delete it on drop (for a
+    /// thread that outlives a borrow).
+    pub fn handle(&self) -> Netns {
+        Netns {
+            name: self.name.clone(),
+            persistent: true,
+        }
+    }
+
     /// The path `nsenter --net=` and `setns` take.
     pub fn path(&self) -> String {
         format!("/run/netns/{}", self.name)
@@ -71,7 +80,10 @@ impl Netns {
     /// mounts (so bpffs pins are the host's), unlike `ip netns exec`.
     pub fn command(&self, program: &str) -> Command {
         let mut command = Command::new("nsenter");
-        command.arg(format!("--net={}", self.path())).arg("--").arg(program);
+        command
+            .arg(format!("--net={}", self.path()))
+            .arg("--")
+            .arg(program);
         command
     }
 

@@ -5,13 +5,7 @@
 //! place (as HAProxy's runtime API does) until the next reload, which makes the file
 //! the truth again.
 
-use std::{
-    collections::BTreeMap,
-    ffi::CString,
-    net::SocketAddr,
-    path::PathBuf,
-    time::Instant,
-};
+use std::{collections::BTreeMap, ffi::CString, net::SocketAddr, path::PathBuf, time::Instant};
 
 use foobar_lb_common::{Reason, TrafficStats, reason::xdp_action};
 use tracing::{info, warn};
@@ -76,11 +70,29 @@ pub enum AgentError {
     },
 }
 
+/// Whose counters: a VIP id or a backend id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Subject {
+    Vip(u32),
+    Backend(u32),
+}
+
+/// Counters at one instant.
+type Snapshot = BTreeMap<Subject, TrafficStats>;
+
+/// Packets/s, bits/s and new flows/s.
+#[derive(Clone, Copy, Default)]
+struct Rates {
+    packets: f64,
+    bits: f64,
+    new_flows: f64,
+}
+
 /// Counter snapshots for rates.
 #[derive(Default)]
 struct RateMeter {
-    last: Option<(Instant, BTreeMap<(bool, u32), TrafficStats>)>,
-    rates: BTreeMap<(bool, u32), (f64, f64, f64)>,
+    last: Option<(Instant, Snapshot)>,
+    rates: BTreeMap<Subject, Rates>,
 }
 
 /// The running agent.
@@ -187,12 +199,10 @@ impl Agent {
         }
         let desired = config.desired_state();
         // Validate before touching interfaces; apply validates again, cheaply.
-        desired
-            .plan()
-            .map_err(|source| ConfigError::Invalid {
-                path: self.config_path.clone(),
-                source,
-            })?;
+        desired.plan().map_err(|source| ConfigError::Invalid {
+            path: self.config_path.clone(),
+            source,
+        })?;
         let (attached, detached) = self.attach_all(&config)?;
         let report = self.balancer.apply(&desired)?;
         self.config = config;
@@ -332,9 +342,7 @@ impl Agent {
         self.desired
             .vips
             .iter()
-            .position(|v| {
-                v.name == key || by_address == Some(SocketAddr::new(v.address, v.port))
-            })
+            .position(|v| v.name == key || by_address == Some(SocketAddr::new(v.address, v.port)))
             .ok_or_else(|| {
                 let known: Vec<&str> = self.desired.vips.iter().map(|v| v.name.as_str()).collect();
                 ApiError::new(
@@ -378,11 +386,11 @@ impl Agent {
         let dp = self.balancer.dataplane();
         for (vip_id, backend_ids) in ids {
             if let Ok(s) = dp.vip_stats(vip_id) {
-                snapshot.insert((true, vip_id), s);
+                snapshot.insert(Subject::Vip(vip_id), s);
             }
             for id in backend_ids {
                 if let Ok(s) = dp.backend_stats(id) {
-                    snapshot.insert((false, id), s);
+                    snapshot.insert(Subject::Backend(id), s);
                 }
             }
         }
@@ -399,11 +407,11 @@ impl Agent {
                     let flows = s.new_flows.saturating_sub(before.new_flows);
                     (
                         *key,
-                        (
-                            packets as f64 / dt,
-                            bytes as f64 * 8.0 / dt,
-                            flows as f64 / dt,
-                        ),
+                        Rates {
+                            packets: packets as f64 / dt,
+                            bits: bytes as f64 * 8.0 / dt,
+                            new_flows: flows as f64 / dt,
+                        },
                     )
                 })
                 .collect();
@@ -411,8 +419,8 @@ impl Agent {
         self.rates.last = Some((now, snapshot));
     }
 
-    fn traffic(&self, key: (bool, u32), stats: TrafficStats, active_flows: u64) -> Traffic {
-        let (pps, bps, fps) = self.rates.rates.get(&key).copied().unwrap_or_default();
+    fn traffic(&self, key: Subject, stats: TrafficStats, active_flows: u64) -> Traffic {
+        let rates = self.rates.rates.get(&key).copied().unwrap_or_default();
         Traffic {
             packets: stats.packets,
             bytes: stats.bytes,
@@ -420,9 +428,9 @@ impl Agent {
             reply_packets: stats.reply_packets,
             reply_bytes: stats.reply_bytes,
             active_flows,
-            packets_per_second: pps,
-            bits_per_second: bps,
-            new_flows_per_second: fps,
+            packets_per_second: rates.packets,
+            bits_per_second: rates.bits,
+            new_flows_per_second: rates.new_flows,
         }
     }
 
@@ -461,7 +469,7 @@ impl Agent {
                         slots as f64 / applied.schedule.len() as f64
                     },
                     traffic: self.traffic(
-                        (false, id),
+                        Subject::Backend(id),
                         stats,
                         by_backend.get(&id).copied().unwrap_or(0),
                     ),
@@ -474,7 +482,7 @@ impl Agent {
                 scheduler: spec.scheduler,
                 schedule_len: applied.schedule.len(),
                 traffic: self.traffic(
-                    (true, applied.id),
+                    Subject::Vip(applied.id),
                     vip_stats,
                     by_vip.get(&applied.id).copied().unwrap_or(0),
                 ),
@@ -602,4 +610,3 @@ fn ifindex(name: &str) -> Result<u32, AgentError> {
     }
     Ok(index)
 }
-

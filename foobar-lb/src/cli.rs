@@ -286,9 +286,9 @@ impl Command {
     pub fn request(&self) -> Option<Request> {
         Some(match self {
             Command::Run(_) | Command::Completions { .. } | Command::Man => return None,
-            Command::Status | Command::Vip(VipCommand::List) | Command::Backend(BackendCommand::List { .. }) => {
-                Request::Status
-            }
+            Command::Status
+            | Command::Vip(VipCommand::List)
+            | Command::Backend(BackendCommand::List { .. }) => Request::Status,
             Command::Stats => Request::Stats,
             Command::Reload => Request::Reload,
             Command::Explain { vip, client } => Request::Explain {
@@ -337,13 +337,11 @@ impl Command {
                 vip: vip.clone(),
                 backend: *backend,
             },
-            Command::Backend(BackendCommand::Drain { vip, backend }) => {
-                Request::BackendSetWeight {
-                    vip: vip.clone(),
-                    backend: *backend,
-                    weight: 0,
-                }
-            }
+            Command::Backend(BackendCommand::Drain { vip, backend }) => Request::BackendSetWeight {
+                vip: vip.clone(),
+                backend: *backend,
+                weight: 0,
+            },
             Command::Backend(BackendCommand::Weight {
                 vip,
                 backend,
@@ -381,7 +379,14 @@ mod tests {
     fn refuses_malformed_arguments() {
         for args in [
             &["foobar-lb", "backend", "add", "www", "10.1.0.300:80"][..],
-            &["foobar-lb", "backend", "weight", "www", "10.1.0.1:80", "257"],
+            &[
+                "foobar-lb",
+                "backend",
+                "weight",
+                "www",
+                "10.1.0.1:80",
+                "257",
+            ],
             &["foobar-lb", "vip", "add", "www", "10.0.0.1"],
             &["foobar-lb", "explain", "www", "::1"],
             &["foobar-lb", "status", "-o", "yaml"],

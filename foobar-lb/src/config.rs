@@ -259,7 +259,10 @@ mod tests {
             )),
             "dataplane.flow_capacity"
         );
-        assert_eq!(field(&GOOD.replace("8080", "0")), "vips[0].backends[0].port");
+        assert_eq!(
+            field(&GOOD.replace("8080", "0")),
+            "vips[0].backends[0].port"
+        );
     }
 
     #[test]

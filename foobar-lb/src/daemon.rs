@@ -57,7 +57,10 @@ type Shared = Arc<Mutex<Agent>>;
 
 /// Runs until `shutdown` completes: starts the agent, serves the control socket,
 /// reloads on SIGHUP, samples counters, then exits as `on_exit` says.
-pub async fn run(options: RunOptions, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+pub async fn run(
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
     let socket_error = |message: String| DaemonError::Socket {
         path: options.socket.clone(),
         message,
@@ -179,8 +182,8 @@ async fn serve(stream: UnixStream, agent: Shared) {
                 format!("not a request: {e}"),
             )),
         };
-        let mut out = serde_json::to_string::<Result<Reply, ApiError>>(&reply)
-            .expect("replies serialize");
+        let mut out =
+            serde_json::to_string::<Result<Reply, ApiError>>(&reply).expect("replies serialize");
         out.push('\n');
         if write.write_all(out.as_bytes()).await.is_err() {
             return;

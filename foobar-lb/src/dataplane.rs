@@ -178,11 +178,9 @@ impl Dataplane {
             match self.replace_in_pinned_link(&path) {
                 Ok(()) => return Ok(Attached::Replaced),
                 // A link whose interface went away cannot be updated: start afresh.
-                Err(_) => std::fs::remove_file(&path).map_err(|e| {
-                    pin::PinError::Directory {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    }
+                Err(_) => std::fs::remove_file(&path).map_err(|e| pin::PinError::Directory {
+                    path: path.clone(),
+                    message: e.to_string(),
                 })?,
             }
         }

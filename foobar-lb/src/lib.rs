@@ -14,7 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod pin;
-pub mod render;
 pub mod reconcile;
+pub mod render;
 pub mod schedule;
 pub mod state;

@@ -40,7 +40,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let request = cli.command.request().expect("client commands have requests");
+    let request = cli
+        .command
+        .request()
+        .expect("client commands have requests");
     let reply = api::call(&cli.socket, &request)?;
     let text = match cli.output {
         Output::Json => serde_json::to_string_pretty(&json_of(&cli.command, &reply))?,
@@ -112,8 +115,7 @@ fn run(args: &RunArgs, cli: &Cli) -> anyhow::Result<()> {
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -6,7 +6,8 @@ use crate::api::{Changed, Explanation, Stats, Status, Traffic, VipStatus};
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(NOTHING).set_header(header.iter().map(|h| Cell::new(h)));
+    t.load_preset(NOTHING)
+        .set_header(header.iter().map(Cell::new));
     t
 }
 
@@ -64,12 +65,15 @@ pub fn status(s: &Status) -> String {
         out += " (took over a running data plane)";
     }
     if s.changed_since_reload {
-        out += &format!("\nchanged through the API since {} was read", s.config.display());
+        out += &format!(
+            "\nchanged through the API since {} was read",
+            s.config.display()
+        );
     }
     out.push_str("\n\n");
     let mut t = table(&[
-        "VIP", "ADDRESS", "PROTO", "SCHED", "WEIGHT", "STATE", "SHARE", "FLOWS", "PKT/S",
-        "BIT/S", "NEW/S",
+        "VIP", "ADDRESS", "PROTO", "SCHED", "WEIGHT", "STATE", "SHARE", "FLOWS", "PKT/S", "BIT/S",
+        "NEW/S",
     ]);
     for vip in &s.vips {
         let mut row = vec![
@@ -106,7 +110,9 @@ pub fn status(s: &Status) -> String {
 
 /// `vip list`.
 pub fn vips(vips: &[VipStatus]) -> String {
-    let mut t = table(&["VIP", "ADDRESS", "PROTO", "SCHED", "BACKENDS", "SLOTS", "FLOWS"]);
+    let mut t = table(&[
+        "VIP", "ADDRESS", "PROTO", "SCHED", "BACKENDS", "SLOTS", "FLOWS",
+    ]);
     for v in vips {
         t.add_row(vec![
             Cell::new(&v.name),
@@ -152,11 +158,19 @@ pub fn stats(s: &Stats) -> String {
         ("event", &s.events),
     ] {
         for c in list {
-            counts.add_row(vec![Cell::new(format!("{group} {}", c.name)), right(c.value)]);
+            counts.add_row(vec![
+                Cell::new(format!("{group} {}", c.name)),
+                right(c.value),
+            ]);
         }
     }
     let mut traffic = table(&[
-        "VIP / BACKEND", "PACKETS", "BYTES", "NEW FLOWS", "REPLY PKTS", "REPLY BYTES",
+        "VIP / BACKEND",
+        "PACKETS",
+        "BYTES",
+        "NEW FLOWS",
+        "REPLY PKTS",
+        "REPLY BYTES",
     ]);
     for c in s.vips.iter().chain(&s.backends) {
         traffic.add_row(vec![
@@ -190,7 +204,10 @@ pub fn changed(c: &Changed) -> String {
         parts.push(format!("attached to {}", c.interfaces_attached.join(", ")));
     }
     if !c.interfaces_detached.is_empty() {
-        parts.push(format!("detached from {}", c.interfaces_detached.join(", ")));
+        parts.push(format!(
+            "detached from {}",
+            c.interfaces_detached.join(", ")
+        ));
     }
     if parts.is_empty() {
         "applied: nothing to change".into()
@@ -202,11 +219,11 @@ pub fn changed(c: &Changed) -> String {
 /// `explain`.
 pub fn explanation(e: &Explanation) -> String {
     match e.backend {
-        Some(b) => format!(
-            "{b} (by {})",
-            format!("{:?}", e.scheduler).to_lowercase()
+        Some(b) => format!("{b} (by {})", format!("{:?}", e.scheduler).to_lowercase()),
+        None => format!(
+            "no backend: {} has none in its schedule; the packet would be dropped",
+            e.vip
         ),
-        None => format!("no backend: {} has none in its schedule; the packet would be dropped", e.vip),
     }
 }
 

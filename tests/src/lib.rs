@@ -1,7 +1,9 @@
-//! Fixtures for foobar-lb's integration tests and data-plane benchmark: network
-//! namespaces, a packet lab for BPF_PROG_TEST_RUN, and packets built and checked
-//! with etherparse.
+//! Fixtures for foobar-lb's integration tests and benchmarks: network namespaces
+//! and the netns lab (from `foobar-lab`), a packet lab for BPF_PROG_TEST_RUN,
+//! packets built and checked with etherparse, and a small HTTP client.
 
-pub use foobar_lab::netns;
+pub mod e2e;
+pub mod http;
+pub use foobar_lab::{lab, netns};
 pub mod packet;
 pub mod packet_lab;

@@ -28,7 +28,10 @@ fn is_up() -> bool {
 fn cli_line() -> String {
     format!(
         "sudo target/debug/foobar-lb --socket {}",
-        std::env::temp_dir().join(PREFIX).join("control.sock").display()
+        std::env::temp_dir()
+            .join(PREFIX)
+            .join("control.sock")
+            .display()
     )
 }
 
@@ -114,7 +117,10 @@ pub fn demo() -> Result<()> {
     requests(&lab, 4)?;
 
     println!("\n== foobar-lb backend weight www {web1} 1");
-    println!("{}", lab.cli_ok(&["backend", "weight", "www", &web1, "1"]).trim());
+    println!(
+        "{}",
+        lab.cli_ok(&["backend", "weight", "www", &web1, "1"]).trim()
+    );
     requests(&lab, 2)?;
 
     println!("\n{}", lab.cli_ok(&["status"]));
@@ -128,7 +134,10 @@ fn requests(lab: &Lab, n: usize) -> Result<()> {
     for i in 1..=n {
         match lab.get() {
             Some(server) => println!("  request {i}: answered by {server}"),
-            None => bail!("request {i} through the VIP failed; agent log:\n{}", lab.agent_log()),
+            None => bail!(
+                "request {i} through the VIP failed; agent log:\n{}",
+                lab.agent_log()
+            ),
         }
     }
     Ok(())
