@@ -222,6 +222,13 @@ fn agent_restarts_under_load_without_failing_a_request() {
         "each restart should take over both links:\n{log}"
     );
     assert_eq!(json(&lab, &["status"])["resumed"], true);
+    // A restarted agent adopts what is in the maps and writes nothing anew.
+    assert_eq!(
+        log.matches("resumed=true report=ApplyReport { vips_added: 0, vips_removed: 0, backends_added: 0, backends_removed: 0, slots_written: 0")
+            .count(),
+        2,
+        "{log}"
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! `cargo xtask`: setup, test and benchmarks for foobar-lb.
 
+mod bench_lab;
 mod lab;
 mod setup;
 
@@ -56,6 +57,16 @@ enum Bench {
         #[arg(long, default_value_t = 1_000_000)]
         repeat: u32,
     },
+    /// requests/s and latency through foobar-lb, nftables DNAT, HAProxy (mode tcp)
+    /// and straight to a server, with wrk on the lab, as JSON lines.
+    Lab {
+        /// Seconds per wrk run (8 runs in all).
+        #[arg(long, default_value_t = 10)]
+        duration: u32,
+        /// wrk connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -84,6 +95,24 @@ fn main() -> Result<()> {
             require_root("the benchmark loads BPF programs")?;
             cargo(&["build", "-p", "tests", "--bin", "bench-dataplane"])?;
             run(Command::new("target/debug/bench-dataplane").arg(repeat.to_string()))
+        }
+        Task::Bench {
+            which:
+                Bench::Lab {
+                    duration,
+                    connections,
+                },
+        } => {
+            setup::ensure()?;
+            require_root("the lab creates network namespaces and attaches XDP programs")?;
+            // Release servers and agent: a debug web server would be what is measured.
+            cargo(&[
+                "build", "--release", "-p", "foobar-lb", "-p", "foobar-web", "--bins",
+            ])?;
+            bench_lab::run(&bench_lab::Load {
+                duration,
+                connections,
+            })
         }
     }
 }
