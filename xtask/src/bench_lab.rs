@@ -68,7 +68,10 @@ pub fn run(load: &Load) -> Result<()> {
     )?;
     ok(lab.lb.command("nft").arg("-f").arg(&nft))?;
     let nft_results = measure(&lab, load, &vip);
-    ok(lab.lb.command("nft").args(["delete", "table", "ip", "fblb_bench"]))?;
+    ok(lab
+        .lb
+        .command("nft")
+        .args(["delete", "table", "ip", "fblb_bench"]))?;
     results.push(("nftables", nft_results?));
 
     let config = lab.dir.join("haproxy.cfg");
@@ -196,9 +199,7 @@ fn parse_wrk(text: &str) -> Result<Figures> {
             .map(str::trim)
             .find_map(|l| l.strip_prefix(prefix).map(str::trim))
     };
-    let requests_per_second: f64 = field("Requests/sec:")
-        .context("no Requests/sec")?
-        .parse()?;
+    let requests_per_second: f64 = field("Requests/sec:").context("no Requests/sec")?.parse()?;
     let mut latency_us = [0.0; 4];
     for (i, p) in ["50%", "75%", "90%", "99%"].iter().enumerate() {
         latency_us[i] = duration_us(field(p).context("no latency distribution")?)?;

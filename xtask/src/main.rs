@@ -22,7 +22,8 @@ enum Task {
     /// bpf-linker linked against the nightly's LLVM, Debian packages.
     Setup,
     /// Everything CI checks: fmt, clippy (user and eBPF side), unit tests, packet
-    /// tests and the random-frame run. Runs setup first; needs root.
+    /// tests, the random-frame run and the end-to-end lab tests. Runs setup first;
+    /// needs root.
     Test,
     /// See the balancer work: builds the lab, sends requests through the VIP, drains
     /// a backend live, and removes the lab. Runs setup first; needs root.
@@ -97,17 +98,22 @@ fn main() -> Result<()> {
             run(Command::new("target/debug/bench-dataplane").arg(repeat.to_string()))
         }
         Task::Bench {
-            which:
-                Bench::Lab {
-                    duration,
-                    connections,
-                },
+            which: Bench::Lab {
+                duration,
+                connections,
+            },
         } => {
             setup::ensure()?;
             require_root("the lab creates network namespaces and attaches XDP programs")?;
             // Release servers and agent: a debug web server would be what is measured.
             cargo(&[
-                "build", "--release", "-p", "foobar-lb", "-p", "foobar-web", "--bins",
+                "build",
+                "--release",
+                "-p",
+                "foobar-lb",
+                "-p",
+                "foobar-web",
+                "--bins",
             ])?;
             bench_lab::run(&bench_lab::Load {
                 duration,
@@ -154,6 +160,8 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    // The end-to-end tests run the agent and web server binaries from target/debug.
+    cargo(&["build", "-p", "foobar-lb", "-p", "foobar-web", "--bins"])?;
     cargo_test(&["test", "--workspace", "--exclude", "foobar-lb-ebpf"])
 }
 
