@@ -108,6 +108,8 @@ pub struct Lab {
     pub dir: PathBuf,
     /// The agent's pin directory.
     pub pin_dir: PathBuf,
+    /// The agent's `RUST_LOG`.
+    pub agent_log_filter: String,
     spec: LabSpec,
     web_servers: Vec<Child>,
     agent: Option<Child>,
@@ -223,6 +225,7 @@ impl Lab {
             lb,
             webs,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{p}")),
+            agent_log_filter: "info".into(),
             dir,
             spec,
             web_servers: Vec::new(),
@@ -322,7 +325,7 @@ impl Lab {
             .arg(self.config_path())
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.agent_log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

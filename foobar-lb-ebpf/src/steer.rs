@@ -3,6 +3,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{maps::PerCpuArray, programs::XdpContext};
+use aya_log_ebpf::debug;
 use foobar_lb_common::{
     BACKEND_ACTIVE, Backend, Endpoint, FAMILY_IPV4, FlowKey, FlowState, Reason, ReplyTarget,
     SCHED_MAGLEV, TrafficStats, VipInfo, hash::flow_hash_v4, schedule_index,
@@ -57,6 +58,8 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<Verdict, 
             }
             None => {
                 count(Reason::FlowBackendGone);
+                // Rare (after a backend removal): worth a debug line, gated by AYA_LOG_LEVEL.
+                debug!(ctx, "flow's backend {} is gone: scheduling it again", id);
                 None
             }
         },
@@ -70,7 +73,13 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<Verdict, 
     let (backend_id, backend) = match pinned {
         Some(found) => found,
         None => {
-            let id = schedule(vip, pkt).ok_or(Verdict::of(Reason::DropNoBackend))?;
+            let Some(id) = schedule(vip, pkt) else {
+                debug!(
+                    ctx,
+                    "VIP {} has no backend in its schedule: dropping", vip.id
+                );
+                return Err(Verdict::of(Reason::DropNoBackend));
+            };
             let backend = active_backend(id).ok_or(Verdict::of(Reason::DropNoBackend))?;
             let flow = FlowState {
                 backend_id: id,

@@ -30,6 +30,8 @@ pub struct AgentOptions {
     /// Where maps and links are pinned; `None` runs unpinned (the data plane stops
     /// with the agent).
     pub pin_dir: Option<PathBuf>,
+    /// Let the program emit its debug log lines (drained by the daemon).
+    pub debug_log: bool,
 }
 
 /// What happens to the data plane when the agent exits.
@@ -114,6 +116,7 @@ impl Agent {
         let dataplane = Dataplane::load(&LoadOptions {
             flow_capacity: config.dataplane.flow_capacity,
             pin_dir: options.pin_dir.clone(),
+            debug_log: options.debug_log,
         })?;
         let resumed = dataplane.resumed();
         let mut balancer = if resumed {
@@ -145,6 +148,11 @@ impl Agent {
             }
         }
         Ok(agent)
+    }
+
+    /// The reader of the program's log records, for the daemon to drain.
+    pub fn ebpf_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.balancer.dataplane().logger()
     }
 
     /// Attaches to the configured interfaces not attached yet; on failure detaches the

@@ -12,7 +12,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest, unix::AsyncFd},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
 };
@@ -67,7 +67,7 @@ pub async fn run(
     };
     let listener = bind(&options.socket).await.map_err(socket_error)?;
     let agent_options = options.agent.clone();
-    let agent = match tokio::task::spawn_blocking(move || Agent::start(&agent_options)).await {
+    let mut agent = match tokio::task::spawn_blocking(move || Agent::start(&agent_options)).await {
         Ok(Ok(agent)) => agent,
         Ok(Err(e)) => {
             let _ = std::fs::remove_file(&options.socket);
@@ -75,6 +75,9 @@ pub async fn run(
         }
         Err(join) => panic!("agent start panicked: {join}"),
     };
+    if let Some(logger) = agent.ebpf_logger() {
+        tokio::spawn(drain_ebpf_log(logger));
+    }
     let agent: Shared = Arc::new(Mutex::new(agent));
     info!(socket = %options.socket.display(), "ready");
 
@@ -122,6 +125,26 @@ pub async fn run(
         Err(_) => warn!("control connections still open; exiting without cleanup"),
     }
     Ok(())
+}
+
+/// Emits the program's log records through `log` (and so through tracing) as they come.
+async fn drain_ebpf_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's fd and keeps it open, unchanged, for
+    // as long as it lives, and the AsyncFd owns the logger.
+    let mut logger = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("not reading the program's log: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = logger.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
 }
 
 fn lock(agent: &Shared) -> std::sync::MutexGuard<'_, Agent> {

@@ -81,6 +81,9 @@ pub struct LoadOptions {
     /// Where maps and links are pinned; `None` keeps everything private to this
     /// process (tests, benchmarks).
     pub pin_dir: Option<PathBuf>,
+    /// Whether the program's debug log lines are emitted at all (each costs a ring
+    /// buffer write); off, they cost one load of a global.
+    pub debug_log: bool,
 }
 
 impl Default for LoadOptions {
@@ -88,9 +91,14 @@ impl Default for LoadOptions {
         Self {
             flow_capacity: DEFAULT_FLOW_CAPACITY,
             pin_dir: None,
+            debug_log: false,
         }
     }
 }
+
+/// aya-log's level numbers: 0 disables every statement, 4 enables up to debug.
+const LOG_OFF: u8 = 0;
+const LOG_DEBUG: u8 = 4;
 
 /// What attaching to an interface did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +134,14 @@ impl Dataplane {
     /// layout checked first), and new ones are pinned.
     pub fn load(options: &LoadOptions) -> Result<Self> {
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(names::FLOWS, options.flow_capacity);
+        let log_level = if options.debug_log {
+            LOG_DEBUG
+        } else {
+            LOG_OFF
+        };
+        loader
+            .map_max_entries(names::FLOWS, options.flow_capacity)
+            .override_global("AYA_LOG_LEVEL", &log_level, false);
         let mut resumed = false;
         if let Some(dir) = &options.pin_dir {
             pin::prepare_dir(dir)?;
@@ -143,6 +158,12 @@ impl Dataplane {
             pin_dir: options.pin_dir.clone(),
             resumed,
         })
+    }
+
+    /// The reader of the program's aya-log records; `None` if the object has none.
+    /// Poll its fd for readability and call `flush()` to emit them through `log`.
+    pub fn logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).ok()
     }
 
     /// Whether the maps were reopened from pins, with the state of an earlier agent.

@@ -124,6 +124,8 @@ fn run(args: &RunArgs, cli: &Cli) -> anyhow::Result<()> {
         agent: AgentOptions {
             config: args.config.clone(),
             pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
+            debug_log: tracing::level_filters::LevelFilter::current()
+                >= tracing::level_filters::LevelFilter::DEBUG,
         },
         socket: cli.socket.clone(),
         on_exit: args.on_exit,

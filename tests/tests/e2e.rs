@@ -374,3 +374,28 @@ fn reload_applies_a_changed_file_whole() {
     let answers: Vec<String> = (0..4).map(|_| lab.get().expect("curl")).collect();
     assert!(answers.iter().all(|a| a == "web2"), "{answers:?}");
 }
+
+#[test]
+fn the_programs_debug_log_reaches_the_agents_log() {
+    let _turn = one_at_a_time();
+    let mut lab = foobar_lab::lab::Lab::up(foobar_lab::lab::LabSpec::for_test("ebpflog", 1));
+    lab.write_config(&config("rr", &[(0, 0)]));
+    lab.agent_log_filter = "debug".into();
+    lab.start_agent();
+    // Every backend drained: the program drops the SYN and says why.
+    assert_eq!(lab.get(), None);
+    foobar_lab::lab::wait_until(Duration::from_secs(10), "the program's log line", || {
+        lab.agent_log()
+            .contains("has no backend in its schedule: dropping")
+    });
+    let stats = json(&lab, &["stats"]);
+    let no_backend = stats["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "drop_no_backend")
+        .unwrap()["value"]
+        .as_u64()
+        .unwrap();
+    assert!(no_backend >= 1, "{stats}");
+}
