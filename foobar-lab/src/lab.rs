@@ -111,7 +111,7 @@ pub struct Lab {
     /// The agent's `RUST_LOG`.
     pub agent_log_filter: String,
     spec: LabSpec,
-    web_servers: Vec<Child>,
+    web_servers: Vec<Option<Child>>,
     agent: Option<Child>,
 }
 
@@ -237,6 +237,28 @@ impl Lab {
         lab
     }
 
+    /// The file whose presence makes web server `i`'s `/health` answer 503.
+    pub fn web_down_file(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("{}.down", web_name(i)))
+    }
+
+    /// Makes web server `i`'s `/health` answer 503 (`false`) or 200 (`true`).
+    pub fn set_web_health(&self, i: usize, healthy: bool) {
+        let file = self.web_down_file(i);
+        if healthy {
+            let _ = std::fs::remove_file(file);
+        } else {
+            std::fs::write(file, "down\n").expect("down file");
+        }
+    }
+
+    /// Stops web server `i` (SIGTERM, then SIGKILL).
+    pub fn stop_web(&mut self, i: usize) {
+        if let Some(mut child) = self.web_servers.get_mut(i).and_then(Option::take) {
+            terminate(&mut child);
+        }
+    }
+
     /// Starts (or restarts) web server `i` and waits until it answers.
     pub fn start_web(&mut self, i: usize) {
         let log = self.log_file(&format!("{}.log", web_name(i)));
@@ -247,6 +269,8 @@ impl Lab {
                 &web_name(i),
                 "--listen",
                 &format!("0.0.0.0:{WEB_PORT}"),
+                "--down-file",
+                &self.web_down_file(i).display().to_string(),
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -254,7 +278,10 @@ impl Lab {
             .process_group(0)
             .spawn()
             .expect("spawn foobar-web");
-        self.web_servers.push(child);
+        if self.web_servers.len() <= i {
+            self.web_servers.resize_with(i + 1, || None);
+        }
+        self.web_servers[i] = Some(child);
         let url = format!("http://{}:{WEB_PORT}/", web_addr(i));
         wait_until(
             Duration::from_secs(10),
@@ -412,7 +439,12 @@ impl Lab {
 
     /// Leaves every process running and forgets them (persistent labs).
     pub fn detach_processes(&mut self) -> Vec<u32> {
-        let mut pids: Vec<u32> = self.web_servers.drain(..).map(|c| c.id()).collect();
+        let mut pids: Vec<u32> = self
+            .web_servers
+            .drain(..)
+            .flatten()
+            .map(|c| c.id())
+            .collect();
         pids.extend(self.agent.take().map(|c| c.id()));
         pids
     }
@@ -426,7 +458,7 @@ impl Drop for Lab {
         if let Some(mut agent) = self.agent.take() {
             terminate(&mut agent);
         }
-        for mut web in self.web_servers.drain(..) {
+        for mut web in self.web_servers.drain(..).flatten() {
             terminate(&mut web);
         }
         remove_pins(&self.pin_dir);

@@ -56,6 +56,7 @@ reasons! {
     PassNotTcpUdp = "pass_not_tcp_udp", Some(PASS), "IPv4 but neither TCP nor UDP (ICMP, VRRP, ...).";
     PassNotVip = "pass_not_vip", Some(PASS), "TCP/UDP for no VIP and from no backend.";
     PassFragment = "pass_fragment", Some(PASS), "An IPv4 fragment not addressed to a VIP.";
+    PassLocal = "pass_local", Some(PASS), "From a backend but not to be forwarded: to the balancer itself (a health check's answer), or to nowhere.";
     // Outcomes of packets we rewrote but leave the kernel to deliver.
     PassNoNeighbour = "pass_no_neighbour", Some(PASS), "Rewritten, next hop not resolved yet: the kernel forwards it and resolves it.";
     PassNotTxPort = "pass_not_tx_port", Some(PASS), "Rewritten, egress interface not in the redirect map: the kernel forwards it.";

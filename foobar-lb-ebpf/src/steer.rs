@@ -119,6 +119,12 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Result<Verdict, 
 fn to_client(ctx: &XdpContext, pkt: &Packet, target: &ReplyTarget) -> Result<Verdict, Verdict> {
     let l4 = parse::l4(ctx, pkt)?;
     let (vip_addr, vip_port) = (target.vip.addr[0], target.vip.port);
+    // Routed before the rewrite (only the source changes): a backend answering the
+    // balancer itself (a health check) must reach the local stack untouched.
+    let route = match forward::route(ctx, pkt, pkt.dst, vip_addr) {
+        Err(local) if local.reason == Reason::PassLocal => return Err(local),
+        other => other,
+    };
     nat::rewrite_source(ctx, pkt, &l4, vip_addr, vip_port)?;
     count(Reason::Reply);
     account(&VIP_STATS, target.vip_id, pkt.frame_len, Traffic::Reply);
@@ -128,7 +134,10 @@ fn to_client(ctx: &XdpContext, pkt: &Packet, target: &ReplyTarget) -> Result<Ver
         pkt.frame_len,
         Traffic::Reply,
     );
-    Ok(forward::forward(ctx, pkt, pkt.dst, vip_addr))
+    Ok(match route {
+        Ok(route) => forward::send(ctx, &route),
+        Err(verdict) => verdict,
+    })
 }
 
 /// Picks a backend for a new flow: one array index, whatever the scheduler.

@@ -5,10 +5,16 @@
 //! place (as HAProxy's runtime API does) until the next reload, which makes the file
 //! the truth again.
 
-use std::{collections::BTreeMap, ffi::CString, net::SocketAddr, path::PathBuf, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    net::SocketAddr,
+    path::PathBuf,
+    time::Instant,
+};
 
 use foobar_lb_common::{Reason, TrafficStats, reason::xdp_action};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     api::{
@@ -17,6 +23,7 @@ use crate::{
     },
     config::{Config, ConfigError},
     dataplane::{Attached, Dataplane, DataplaneError, LoadOptions},
+    health::{BackendHealth, HealthCheck, OnDown},
     pin,
     reconcile::{ApplyError, ApplyReport, Balancer},
     state::{DesiredState, endpoint, socket_of},
@@ -97,12 +104,17 @@ struct RateMeter {
     rates: BTreeMap<Subject, Rates>,
 }
 
+/// A backend of a VIP, by VIP name and backend address.
+pub type BackendKey = (String, SocketAddr);
+
 /// The running agent.
 pub struct Agent {
     balancer: Balancer,
     config_path: PathBuf,
     config: Config,
     desired: DesiredState,
+    health: BTreeMap<BackendKey, BackendHealth>,
+    disabled: BTreeSet<BackendKey>,
     interfaces: Vec<String>,
     started: Instant,
     rates: RateMeter,
@@ -132,6 +144,8 @@ impl Agent {
             config_path: options.config.clone(),
             config: config.clone(),
             desired,
+            health: BTreeMap::new(),
+            disabled: BTreeSet::new(),
             interfaces: Vec::new(),
             started: Instant::now(),
             rates: RateMeter::default(),
@@ -212,9 +226,10 @@ impl Agent {
             source,
         })?;
         let (attached, detached) = self.attach_all(&config)?;
-        let report = self.balancer.apply(&desired)?;
+        let report = self.balancer.apply(&self.effective(&desired))?;
         self.config = config;
         self.desired = desired;
+        self.forget_gone_backends();
         info!(?report, ?attached, ?detached, "reloaded");
         Ok(changed(report, attached, detached))
     }
@@ -313,6 +328,8 @@ impl Agent {
                     Ok(())
                 })
             }
+            Request::BackendDisable { vip, backend } => self.set_disabled(&vip, backend, true),
+            Request::BackendEnable { vip, backend } => self.set_disabled(&vip, backend, false),
             Request::BackendSetWeight {
                 vip,
                 backend,
@@ -335,13 +352,148 @@ impl Agent {
     ) -> Result<Reply, ApiError> {
         let mut next = self.desired.clone();
         edit(&mut next)?;
-        let report = self.balancer.apply(&next).map_err(|e| match e {
-            ApplyError::Invalid(s) => ApiError::new(ErrorKind::Invalid, Some(s.field), s.message),
-            ApplyError::Dataplane(d) => dataplane_error(d),
-        })?;
+        // Validate what was asked for, not only its effective form (a weight of 300
+        // on a down backend is still wrong).
+        next.plan()
+            .map_err(|s| ApiError::new(ErrorKind::Invalid, Some(s.field), s.message))?;
+        let report = self
+            .balancer
+            .apply(&self.effective(&next))
+            .map_err(|e| match e {
+                ApplyError::Invalid(s) => {
+                    ApiError::new(ErrorKind::Invalid, Some(s.field), s.message)
+                }
+                ApplyError::Dataplane(d) => dataplane_error(d),
+            })?;
         info!(?report, "changed through the API");
         self.desired = next;
+        self.forget_gone_backends();
         Ok(Reply::Changed(changed(report, Vec::new(), Vec::new())))
+    }
+
+    /// Sets a backend's admin state; the maps follow, or nothing changes.
+    fn set_disabled(
+        &mut self,
+        vip: &str,
+        backend: SocketAddr,
+        disabled: bool,
+    ) -> Result<Reply, ApiError> {
+        let i = self.find_vip(vip)?;
+        self.find_backend(i, backend)?;
+        let key = (self.desired.vips[i].name.clone(), backend);
+        let before = self.disabled.clone();
+        if disabled {
+            self.disabled.insert(key);
+        } else {
+            self.disabled.remove(&key);
+        }
+        match self.balancer.apply(&self.effective(&self.desired.clone())) {
+            Ok(report) => {
+                info!(%backend, disabled, "admin state changed");
+                Ok(Reply::Changed(changed(report, Vec::new(), Vec::new())))
+            }
+            Err(e) => {
+                self.disabled = before;
+                Err(match e {
+                    ApplyError::Invalid(s) => {
+                        ApiError::new(ErrorKind::Invalid, Some(s.field), s.message)
+                    }
+                    ApplyError::Dataplane(d) => dataplane_error(d),
+                })
+            }
+        }
+    }
+
+    /// The state written to the maps: as desired, but backends that are down or
+    /// disabled get weight 0 (no new flows; their open flows stay, or are reset).
+    fn effective(&self, desired: &DesiredState) -> DesiredState {
+        let mut effective = desired.clone();
+        for vip in &mut effective.vips {
+            for b in &mut vip.backends {
+                let key = (vip.name.clone(), SocketAddr::new(b.address, b.port));
+                let down = self.health.get(&key).is_some_and(|h| !h.up);
+                if down || self.disabled.contains(&key) {
+                    b.weight = 0;
+                }
+            }
+        }
+        effective
+    }
+
+    /// Drops health and admin state of backends no longer configured.
+    fn forget_gone_backends(&mut self) {
+        let present: BTreeSet<BackendKey> = self.backend_keys().collect();
+        self.health.retain(|k, _| present.contains(k));
+        self.disabled.retain(|k| present.contains(k));
+    }
+
+    fn backend_keys(&self) -> impl Iterator<Item = BackendKey> + '_ {
+        self.desired.vips.iter().flat_map(|v| {
+            v.backends
+                .iter()
+                .map(|b| (v.name.clone(), SocketAddr::new(b.address, b.port)))
+        })
+    }
+
+    /// Every backend to check, with its VIP's check.
+    pub fn checks(&self) -> Vec<(BackendKey, HealthCheck)> {
+        self.desired
+            .vips
+            .iter()
+            .filter_map(|v| v.health_check.as_ref().map(|c| (v, c)))
+            .flat_map(|(v, c)| {
+                v.backends.iter().map(move |b| {
+                    (
+                        (v.name.clone(), SocketAddr::new(b.address, b.port)),
+                        c.clone(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Records one check result of a backend (checked with `check`); when its state
+    /// flips, the schedules are rewritten without it (or with it again).
+    pub fn record_check(
+        &mut self,
+        key: &BackendKey,
+        check: &HealthCheck,
+        result: Result<std::time::Duration, String>,
+    ) {
+        // A result for a check that has since changed or gone is stale.
+        let Some(vip) = self.desired.vips.iter().find(|v| v.name == key.0) else {
+            return;
+        };
+        if vip.health_check.as_ref() != Some(check) || !self.backend_keys().any(|k| k == *key) {
+            return;
+        }
+        let on_down = vip.on_backend_down;
+        let endpoints = endpoint(vip.address, vip.port, vip.protocol)
+            .ok()
+            .zip(endpoint(key.1.ip(), key.1.port(), vip.protocol).ok());
+        let health = self.health.entry(key.clone()).or_default();
+        let Some(up) = health.record(&result, check.rise, check.fall) else {
+            return;
+        };
+        let why = health.last_error.clone().unwrap_or_default();
+        if up {
+            info!(vip = key.0, backend = %key.1, "backend up: back in the schedule");
+        } else {
+            warn!(vip = key.0, backend = %key.1, reason = why, "backend down: out of the schedule");
+        }
+        match self.balancer.apply(&self.effective(&self.desired.clone())) {
+            Ok(report) => info!(?report, "applied the health change"),
+            Err(e) => error!("applying the health change: {e}"),
+        }
+        if !up
+            && on_down == OnDown::Reset
+            && let Some((vip_ep, backend_ep)) = endpoints
+        {
+            match self.balancer.purge_flows(&vip_ep, &backend_ep) {
+                Ok(n) => info!(backend = %key.1, flows = n, "reset the flows of a down backend"),
+                Err(e) => error!("resetting flows of {}: {e}", key.1),
+            }
+        }
     }
 
     /// Index of a VIP by name or `address:port`.
@@ -467,10 +619,37 @@ impl Agent {
                     .backend_stats(id)
                     .map_err(dataplane_error)?;
                 let slots = applied.schedule.iter().filter(|&&s| s == id).count();
+                let key = (spec.name.clone(), SocketAddr::new(b.address, b.port));
+                let health = self.health.get(&key).cloned().unwrap_or_default();
+                let disabled = self.disabled.contains(&key);
+                let checked = spec.health_check.is_some();
+                let state = if disabled {
+                    "disabled"
+                } else if checked && !health.up {
+                    "down"
+                } else if b.weight == 0 {
+                    "draining"
+                } else {
+                    "active"
+                };
                 backends.push(BackendStatus {
                     address: SocketAddr::new(b.address, b.port),
                     weight: b.weight,
-                    state: if b.weight == 0 { "draining" } else { "active" }.into(),
+                    state: state.into(),
+                    health: if !checked {
+                        "unchecked".into()
+                    } else if health.up {
+                        "up".into()
+                    } else {
+                        "down".into()
+                    },
+                    last_check: match health.last_ok {
+                        None => None,
+                        Some(true) => Some("ok".into()),
+                        Some(false) => health.last_error.clone(),
+                    },
+                    check_latency_ms: health.last_latency_ms,
+                    health_transitions: health.transitions,
                     share: if applied.schedule.is_empty() {
                         0.0
                     } else {

@@ -64,6 +64,20 @@ pub enum Request {
         /// New weight.
         weight: u32,
     },
+    /// Takes a backend out of scheduling whatever its health says (maintenance).
+    BackendDisable {
+        /// Name or `address:port` of the VIP.
+        vip: String,
+        /// `address:port` of the backend.
+        backend: SocketAddr,
+    },
+    /// Gives a disabled backend back to its health checks.
+    BackendEnable {
+        /// Name or `address:port` of the VIP.
+        vip: String,
+        /// `address:port` of the backend.
+        backend: SocketAddr,
+    },
     /// Which backend a new flow would get.
     Explain {
         /// Name or `address:port` of the VIP.
@@ -191,8 +205,16 @@ pub struct BackendStatus {
     pub address: SocketAddr,
     /// Configured weight (0: draining).
     pub weight: u32,
-    /// `active` or `draining`.
+    /// `active`, `draining` (weight 0), `down` (failed its checks) or `disabled`.
     pub state: String,
+    /// `up`, `down`, or `unchecked` when its VIP has no health check.
+    pub health: String,
+    /// `ok`, or why the last check failed; `None` before the first.
+    pub last_check: Option<String>,
+    /// Latency of the last successful check, ms.
+    pub check_latency_ms: Option<f64>,
+    /// Up↔down changes so far.
+    pub health_transitions: u64,
     /// Share of the VIP's schedule slots, 0 to 1.
     pub share: f64,
     /// Its traffic.

@@ -56,7 +56,7 @@ pub enum Command {
     /// List, add or remove VIPs.
     #[command(subcommand)]
     Vip(VipCommand),
-    /// List, add, remove, drain or reweight backends of a VIP.
+    /// List, add, remove, drain, reweight, disable or enable backends of a VIP.
     #[command(subcommand)]
     Backend(BackendCommand),
     /// VIPs, backends, weights, flows and rates.
@@ -217,6 +217,28 @@ pub enum BackendCommand {
         /// Backend address:port.
         backend: SocketAddr,
     },
+    /// Disable a backend whatever its health (maintenance): no new flows, open ones stay.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb backend disable www 10.1.0.11:8080
+    #[command(verbatim_doc_comment)]
+    Disable {
+        /// VIP name or address:port.
+        vip: String,
+        /// Backend address:port.
+        backend: SocketAddr,
+    },
+    /// Enable a disabled backend: its health checks decide again.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb backend enable www 10.1.0.11:8080
+    #[command(verbatim_doc_comment)]
+    Enable {
+        /// VIP name or address:port.
+        vip: String,
+        /// Backend address:port.
+        backend: SocketAddr,
+    },
     /// Set a backend's weight (also how a drained backend comes back).
     ///
     /// Examples:
@@ -318,6 +340,8 @@ impl Command {
                     },
                     maglev_table_size: *maglev_table_size,
                     backends: backends.iter().map(|b| b.0.clone()).collect(),
+                    health_check: None,
+                    on_backend_down: Default::default(),
                 },
             },
             Command::Vip(VipCommand::Remove { vip }) => Request::VipRemove { vip: vip.clone() },
@@ -334,6 +358,14 @@ impl Command {
                 },
             },
             Command::Backend(BackendCommand::Remove { vip, backend }) => Request::BackendRemove {
+                vip: vip.clone(),
+                backend: *backend,
+            },
+            Command::Backend(BackendCommand::Disable { vip, backend }) => Request::BackendDisable {
+                vip: vip.clone(),
+                backend: *backend,
+            },
+            Command::Backend(BackendCommand::Enable { vip, backend }) => Request::BackendEnable {
                 vip: vip.clone(),
                 backend: *backend,
             },

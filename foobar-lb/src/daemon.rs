@@ -4,6 +4,7 @@
 //! drives its server; the binary passes SIGTERM/SIGINT.
 
 use std::{
+    collections::HashMap,
     future::Future,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -15,12 +16,15 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest, unix::AsyncFd},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
+    sync::{Notify, mpsc},
+    task::JoinHandle,
 };
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    agent::{Agent, AgentError, AgentOptions, OnExit},
+    agent::{Agent, AgentError, AgentOptions, BackendKey, OnExit},
     api::{ApiError, ErrorKind, MAX_REQUEST_BYTES, Reply, Request},
+    health::{self, HealthCheck},
 };
 
 /// How often counters are sampled for rates.
@@ -83,24 +87,38 @@ pub async fn run(
 
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| socket_error(e.to_string()))?;
     let mut sampler = tokio::time::interval(SAMPLE_EVERY);
+    let (results, mut checked) = mpsc::unbounded_channel();
+    let mut checkers = Checkers::new(results);
+    checkers.sync(&agent).await;
+    // Served requests say when the VIPs may have changed, so the checks follow.
+    let changed = Arc::new(Notify::new());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, agent.clone()));
+                    tokio::spawn(serve(stream, agent.clone(), changed.clone()));
                 }
                 Err(e) => warn!("accepting a control connection: {e}"),
             },
-            _ = hangup.recv() => {
+            _ = changed.notified() => checkers.sync(&agent).await,
+            Some((key, check, result)) = checked.recv() => {
                 let agent = agent.clone();
-                let result = tokio::task::spawn_blocking(move || lock(&agent).reload()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    lock(&agent).record_check(&key, &check, result)
+                })
+                .await;
+            }
+            _ = hangup.recv() => {
+                let agent_ = agent.clone();
+                let result = tokio::task::spawn_blocking(move || lock(&agent_).reload()).await;
                 match result {
                     Ok(Ok(changed)) => info!(?changed, "SIGHUP: reloaded"),
                     Ok(Err(e)) => error!("SIGHUP: reload refused, the old state keeps running: {e}"),
                     Err(e) => error!("SIGHUP: reload panicked: {e}"),
                 }
+                checkers.sync(&agent).await;
             }
             _ = sampler.tick() => {
                 let agent = agent.clone();
@@ -109,6 +127,7 @@ pub async fn run(
         }
     }
     info!("shutting down");
+    checkers.stop();
     let _ = std::fs::remove_file(&options.socket);
     // Connections still being served hold clones; wait for them briefly.
     for _ in 0..50 {
@@ -147,6 +166,66 @@ async fn drain_ebpf_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     }
 }
 
+/// A check result: which backend, with which check, and how it went.
+type Checked = (BackendKey, HealthCheck, Result<Duration, String>);
+
+/// One task per checked backend, each probing on its own interval.
+struct Checkers {
+    running: HashMap<BackendKey, (HealthCheck, JoinHandle<()>)>,
+    results: mpsc::UnboundedSender<Checked>,
+}
+
+impl Checkers {
+    fn new(results: mpsc::UnboundedSender<Checked>) -> Self {
+        Self {
+            running: HashMap::new(),
+            results,
+        }
+    }
+
+    /// Starts the checks the agent wants and stops the others (a changed check is
+    /// restarted). Checks run concurrently and never hold the agent while probing.
+    async fn sync(&mut self, agent: &Shared) {
+        let agent = agent.clone();
+        let Ok(wanted) = tokio::task::spawn_blocking(move || lock(&agent).checks()).await else {
+            return;
+        };
+        let wanted: HashMap<BackendKey, HealthCheck> = wanted.into_iter().collect();
+        self.running.retain(|key, (check, task)| {
+            let keep = wanted.get(key) == Some(check);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (key, check) in wanted {
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            let results = self.results.clone();
+            let (k, c) = (key.clone(), check.clone());
+            let task = tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(c.interval());
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    let result = health::probe(&c, k.1).await;
+                    if results.send((k.clone(), c.clone(), result)).is_err() {
+                        return;
+                    }
+                }
+            });
+            self.running.insert(key, (check, task));
+        }
+    }
+
+    fn stop(&mut self) {
+        for (_, (_, task)) in self.running.drain() {
+            task.abort();
+        }
+    }
+}
+
 fn lock(agent: &Shared) -> std::sync::MutexGuard<'_, Agent> {
     // A panic inside one request must not take the control API down with it.
     agent.lock().unwrap_or_else(|p| p.into_inner())
@@ -173,7 +252,7 @@ async fn bind(path: &Path) -> Result<UnixListener, String> {
 }
 
 /// Serves one connection: request lines in, reply lines out.
-async fn serve(stream: UnixStream, agent: Shared) {
+async fn serve(stream: UnixStream, agent: Shared, changed: Arc<Notify>) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1)).lines();
     loop {
@@ -205,6 +284,9 @@ async fn serve(stream: UnixStream, agent: Shared) {
                 format!("not a request: {e}"),
             )),
         };
+        if matches!(reply, Ok(Reply::Changed(_))) {
+            changed.notify_one();
+        }
         let mut out =
             serde_json::to_string::<Result<Reply, ApiError>>(&reply).expect("replies serialize");
         out.push('\n');

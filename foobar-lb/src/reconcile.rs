@@ -320,6 +320,19 @@ impl Balancer {
         Ok(())
     }
 
+    /// Removes the flows pinned to one backend of a VIP (a down backend with
+    /// `on_backend_down = "reset"`); returns how many.
+    pub fn purge_flows(
+        &mut self,
+        vip: &Endpoint,
+        backend: &Endpoint,
+    ) -> Result<usize, DataplaneError> {
+        let Some(id) = self.vips.get(vip).and_then(|v| v.backend_id(backend)) else {
+            return Ok(0);
+        };
+        self.dataplane.remove_flows_of(&[id])
+    }
+
     /// The simulator: which backend a new flow from `client:port` to `vip` would get,
     /// computed from the schedule as written, without the kernel.
     pub fn explain(

@@ -2,7 +2,7 @@
 
 use comfy_table::{Cell, CellAlignment, Table, presets::NOTHING};
 
-use crate::api::{Changed, Explanation, Stats, Status, Traffic, VipStatus};
+use crate::api::{BackendStatus, Changed, Explanation, Stats, Status, Traffic, VipStatus};
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -88,6 +88,7 @@ pub fn status(s: &Status) -> String {
                 "no backend"
             }),
             Cell::new(""),
+            Cell::new(""),
         ];
         row.extend(traffic_cells(&vip.traffic));
         t.add_row(row);
@@ -99,6 +100,7 @@ pub fn status(s: &Status) -> String {
                 Cell::new(""),
                 right(b.weight),
                 Cell::new(&b.state),
+                Cell::new(check(b)),
                 right(format!("{:.0}%", b.share * 100.0)),
             ];
             row.extend(traffic_cells(&b.traffic));
@@ -106,6 +108,16 @@ pub fn status(s: &Status) -> String {
         }
     }
     out + &t.to_string()
+}
+
+/// A backend's last check, short: `ok 0.3ms`, the failure, or `-` when unchecked.
+fn check(b: &BackendStatus) -> String {
+    match (b.last_check.as_deref(), b.check_latency_ms) {
+        (Some("ok"), Some(ms)) => format!("ok {ms:.1}ms"),
+        (Some(e), _) => e.to_owned(),
+        (None, _) if b.health == "unchecked" => "-".into(),
+        (None, _) => "pending".into(),
+    }
 }
 
 /// `vip list`.

@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, net::IpAddr};
 use foobar_lb_common::{Endpoint, MAX_BACKENDS, MAX_VIPS, PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
 
-use crate::schedule::{self, DEFAULT_MAGLEV_SIZE, Weighted};
+use crate::{
+    health::{HealthCheck, OnDown},
+    schedule::{self, DEFAULT_MAGLEV_SIZE, Weighted},
+};
 
 /// Largest backend weight, as in HAProxy.
 pub const MAX_WEIGHT: u32 = 256;
@@ -89,6 +92,12 @@ pub struct VipSpec {
     /// The servers.
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+    /// How its backends are checked; none: they are always up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// What happens to a backend's open flows when its checks take it down.
+    #[serde(default)]
+    pub on_backend_down: OnDown,
 }
 
 /// Every VIP the balancer should serve.
@@ -153,6 +162,8 @@ impl PlannedVip {
                     }
                 })
                 .collect(),
+            health_check: None,
+            on_backend_down: OnDown::Keep,
         };
         Self {
             endpoint,
@@ -238,6 +249,11 @@ impl DesiredState {
                 ));
             }
             let vip_ep = checked_endpoint(&at, vip.address, vip.port, vip.protocol)?;
+            if let Some(check) = &vip.health_check {
+                check
+                    .validate(&format!("{at}.health_check"))
+                    .map_err(|(field, message)| invalid(field, message))?;
+            }
             if let Some(other) = vips_seen.insert(vip_ep, v) {
                 return Err(invalid(
                     at,
@@ -322,6 +338,8 @@ mod tests {
                     weight,
                 })
                 .collect(),
+            health_check: None,
+            on_backend_down: OnDown::Keep,
         }
     }
 

@@ -1,7 +1,7 @@
 //! `foobar-web`: the web node of the foobar.com lab. Every request is answered with
 //! the server's name, so a client sees which backend the balancer chose.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Parser;
@@ -23,6 +23,10 @@ struct Args {
     /// Address and port to listen on.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
+    /// While this file exists, `/health` answers 503 (a maintenance switch for
+    /// health checks); every other path still answers 200.
+    #[arg(long)]
+    down_file: Option<PathBuf>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -32,19 +36,23 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let name: Arc<str> = args.name.into();
+    let down_file: Arc<Option<PathBuf>> = Arc::new(args.down_file);
     eprintln!("foobar-web {name} listening on {}", args.listen);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let name = name.clone();
+                let (name, down_file) = (name.clone(), down_file.clone());
                 tokio::spawn(async move {
-                    let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let name = name.clone();
+                        let down = req.uri().path() == "/health"
+                            && down_file.as_ref().as_ref().is_some_and(|f| f.exists());
                         async move {
                             Ok::<_, Infallible>(
                                 Response::builder()
+                                    .status(if down { 503 } else { 200 })
                                     .header("X-Served-By", &*name)
                                     .header("Content-Type", "text/plain")
                                     .body(Full::new(Bytes::from(format!("{name}\n"))))

@@ -271,6 +271,8 @@ pub fn vip_spec(
                 weight,
             })
             .collect(),
+        health_check: None,
+        on_backend_down: Default::default(),
     }
 }
 

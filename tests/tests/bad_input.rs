@@ -136,6 +136,14 @@ fn bad_config_files_are_refused_on_reload_and_sighup() {
             ),
             &["dataplane.flow_capacity", "restart"],
         ),
+        (
+            format!("{good}[vips.health_check]\ninterval_ms = 5\n"),
+            &["vips[0].health_check.interval_ms"],
+        ),
+        (
+            format!("{good}[vips.health_check]\ntype = \"ping\"\n"),
+            &["ping"],
+        ),
         (String::new(), &["dataplane"]),
     ];
     for (text, words) in cases {

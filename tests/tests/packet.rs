@@ -725,6 +725,18 @@ fn reply_source_is_rewritten_to_the_vip() {
 }
 
 #[test]
+fn a_backend_answering_the_balancer_itself_is_passed_untouched() {
+    // A health check's answer: from the backend endpoint, to the balancer's own address.
+    let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
+    let frame = reply(0, Ipv4Addr::new(10, 1, 0, 1), 45_000).build();
+    let out = lab.run(Side::Backend, &frame);
+    assert_eq!(action_name(out.action), "PASS");
+    assert_eq!(out.packet, frame);
+    assert_eq!(lab.count(Reason::PassLocal), 1);
+    assert_eq!(lab.count(Reason::Reply), 0);
+}
+
+#[test]
 fn reply_of_an_unseen_flow_is_rewritten_too() {
     // A balancer that just took over has an empty flow table.
     let mut lab = PacketLab::with_vip(Scheduler::Maglev, &[1, 1]);

@@ -1,0 +1,308 @@
+//! Health checks: what to probe (per VIP), the probes themselves, and the rise/fall
+//! state machine that decides when a backend is up or down, as HAProxy means them.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use http_body_util::Empty;
+use hyper::{Request, body::Bytes};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+
+/// How a backend is probed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connect.
+    #[default]
+    Tcp,
+    /// An HTTP/1.1 GET of `path`, answered with a status in `expect_status`.
+    Http,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+fn default_expect() -> [u16; 2] {
+    [200, 399]
+}
+fn default_interval() -> u64 {
+    2000
+}
+fn default_timeout() -> u64 {
+    1000
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// A VIP's health check, applied to each of its backends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `tcp` or `http`.
+    #[serde(rename = "type", default)]
+    pub kind: CheckKind,
+    /// Path of the HTTP GET.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// Accepted HTTP statuses, inclusive: `[200, 399]`.
+    #[serde(default = "default_expect")]
+    pub expect_status: [u16; 2],
+    /// Time between checks of one backend, ms.
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    /// How long one check may take, ms.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// Consecutive successes that bring a down backend up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: CheckKind::Tcp,
+            path: default_path(),
+            expect_status: default_expect(),
+            interval_ms: default_interval(),
+            timeout_ms: default_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+        }
+    }
+}
+
+/// What happens to a backend's open flows when it goes down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    /// Keep them on it (it may only be slow, or its checks alone fail).
+    #[default]
+    Keep,
+    /// Remove them, so clients' next packets are scheduled elsewhere.
+    Reset,
+}
+
+impl HealthCheck {
+    /// Checks every field; `at` is the path of this check in the configuration.
+    pub fn validate(&self, at: &str) -> Result<(), (String, String)> {
+        let bad = |field: &str, message: String| Err((format!("{at}.{field}"), message));
+        if !(100..=3_600_000).contains(&self.interval_ms) {
+            return bad(
+                "interval_ms",
+                format!("{} is outside 100..=3600000", self.interval_ms),
+            );
+        }
+        if self.timeout_ms < 10 || self.timeout_ms > self.interval_ms {
+            return bad(
+                "timeout_ms",
+                format!(
+                    "{} must be at least 10 and at most interval_ms",
+                    self.timeout_ms
+                ),
+            );
+        }
+        for (field, n) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=100).contains(&n) {
+                return bad(field, format!("{n} is outside 1..=100"));
+            }
+        }
+        if !self.path.starts_with('/') || self.path.chars().any(|c| c.is_whitespace()) {
+            return bad("path", format!("{:?} is not an absolute path", self.path));
+        }
+        let [lo, hi] = self.expect_status;
+        if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+            return bad(
+                "expect_status",
+                format!("[{lo}, {hi}] is not a range of HTTP statuses"),
+            );
+        }
+        Ok(())
+    }
+
+    /// The interval as a duration.
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+}
+
+/// One probe of `target`: its latency, or why it failed.
+pub async fn probe(check: &HealthCheck, target: SocketAddr) -> Result<Duration, String> {
+    let started = Instant::now();
+    let work = async {
+        let stream = TcpStream::connect(target)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        if check.kind == CheckKind::Tcp {
+            return Ok(());
+        }
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+        tokio::spawn(connection);
+        let request = Request::get(check.path.as_str())
+            .header("Host", target.to_string())
+            .header("User-Agent", "foobar-lb-health-check")
+            .header("Connection", "close")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("request: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+        let status = response.status().as_u16();
+        let [lo, hi] = check.expect_status;
+        if (lo..=hi).contains(&status) {
+            Ok(())
+        } else {
+            Err(format!("status {status}, expected {lo}-{hi}"))
+        }
+    };
+    match tokio::time::timeout(Duration::from_millis(check.timeout_ms), work).await {
+        Ok(Ok(())) => Ok(started.elapsed()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("timed out after {} ms", check.timeout_ms)),
+    }
+}
+
+/// Where a backend stands, by its checks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendHealth {
+    /// Up (takes new flows) or down.
+    pub up: bool,
+    /// Consecutive results against the current state.
+    pub streak: u32,
+    /// The last check: `None` before the first.
+    pub last_ok: Option<bool>,
+    /// What the last failure said.
+    pub last_error: Option<String>,
+    /// Latency of the last successful check, ms.
+    pub last_latency_ms: Option<f64>,
+    /// Up↔down changes so far.
+    pub transitions: u64,
+}
+
+impl Default for BackendHealth {
+    /// Backends start up, as in HAProxy: a fresh balancer serves at once and the
+    /// checks take down what does not answer.
+    fn default() -> Self {
+        Self {
+            up: true,
+            streak: 0,
+            last_ok: None,
+            last_error: None,
+            last_latency_ms: None,
+            transitions: 0,
+        }
+    }
+}
+
+impl BackendHealth {
+    /// Records a check; returns the new state if it changed.
+    pub fn record(
+        &mut self,
+        result: &Result<Duration, String>,
+        rise: u32,
+        fall: u32,
+    ) -> Option<bool> {
+        let ok = result.is_ok();
+        self.last_ok = Some(ok);
+        match result {
+            Ok(latency) => self.last_latency_ms = Some(latency.as_secs_f64() * 1e3),
+            Err(e) => self.last_error = Some(e.clone()),
+        }
+        // A result that agrees with the state resets the streak against it.
+        if ok == self.up {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        if self.streak >= if ok { rise } else { fall } {
+            self.up = ok;
+            self.streak = 0;
+            self.transitions += 1;
+            return Some(ok);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: Result<Duration, String> = Ok(Duration::from_millis(1));
+
+    fn fail() -> Result<Duration, String> {
+        Err("refused".into())
+    }
+
+    #[test]
+    fn falls_after_fall_failures_and_rises_after_rise_successes() {
+        let mut h = BackendHealth::default();
+        assert_eq!(h.record(&fail(), 2, 3), None);
+        assert_eq!(h.record(&fail(), 2, 3), None);
+        // A success in between resets the count.
+        assert_eq!(h.record(&OK, 2, 3), None);
+        assert_eq!(h.record(&fail(), 2, 3), None);
+        assert_eq!(h.record(&fail(), 2, 3), None);
+        assert_eq!(h.record(&fail(), 2, 3), Some(false));
+        assert!(!h.up);
+        assert_eq!(h.record(&OK, 2, 3), None);
+        assert_eq!(h.record(&OK, 2, 3), Some(true));
+        assert_eq!(h.transitions, 2);
+        assert_eq!(h.last_error.as_deref(), Some("refused"));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let at = "vips[0].health_check";
+        let field = |c: HealthCheck| c.validate(at).unwrap_err().0;
+        assert!(HealthCheck::default().validate(at).is_ok());
+        let c = HealthCheck::default;
+        assert_eq!(
+            field(HealthCheck {
+                interval_ms: 5,
+                ..c()
+            }),
+            format!("{at}.interval_ms")
+        );
+        assert_eq!(
+            field(HealthCheck {
+                timeout_ms: 5000,
+                ..c()
+            }),
+            format!("{at}.timeout_ms")
+        );
+        assert_eq!(field(HealthCheck { rise: 0, ..c() }), format!("{at}.rise"));
+        assert_eq!(
+            field(HealthCheck { fall: 101, ..c() }),
+            format!("{at}.fall")
+        );
+        assert_eq!(
+            field(HealthCheck {
+                path: "x".into(),
+                ..c()
+            }),
+            format!("{at}.path")
+        );
+        assert_eq!(
+            field(HealthCheck {
+                expect_status: [400, 200],
+                ..c()
+            }),
+            format!("{at}.expect_status")
+        );
+    }
+}
