@@ -164,6 +164,11 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Where the metrics listener should be, if anywhere.
+    pub fn metrics_listen(&self) -> Option<SocketAddr> {
+        self.config.metrics.listen
+    }
+
     /// The reader of the program's log records, for the daemon to drain.
     pub fn ebpf_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         self.balancer.dataplane().logger()
@@ -217,6 +222,11 @@ impl Agent {
         if config.dataplane.flow_capacity != self.config.dataplane.flow_capacity {
             return Err(AgentError::NeedsRestart {
                 field: "dataplane.flow_capacity",
+            });
+        }
+        if config.metrics != self.config.metrics {
+            return Err(AgentError::NeedsRestart {
+                field: "metrics.listen",
             });
         }
         let desired = config.desired_state();

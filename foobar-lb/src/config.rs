@@ -75,12 +75,24 @@ pub struct DataplaneConfig {
     pub flow_capacity: u32,
 }
 
+/// The metrics and status-page listener.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of `/metrics`, `/status.json` and the status page `/`; none: off.
+    /// Changing it needs a restart.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// The whole configuration file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the data plane runs.
     pub dataplane: DataplaneConfig,
+    /// The metrics listener.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The VIPs.
     #[serde(default)]
     pub vips: Vec<VipSpec>,

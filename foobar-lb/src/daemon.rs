@@ -25,6 +25,7 @@ use crate::{
     agent::{Agent, AgentError, AgentOptions, BackendKey, OnExit},
     api::{ApiError, ErrorKind, MAX_REQUEST_BYTES, Reply, Request},
     health::{self, HealthCheck},
+    http,
 };
 
 /// How often counters are sampled for rates.
@@ -82,7 +83,25 @@ pub async fn run(
     if let Some(logger) = agent.ebpf_logger() {
         tokio::spawn(drain_ebpf_log(logger));
     }
+    let metrics_listen = agent.metrics_listen();
     let agent: Shared = Arc::new(Mutex::new(agent));
+    let http_task = match metrics_listen {
+        Some(at) => {
+            let listener =
+                tokio::net::TcpListener::bind(at)
+                    .await
+                    .map_err(|e| DaemonError::Socket {
+                        path: PathBuf::from(at.to_string()),
+                        message: format!("metrics listener: {e}"),
+                    })?;
+            info!(%at, "serving /metrics, /status.json and the status page");
+            Some(AbortOnDrop(tokio::spawn(http::serve(
+                listener,
+                Arc::downgrade(&agent),
+            ))))
+        }
+        None => None,
+    };
     info!(socket = %options.socket.display(), "ready");
 
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| socket_error(e.to_string()))?;
@@ -128,6 +147,7 @@ pub async fn run(
     }
     info!("shutting down");
     checkers.stop();
+    drop(http_task);
     let _ = std::fs::remove_file(&options.socket);
     // Connections still being served hold clones; wait for them briefly.
     for _ in 0..50 {
@@ -163,6 +183,15 @@ async fn drain_ebpf_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         };
         ready.get_inner_mut().flush();
         ready.clear_ready();
+    }
+}
+
+/// Stops a task when dropped (the HTTP listener ends with the daemon).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

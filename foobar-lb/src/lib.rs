@@ -14,6 +14,8 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod pin;
 pub mod reconcile;
 pub mod render;

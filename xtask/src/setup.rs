@@ -9,7 +9,8 @@ use crate::run as run_command;
 
 /// Debian packages the tests use: `ip` and `sysctl` for the namespaces.
 /// Debian packages: namespaces and links (iproute2, ethtool, nsenter from util-linux),
-/// real clients (curl, wrk) and the balancers we compare against (nftables, haproxy).
+/// real clients (curl, wrk), the balancers we compare against (nftables, haproxy) and
+/// a headless browser for the status page (chromium).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
@@ -19,6 +20,7 @@ const PACKAGES: &[&str] = &[
     "wrk",
     "nftables",
     "haproxy",
+    "chromium",
 ];
 
 /// Where bpf-linker finds the nightly's libLLVM; it keeps an rpath to it, so it must
