@@ -83,10 +83,23 @@ pub fn bin_dir_of_this_test() -> PathBuf {
     }
 }
 
-/// The config the lab starts the agent with: VIP :80 → every web server, round robin.
+/// The config the lab starts the agent with: VIP :80 → every web server.
 pub fn default_config(webs: usize, scheduler: &str) -> String {
-    let backends: Vec<String> = (0..webs)
-        .map(|i| format!("  {{ address = \"{}\", port = {WEB_PORT} }},", web_addr(i)))
+    let all: Vec<(usize, u32)> = (0..webs).map(|i| (i, 1)).collect();
+    config(scheduler, &all)
+}
+
+/// A config for VIP `www` (the lab's VIP, port 80) with `scheduler` over the given
+/// (web server index, weight) pairs.
+pub fn config(scheduler: &str, backends: &[(usize, u32)]) -> String {
+    let backends: Vec<String> = backends
+        .iter()
+        .map(|&(i, weight)| {
+            format!(
+                "  {{ address = \"{}\", port = {WEB_PORT}, weight = {weight} }},",
+                web_addr(i)
+            )
+        })
         .collect();
     format!(
         "[dataplane]\ninterfaces = [\"{LB_CLIENT_IF}\", \"{LB_SERVER_IF}\"]\nxdp_mode = \"native\"\n\n\

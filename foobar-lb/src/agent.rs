@@ -773,14 +773,9 @@ fn traffic_count(name: String, s: TrafficStats) -> TrafficCount {
     }
 }
 
-fn changed(report: ApplyReport, attached: Vec<String>, detached: Vec<String>) -> Changed {
+fn changed(maps: ApplyReport, attached: Vec<String>, detached: Vec<String>) -> Changed {
     Changed {
-        vips_added: report.vips_added,
-        vips_removed: report.vips_removed,
-        backends_added: report.backends_added,
-        backends_removed: report.backends_removed,
-        slots_written: report.slots_written,
-        flows_purged: report.flows_purged,
+        maps,
         interfaces_attached: attached,
         interfaces_detached: detached,
     }

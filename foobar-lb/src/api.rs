@@ -16,7 +16,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{BackendSpec, Protocol, Scheduler, VipSpec};
+use crate::{
+    reconcile::ApplyReport,
+    state::{BackendSpec, Protocol, Scheduler, VipSpec},
+};
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/foobar-lb/control.sock";
@@ -145,18 +148,9 @@ pub enum Reply {
 /// What a change did to the maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Changed {
-    /// VIPs added.
-    pub vips_added: usize,
-    /// VIPs removed.
-    pub vips_removed: usize,
-    /// Backends added.
-    pub backends_added: usize,
-    /// Backends removed.
-    pub backends_removed: usize,
-    /// Schedule slots rewritten.
-    pub slots_written: usize,
-    /// Flows purged because their backend went away.
-    pub flows_purged: usize,
+    /// VIPs, backends, slots and flows written or removed.
+    #[serde(flatten)]
+    pub maps: ApplyReport,
     /// Interfaces attached.
     pub interfaces_attached: Vec<String>,
     /// Interfaces detached.

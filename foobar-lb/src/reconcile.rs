@@ -33,7 +33,7 @@ pub enum ApplyError {
 }
 
 /// What an apply changed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ApplyReport {
     /// VIPs added.
     pub vips_added: usize,

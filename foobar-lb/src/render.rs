@@ -201,12 +201,12 @@ pub fn stats(s: &Stats) -> String {
 pub fn changed(c: &Changed) -> String {
     let mut parts = Vec::new();
     for (n, what) in [
-        (c.vips_added, "VIPs added"),
-        (c.vips_removed, "VIPs removed"),
-        (c.backends_added, "backends added"),
-        (c.backends_removed, "backends removed"),
-        (c.slots_written, "schedule slots written"),
-        (c.flows_purged, "flows purged"),
+        (c.maps.vips_added, "VIPs added"),
+        (c.maps.vips_removed, "VIPs removed"),
+        (c.maps.backends_added, "backends added"),
+        (c.maps.backends_removed, "backends removed"),
+        (c.maps.slots_written, "schedule slots written"),
+        (c.maps.flows_purged, "flows purged"),
     ] {
         if n > 0 {
             parts.push(format!("{n} {what}"));

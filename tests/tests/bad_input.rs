@@ -106,7 +106,7 @@ fn bad_config_files_are_refused_on_reload_and_sighup() {
     let good = default_config(2, "rr");
     let cases: &[(String, &[&str])] = &[
         (
-            good.replace("port = 8080 }", "port = 8080, weight = 300 }"),
+            good.replacen("weight = 1 }", "weight = 300 }", 1),
             &["vips[0].backends[0].weight", "above 256"],
         ),
         (

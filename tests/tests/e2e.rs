@@ -14,27 +14,8 @@ use std::{
 use tests::{
     e2e::{json, lab_with, one_at_a_time, running_state, tally, vip},
     http::{connect, get, get_once},
-    lab::{LB_CLIENT_IF, LB_SERVER_IF, VIP, VIP_PORT, WEB_PORT, web_addr, web_name},
+    lab::{LB_CLIENT_IF, LB_SERVER_IF, VIP, VIP_PORT, WEB_PORT, config, web_addr, web_name},
 };
-
-/// A config for VIP www with `scheduler` over the given (server index, weight).
-fn config(scheduler: &str, backends: &[(usize, u32)]) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|&(i, w)| {
-            format!(
-                "  {{ address = \"{}\", port = {WEB_PORT}, weight = {w} }},",
-                web_addr(i)
-            )
-        })
-        .collect();
-    format!(
-        "[dataplane]\ninterfaces = [\"{LB_CLIENT_IF}\", \"{LB_SERVER_IF}\"]\nxdp_mode = \"native\"\n\n\
-         [[vips]]\nname = \"www\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\nscheduler = \"{scheduler}\"\n\
-         backends = [\n{}\n]\n",
-        list.join("\n")
-    )
-}
 
 fn backend(i: usize) -> String {
     format!("{}:{WEB_PORT}", web_addr(i))
