@@ -445,7 +445,7 @@ impl Lab {
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
-    /// Path helpers for xtask's persistent lab.
+    /// What the lab was built from (binary directory, names).
     pub fn spec(&self) -> &LabSpec {
         &self.spec
     }

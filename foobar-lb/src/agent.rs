@@ -25,8 +25,8 @@ use crate::{
     dataplane::{Attached, Dataplane, DataplaneError, LoadOptions},
     health::{BackendHealth, HealthCheck, OnDown},
     pin,
-    reconcile::{ApplyError, ApplyReport, Balancer},
-    state::{DesiredState, endpoint, socket_of},
+    reconcile::{AppliedVip, ApplyError, ApplyReport, Balancer},
+    state::{DesiredState, StateError, VipSpec, endpoint, socket_of},
 };
 
 /// How the agent starts.
@@ -364,17 +364,8 @@ impl Agent {
         edit(&mut next)?;
         // Validate what was asked for, not only its effective form (a weight of 300
         // on a down backend is still wrong).
-        next.plan()
-            .map_err(|s| ApiError::new(ErrorKind::Invalid, Some(s.field), s.message))?;
-        let report = self
-            .balancer
-            .apply(&self.effective(&next))
-            .map_err(|e| match e {
-                ApplyError::Invalid(s) => {
-                    ApiError::new(ErrorKind::Invalid, Some(s.field), s.message)
-                }
-                ApplyError::Dataplane(d) => dataplane_error(d),
-            })?;
+        next.plan()?;
+        let report = self.balancer.apply(&self.effective(&next))?;
         info!(?report, "changed through the API");
         self.desired = next;
         self.forget_gone_backends();
@@ -397,21 +388,23 @@ impl Agent {
         } else {
             self.disabled.remove(&key);
         }
-        match self.balancer.apply(&self.effective(&self.desired.clone())) {
+        match self.reapply() {
             Ok(report) => {
                 info!(%backend, disabled, "admin state changed");
                 Ok(Reply::Changed(changed(report, Vec::new(), Vec::new())))
             }
             Err(e) => {
                 self.disabled = before;
-                Err(match e {
-                    ApplyError::Invalid(s) => {
-                        ApiError::new(ErrorKind::Invalid, Some(s.field), s.message)
-                    }
-                    ApplyError::Dataplane(d) => dataplane_error(d),
-                })
+                Err(e.into())
             }
         }
+    }
+
+    /// Rewrites the maps for the running state under the current health and admin
+    /// flags (after one of them changed).
+    fn reapply(&mut self) -> Result<ApplyReport, ApplyError> {
+        let effective = self.effective(&self.desired);
+        self.balancer.apply(&effective)
     }
 
     /// The state written to the maps: as desired, but backends that are down or
@@ -491,7 +484,7 @@ impl Agent {
         } else {
             warn!(vip = key.0, backend = %key.1, reason = why, "backend down: out of the schedule");
         }
-        match self.balancer.apply(&self.effective(&self.desired.clone())) {
+        match self.reapply() {
             Ok(report) => info!(?report, "applied the health change"),
             Err(e) => error!("applying the health change: {e}"),
         }
@@ -604,6 +597,20 @@ impl Agent {
         }
     }
 
+    /// Each running VIP with what was written for it.
+    fn running(&self) -> Vec<(VipSpec, AppliedVip)> {
+        self.desired
+            .vips
+            .iter()
+            .map(|spec| {
+                let ep = endpoint(spec.address, spec.port, spec.protocol)
+                    .expect("running VIPs are valid");
+                let applied = self.balancer.vip(&ep).expect("running VIPs are applied");
+                (spec.clone(), applied.clone())
+            })
+            .collect()
+    }
+
     fn status(&mut self) -> Result<Status, ApiError> {
         let dp = self.balancer.dataplane();
         let flows = dp.flows().map_err(dataplane_error)?;
@@ -614,9 +621,7 @@ impl Agent {
             *by_backend.entry(flow.backend_id).or_default() += 1;
         }
         let mut vips = Vec::new();
-        for spec in self.desired.vips.clone() {
-            let ep = endpoint(spec.address, spec.port, spec.protocol).expect("valid");
-            let applied = self.balancer.vip(&ep).expect("applied").clone();
+        for (spec, applied) in self.running() {
             let dp = self.balancer.dataplane();
             let vip_stats = dp.vip_stats(applied.id).map_err(dataplane_error)?;
             let mut backends = Vec::new();
@@ -729,9 +734,7 @@ impl Agent {
         .collect();
         let mut vips = Vec::new();
         let mut backends = Vec::new();
-        for spec in self.desired.vips.clone() {
-            let ep = endpoint(spec.address, spec.port, spec.protocol).expect("valid");
-            let applied = self.balancer.vip(&ep).expect("applied").clone();
+        for (spec, applied) in self.running() {
             let dp = self.balancer.dataplane();
             let s = dp.vip_stats(applied.id).map_err(dataplane_error)?;
             vips.push(traffic_count(spec.name.clone(), s));
@@ -778,6 +781,21 @@ fn changed(maps: ApplyReport, attached: Vec<String>, detached: Vec<String>) -> C
         maps,
         interfaces_attached: attached,
         interfaces_detached: detached,
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(s: StateError) -> Self {
+        ApiError::new(ErrorKind::Invalid, Some(s.field), s.message)
+    }
+}
+
+impl From<ApplyError> for ApiError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Invalid(s) => s.into(),
+            ApplyError::Dataplane(d) => dataplane_error(d),
+        }
     }
 }
 

@@ -130,8 +130,8 @@ pub async fn run(
                 .await;
             }
             _ = hangup.recv() => {
-                let agent_ = agent.clone();
-                let result = tokio::task::spawn_blocking(move || lock(&agent_).reload()).await;
+                let shared = agent.clone();
+                let result = tokio::task::spawn_blocking(move || lock(&shared).reload()).await;
                 match result {
                     Ok(Ok(changed)) => info!(?changed, "SIGHUP: reloaded"),
                     Ok(Err(e)) => error!("SIGHUP: reload refused, the old state keeps running: {e}"),

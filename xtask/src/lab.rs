@@ -100,10 +100,7 @@ pub fn demo() -> Result<()> {
         down()?;
     }
     println!("== building the lab: client → balancer (XDP on veth) → web1, web2");
-    let mut lab = Lab::up(LabSpec {
-        persistent: false,
-        ..spec(false)
-    });
+    let mut lab = Lab::up(spec(false));
     lab.start_agent();
     println!("{}\n", lab.cli_ok(&["status"]));
 
