@@ -1,7 +1,8 @@
-//! The foobar.com lab: network namespaces with a client, the balancer and web
-//! servers, used by `cargo xtask lab` and by the end-to-end tests. It runs the
+//! The foobar.com lab: network namespaces with a client, the balancer (or two) and
+//! web servers, and a client that keeps probing, used by `cargo xtask lab` and by the end-to-end tests. It runs the
 //! built binaries; it does not link foobar-lb, so xtask can use it before the eBPF
 //! toolchain exists.
 
 pub mod lab;
 pub mod netns;
+pub mod probe;

@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CString,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::Instant,
 };
@@ -27,6 +27,7 @@ use crate::{
     pin,
     reconcile::{AppliedVip, ApplyError, ApplyReport, Balancer},
     state::{DesiredState, StateError, VipSpec, endpoint, socket_of},
+    vrrp::{self, VrrpConfig, VrrpView},
 };
 
 /// How the agent starts.
@@ -118,6 +119,7 @@ pub struct Agent {
     interfaces: Vec<String>,
     started: Instant,
     rates: RateMeter,
+    vrrp: Option<VrrpView>,
 }
 
 impl Agent {
@@ -149,6 +151,7 @@ impl Agent {
             interfaces: Vec::new(),
             started: Instant::now(),
             rates: RateMeter::default(),
+            vrrp: None,
         };
         let (attached, _) = agent.attach_all(&config)?;
         info!(interfaces = ?attached, "attached");
@@ -167,6 +170,44 @@ impl Agent {
     /// Where the metrics listener should be, if anywhere.
     pub fn metrics_listen(&self) -> Option<SocketAddr> {
         self.config.metrics.listen
+    }
+
+    /// The failover configuration, if this balancer has a peer.
+    pub fn vrrp_config(&self) -> Option<&VrrpConfig> {
+        self.config.vrrp.as_ref()
+    }
+
+    /// Where the running VRRP router publishes its state, for `status` and `/metrics`.
+    pub fn show_vrrp(&mut self, view: VrrpView) {
+        self.vrrp = Some(view);
+    }
+
+    /// What makes this balancer a worse MASTER than its peer right now: an interface
+    /// of the data plane missing, down or not attached, or a VIP the router moves
+    /// without a usable backend (all down, disabled or drained).
+    pub fn track_faults(&self) -> Vec<String> {
+        let Some(vrrp) = &self.config.vrrp else {
+            return Vec::new();
+        };
+        let mut faults = Vec::new();
+        for name in &self.config.dataplane.interfaces {
+            match vrrp::net::interface(name) {
+                Ok(Some(i)) if !i.running => faults.push(format!("interface {name} is down")),
+                Ok(Some(_)) if !self.interfaces.contains(name) => {
+                    faults.push(format!("interface {name} is not attached"))
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => faults.push(format!("interface {name} is missing")),
+                Err(e) => faults.push(format!("interface {name}: {e}")),
+            }
+        }
+        for vip in self.effective(&self.desired).vips {
+            let moved = matches!(vip.address, IpAddr::V4(a) if vrrp.vips.contains(&a));
+            if moved && vip.backends.iter().all(|b| b.weight == 0) {
+                faults.push(format!("vip {} has no usable backend", vip.name));
+            }
+        }
+        faults
     }
 
     /// The reader of the program's log records, for the daemon to drain.
@@ -190,6 +231,7 @@ impl Agent {
             });
             match result {
                 Ok(how) => {
+                    accept_local_sources(interface);
                     if how == Attached::Replaced {
                         info!(interface, "took over the pinned link: no forwarding gap");
                     }
@@ -228,6 +270,9 @@ impl Agent {
             return Err(AgentError::NeedsRestart {
                 field: "metrics.listen",
             });
+        }
+        if config.vrrp != self.config.vrrp {
+            return Err(AgentError::NeedsRestart { field: "vrrp" });
         }
         let desired = config.desired_state();
         // Validate before touching interfaces; apply validates again, cheaply.
@@ -703,6 +748,10 @@ impl Agent {
             flow_capacity: self.config.dataplane.flow_capacity,
             changed_since_reload: self.desired != self.config.desired_state(),
             vips,
+            vrrp: self
+                .vrrp
+                .as_ref()
+                .map(|v| Box::new(v.lock().unwrap_or_else(|p| p.into_inner()).snapshot())),
         })
     }
 
@@ -801,6 +850,19 @@ impl From<ApplyError> for ApiError {
 
 fn dataplane_error(e: DataplaneError) -> ApiError {
     ApiError::new(ErrorKind::Dataplane, None, e.to_string())
+}
+
+/// Lets the kernel forward packets whose source is one of its own addresses when they
+/// arrive on `interface`. The program hands the kernel rewritten packets whose next hop
+/// is not resolved yet (`pass_no_neighbour`) so that it resolves it; a reply rewritten
+/// to come from a VIP this machine holds would otherwise be dropped as a martian, and
+/// the neighbour never resolved. A new VRRP master meets exactly that: its clients
+/// learnt its address from gratuitous ARP and never asked it anything.
+fn accept_local_sources(interface: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
+    if let Err(e) = std::fs::write(&path, "1") {
+        warn!("{path}: {e}; replies to unresolved clients may be dropped");
+    }
 }
 
 /// The index of an interface in this network namespace.

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     reconcile::ApplyReport,
     state::{BackendSpec, Protocol, Scheduler, VipSpec},
+    vrrp::VrrpStatus,
 };
 
 /// Where the daemon listens unless told otherwise.
@@ -257,6 +258,9 @@ pub struct Status {
     pub changed_since_reload: bool,
     /// The VIPs.
     pub vips: Vec<VipStatus>,
+    /// The failover router, when one is configured.
+    #[serde(default)]
+    pub vrrp: Option<Box<VrrpStatus>>,
 }
 
 /// One counter.

@@ -14,6 +14,12 @@
 //!   { address = "10.1.0.11", port = 8080, weight = 1 },
 //!   { address = "10.1.0.12", port = 8080, weight = 1 },
 //! ]
+//!
+//! [vrrp]                          # optional: failover with a peer (module vrrp)
+//! interface = "eth0"
+//! vrid = 51
+//! priority = 150
+//! vips = ["203.0.113.10"]
 //! ```
 
 use std::{
@@ -25,7 +31,10 @@ use aya::programs::XdpMode;
 use foobar_lb_common::{DEFAULT_FLOW_CAPACITY, MAX_TX_PORTS};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{DesiredState, StateError, VipSpec};
+use crate::{
+    state::{DesiredState, StateError, VipSpec},
+    vrrp::VrrpConfig,
+};
 
 /// Smallest flow table accepted.
 pub const MIN_FLOW_CAPACITY: u32 = 1024;
@@ -96,6 +105,9 @@ pub struct Config {
     /// The VIPs.
     #[serde(default)]
     pub vips: Vec<VipSpec>,
+    /// Active-passive failover with a peer; none: this balancer holds its VIPs alone.
+    #[serde(default)]
+    pub vrrp: Option<VrrpConfig>,
 }
 
 /// Why a configuration file was refused.
@@ -209,7 +221,11 @@ impl Config {
                 ),
             ));
         }
-        self.desired_state().plan().map(|_| ())
+        self.desired_state().plan()?;
+        if let Some(vrrp) = &self.vrrp {
+            vrrp.validate(&dp.interfaces, &self.vips)?;
+        }
+        Ok(())
     }
 
     /// The VIP part, as the reconciler takes it.

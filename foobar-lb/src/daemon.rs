@@ -16,7 +16,7 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest, unix::AsyncFd},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
-    sync::{Notify, mpsc},
+    sync::{Notify, mpsc, watch},
     task::JoinHandle,
 };
 use tracing::{debug, error, info, warn};
@@ -26,6 +26,7 @@ use crate::{
     api::{ApiError, ErrorKind, MAX_REQUEST_BYTES, Reply, Request},
     health::{self, HealthCheck},
     http,
+    vrrp::{self, VrrpView},
 };
 
 /// How often counters are sampled for rates.
@@ -48,6 +49,9 @@ pub enum DaemonError {
     /// The agent could not start.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The failover router could not start.
+    #[error(transparent)]
+    Vrrp(#[from] crate::vrrp::instance::VrrpError),
     /// The control socket could not be set up.
     #[error("control socket {path}: {message}")]
     Socket {
@@ -84,6 +88,22 @@ pub async fn run(
         tokio::spawn(drain_ebpf_log(logger));
     }
     let metrics_listen = agent.metrics_listen();
+    // Tracked faults flow to the VRRP router, which turns them into a priority.
+    let (faults, tracked) = watch::channel(agent.track_faults());
+    let vrrp = match agent.vrrp_config().cloned() {
+        Some(config) => {
+            let view = VrrpView::default();
+            agent.show_vrrp(view.clone());
+            match vrrp::instance::spawn(config, view, tracked) {
+                Ok(running) => Some(running),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&options.socket);
+                    return Err(e.into());
+                }
+            }
+        }
+        None => None,
+    };
     let agent: Shared = Arc::new(Mutex::new(agent));
     let http_task = match metrics_listen {
         Some(at) => {
@@ -121,13 +141,17 @@ pub async fn run(
                 }
                 Err(e) => warn!("accepting a control connection: {e}"),
             },
-            _ = changed.notified() => checkers.sync(&agent).await,
+            _ = changed.notified() => {
+                checkers.sync(&agent).await;
+                track(&agent, &faults).await;
+            }
             Some((key, check, result)) = checked.recv() => {
-                let agent = agent.clone();
+                let shared = agent.clone();
                 let _ = tokio::task::spawn_blocking(move || {
-                    lock(&agent).record_check(&key, &check, result)
+                    lock(&shared).record_check(&key, &check, result)
                 })
                 .await;
+                track(&agent, &faults).await;
             }
             _ = hangup.recv() => {
                 let shared = agent.clone();
@@ -138,14 +162,20 @@ pub async fn run(
                     Err(e) => error!("SIGHUP: reload panicked: {e}"),
                 }
                 checkers.sync(&agent).await;
+                track(&agent, &faults).await;
             }
             _ = sampler.tick() => {
-                let agent = agent.clone();
-                let _ = tokio::task::spawn_blocking(move || lock(&agent).sample()).await;
+                let shared = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || lock(&shared).sample()).await;
+                track(&agent, &faults).await;
             }
         }
     }
     info!("shutting down");
+    // First hand the VIPs over (priority 0), while the data plane still forwards.
+    if let Some(vrrp) = vrrp {
+        vrrp.stop(Duration::from_secs(3)).await;
+    }
     checkers.stop();
     drop(http_task);
     let _ = std::fs::remove_file(&options.socket);
@@ -164,6 +194,18 @@ pub async fn run(
         Err(_) => warn!("control connections still open; exiting without cleanup"),
     }
     Ok(())
+}
+
+/// Passes what tracking finds to the VRRP router when it changed.
+async fn track(agent: &Shared, faults: &watch::Sender<Vec<String>>) {
+    let agent = agent.clone();
+    if let Ok(now) = tokio::task::spawn_blocking(move || lock(&agent).track_faults()).await {
+        faults.send_if_modified(|old| {
+            let changed = *old != now;
+            *old = now;
+            changed
+        });
+    }
 }
 
 /// Emits the program's log records through `log` (and so through tracing) as they come.

@@ -5,7 +5,8 @@
 //! the validated desired configuration, [`reconcile`] turns it into minimal map
 //! updates, and [`dataplane`] loads the program and owns the maps (pinned by [`pin`]).
 //! The [`agent`] ties them together behind the [`daemon`]'s control socket
-//! ([`api`]); [`cli`] and [`render`] are the command line.
+//! ([`api`]); [`health`] checks the backends, [`vrrp`] fails the VIPs over to a peer,
+//! [`metrics`] and [`http`] export it all; [`cli`] and [`render`] are the command line.
 
 pub mod agent;
 pub mod api;
@@ -21,3 +22,4 @@ pub mod reconcile;
 pub mod render;
 pub mod schedule;
 pub mod state;
+pub mod vrrp;

@@ -7,7 +7,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::api::{Stats, Status, Traffic};
+use crate::{
+    api::{Stats, Status, Traffic},
+    vrrp::Role,
+};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -197,6 +200,59 @@ pub fn render(status: &Status, stats: &Stats) -> String {
         "Capacity of the flow table",
         status.flow_capacity as f64,
     );
+    if let Some(v) = &status.vrrp {
+        b.gauge(
+            "foobar_lb_vrrp_role",
+            "1 for the VRRP role this balancer is in, 0 for the others",
+            Role::ALL
+                .iter()
+                .map(|r| {
+                    let on = if *r == v.role { 1.0 } else { 0.0 };
+                    (vec![("role", r.label().to_owned())], on)
+                })
+                .collect(),
+        );
+        b.single(
+            "foobar_lb_vrrp_priority",
+            "The priority advertised now (lowered while tracked faults last)",
+            f64::from(v.priority),
+        );
+        b.single(
+            "foobar_lb_vrrp_tracked_faults",
+            "Tracked faults lowering the priority",
+            v.faults.len() as f64,
+        );
+        b.counter(
+            "foobar_lb_vrrp_transitions",
+            "Entries into each VRRP role",
+            Role::ALL
+                .iter()
+                .map(|r| {
+                    let n = v.transitions.get(r).copied().unwrap_or(0);
+                    (vec![("role", r.label().to_owned())], n)
+                })
+                .collect(),
+        );
+        b.counter(
+            "foobar_lb_vrrp_advertisements",
+            "VRRP advertisements sent, and valid ones received",
+            vec![
+                (vec![("direction", "sent".to_owned())], v.adverts_sent),
+                (
+                    vec![("direction", "received".to_owned())],
+                    v.adverts_received,
+                ),
+            ],
+        );
+        b.counter(
+            "foobar_lb_vrrp_rejected_packets",
+            "VRRP packets refused, by reason",
+            v.rejected
+                .iter()
+                .map(|(reason, n)| (vec![("reason", reason.clone())], *n))
+                .collect(),
+        );
+    }
     b.single(
         "foobar_lb_uptime_seconds",
         "Seconds since the agent started",

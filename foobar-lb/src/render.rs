@@ -70,6 +70,22 @@ pub fn status(s: &Status) -> String {
             s.config.display()
         );
     }
+    if let Some(v) = &s.vrrp {
+        out += &format!(
+            "\nvrrp vrid {} on {}: {} for {}, priority {}/{}, master {}, moves {}",
+            v.vrid,
+            v.interface,
+            v.role.label().to_uppercase(),
+            duration(v.seconds_in_role as u64),
+            v.priority,
+            v.configured_priority,
+            v.master.map_or("unknown".into(), |m| m.to_string()),
+            v.addresses.join(", "),
+        );
+        for fault in &v.faults {
+            out += &format!("\n  priority lowered: {fault}");
+        }
+    }
     out.push_str("\n\n");
     let mut t = table(&[
         "VIP", "ADDRESS", "PROTO", "SCHED", "WEIGHT", "STATE", "SHARE", "FLOWS", "PKT/S", "BIT/S",

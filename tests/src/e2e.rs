@@ -7,7 +7,7 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use crate::lab::{Lab, LabSpec, VIP, VIP_PORT, default_config};
+use crate::lab::{Balancer, Lab, LabSpec, VIP, VIP_PORT, default_config};
 
 /// The lab's VIP.
 pub fn vip() -> SocketAddrV4 {
@@ -30,11 +30,16 @@ pub fn lab_with(tag: &str, webs: usize, config: Option<String>) -> Lab {
     lab
 }
 
-/// `foobar-lb -o json <args>`, parsed.
+/// `foobar-lb -o json <args>` against the lab's (first) balancer, parsed.
 pub fn json(lab: &Lab, args: &[&str]) -> serde_json::Value {
+    json_of(lab.balancer(), args)
+}
+
+/// `foobar-lb -o json <args>` against one balancer, parsed.
+pub fn json_of(balancer: &Balancer, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["-o", "json"];
     all.extend_from_slice(args);
-    let out = lab.cli_ok(&all);
+    let out = balancer.cli_ok(&all);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} gave no JSON ({e}): {out}"))
 }
 

@@ -4,6 +4,6 @@
 
 pub mod e2e;
 pub mod http;
-pub use foobar_lab::{lab, netns};
+pub use foobar_lab::{lab, netns, probe};
 pub mod packet;
 pub mod packet_lab;

@@ -155,7 +155,9 @@ fn bad_config_files_are_refused_on_reload_and_sighup() {
         }
         assert_eq!(running_state(&lab), before, "{text}");
         assert!(
-            lab.lb.ip(&["link", "show", "eth-servers"]).contains("xdp"),
+            lab.lb()
+                .ip(&["link", "show", "eth-servers"])
+                .contains("xdp"),
             "a refused reload detached an interface"
         );
     }
@@ -177,20 +179,20 @@ fn the_daemon_refuses_to_start_on_a_bad_config_and_says_why() {
     let lab = Lab::up(tests::lab::LabSpec::for_test("badstart", 1));
     lab.write_config(&default_config(1, "rr").replace("port = 80\n", "port = 0\n"));
     let out = lab
-        .lb
+        .lb()
         .command(&lab.spec().bin_dir.join("foobar-lb").display().to_string())
         .arg("--socket")
         .arg(lab.socket())
         .args(["run", "--config"])
         .arg(lab.config_path())
         .arg("--pin-dir")
-        .arg(&lab.pin_dir)
+        .arg(&lab.balancer().pin_dir)
         .output()
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("vips[0].port: must be 1-65535"), "{stderr}");
-    assert!(!lab.lb.ip(&["link", "show", "eth-client"]).contains("xdp"));
+    assert!(!lab.lb().ip(&["link", "show", "eth-client"]).contains("xdp"));
     assert!(!lab.socket().exists());
 }
 

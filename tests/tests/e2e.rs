@@ -295,23 +295,23 @@ fn curl_and_wrk_through_the_vip() {
 fn detach_on_exit_removes_the_program_and_its_pins() {
     let _turn = one_at_a_time();
     let mut lab = lab_with("detach", 1, None);
-    assert!(lab.lb.ip(&["link", "show", LB_CLIENT_IF]).contains("xdp"));
+    assert!(lab.lb().ip(&["link", "show", LB_CLIENT_IF]).contains("xdp"));
     let status = lab.stop_agent();
     assert!(status.success(), "{status}");
     // --on-exit keep (the default) left it forwarding.
     assert_eq!(lab.get().as_deref(), Some("web1"));
-    assert!(lab.pin_dir.join("FLOWS").exists());
+    assert!(lab.balancer().pin_dir.join("FLOWS").exists());
 
     // A run with --on-exit detach, stopped by SIGTERM, leaves nothing behind.
     let mut agent = lab
-        .lb
+        .lb()
         .command(&lab.spec().bin_dir.join("foobar-lb").display().to_string())
         .arg("--socket")
         .arg(lab.socket())
         .args(["run", "--on-exit", "detach", "--config"])
         .arg(lab.config_path())
         .arg("--pin-dir")
-        .arg(&lab.pin_dir)
+        .arg(&lab.balancer().pin_dir)
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
@@ -322,14 +322,14 @@ fn detach_on_exit_removes_the_program_and_its_pins() {
     assert!(status.success(), "{status}");
     for ifname in [LB_CLIENT_IF, LB_SERVER_IF] {
         assert!(
-            !lab.lb.ip(&["link", "show", ifname]).contains("xdp"),
+            !lab.lb().ip(&["link", "show", ifname]).contains("xdp"),
             "{ifname} still has XDP"
         );
     }
     assert!(
-        !lab.pin_dir.exists(),
+        !lab.balancer().pin_dir.exists(),
         "pins left in {}",
-        lab.pin_dir.display()
+        lab.balancer().pin_dir.display()
     );
     assert!(!lab.socket().exists());
 }
@@ -361,7 +361,7 @@ fn the_programs_debug_log_reaches_the_agents_log() {
     let _turn = one_at_a_time();
     let mut lab = foobar_lab::lab::Lab::up(foobar_lab::lab::LabSpec::for_test("ebpflog", 1));
     lab.write_config(&config("rr", &[(0, 0)]));
-    lab.agent_log_filter = "debug".into();
+    lab.balancer_mut().log_filter = "debug".into();
     lab.start_agent();
     // Every backend drained: the program drops the SYN and says why.
     assert_eq!(lab.get(), None);

@@ -25,7 +25,7 @@ fn lab(tag: &str) -> Lab {
 /// `curl` from the balancer's namespace (the listener is on its loopback).
 fn fetch(lab: &Lab, path: &str) -> String {
     let out = lab
-        .lb
+        .lb()
         .command("curl")
         .args(["-sf", "-m", "5", &format!("http://{LISTEN}{path}")])
         .output()
@@ -148,7 +148,7 @@ fn the_grafana_dashboard_only_uses_exported_metrics() {
 fn rendered(lab: &Lab) -> String {
     let profile = lab.dir.join("chromium");
     let out = lab
-        .lb
+        .lb()
         .command("chromium")
         .args([
             "--headless",

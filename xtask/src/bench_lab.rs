@@ -40,11 +40,12 @@ pub fn run(load: &Load) -> Result<()> {
         webs: 2,
         persistent: false,
         bin_dir: "target/release".into(),
+        ha: false,
     });
     // With a new connection per request the servers close first; their TIME_WAIT
     // sockets from one setup's run would collide with the next setup's SYNs from the
     // same client ports. Keeping none makes every setup start alike.
-    for ns in lab.webs.iter().chain([&lab.client, &lab.lb]) {
+    for ns in lab.webs.iter().chain([&lab.client, lab.lb()]) {
         ok(ns
             .command("sysctl")
             .args(["-qw", "net.ipv4.tcp_max_tw_buckets=0"]))?;
@@ -66,10 +67,10 @@ pub fn run(load: &Load) -> Result<()> {
             web_addr(1)
         ),
     )?;
-    ok(lab.lb.command("nft").arg("-f").arg(&nft))?;
+    ok(lab.lb().command("nft").arg("-f").arg(&nft))?;
     let nft_results = measure(&lab, load, &vip);
     ok(lab
-        .lb
+        .lb()
         .command("nft")
         .args(["delete", "table", "ip", "fblb_bench"]))?;
     results.push(("nftables", nft_results?));
@@ -87,7 +88,7 @@ pub fn run(load: &Load) -> Result<()> {
         ),
     )?;
     let mut haproxy = lab
-        .lb
+        .lb()
         .command("haproxy")
         .args(["-db", "-f"])
         .arg(&config)

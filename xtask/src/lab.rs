@@ -1,19 +1,23 @@
 //! `cargo xtask lab up|down|status` and `cargo xtask demo`.
 
-use std::{path::PathBuf, process::Command};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Result, bail};
-use foobar_lab::lab::{self, LB_CLIENT_IF, LB_SERVER_IF, Lab, LabSpec, VIP, VIP_PORT, web_addr};
+use foobar_lab::lab::{
+    self, ADVERT_INTERVAL_MS, LB_CLIENT_IF, LB_SERVER_IF, Lab, LabSpec, VIP, VIP_PORT, wait_until,
+    web_addr,
+};
 
 /// Namespace prefix of the persistent lab.
 const PREFIX: &str = "fblb-lab";
 
-fn spec(persistent: bool) -> LabSpec {
+fn spec(persistent: bool, ha: bool) -> LabSpec {
     LabSpec {
         prefix: PREFIX.into(),
         webs: 2,
         persistent,
         bin_dir: PathBuf::from("target/debug"),
+        ha,
     }
 }
 
@@ -22,41 +26,88 @@ fn pids_file() -> PathBuf {
 }
 
 fn is_up() -> bool {
-    std::path::Path::new(&format!("/run/netns/{PREFIX}-lb")).exists()
+    std::path::Path::new(&format!("/run/netns/{PREFIX}-net")).exists()
 }
 
-fn cli_line() -> String {
+/// The balancers of the running lab, by their directories.
+fn balancer_names() -> Vec<String> {
+    ["lb", "lb1", "lb2"]
+        .into_iter()
+        .filter(|name| socket(name).exists())
+        .map(String::from)
+        .collect()
+}
+
+fn socket(balancer: &str) -> PathBuf {
+    std::env::temp_dir()
+        .join(PREFIX)
+        .join(balancer)
+        .join("control.sock")
+}
+
+fn cli_line(balancer: &str) -> String {
     format!(
         "sudo target/debug/foobar-lb --socket {}",
-        std::env::temp_dir()
-            .join(PREFIX)
-            .join("control.sock")
-            .display()
+        socket(balancer).display()
     )
 }
 
 /// Builds the lab and leaves it running.
-pub fn up() -> Result<()> {
+pub fn up(ha: bool) -> Result<()> {
     if is_up() {
         bail!("the lab is already up; `cargo xtask lab down` first");
     }
-    let mut lab = Lab::up(spec(true));
-    lab.start_agent();
+    let mut lab = Lab::up(spec(true, ha));
+    if ha {
+        for (i, priority) in [150, 100].into_iter().enumerate() {
+            let b = &mut lab.balancers[i];
+            b.write_config(&lab::ha_config(2, priority, true));
+            b.start_agent();
+        }
+        wait_until(Duration::from_secs(10), "lb1 to become MASTER", || {
+            lab.balancers[0].holds_vip()
+        });
+    } else {
+        lab.start_agent();
+    }
+    let agent_pids: Vec<u32> = lab.balancers.iter().filter_map(|b| b.agent_pid()).collect();
     let pids = lab.detach_processes();
     std::fs::write(
         pids_file(),
         pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
     )?;
-    println!(
-        "lab up: client {PREFIX}-client 10.0.0.2 → VIP {VIP}:{VIP_PORT} on {PREFIX}-lb \
-         ({LB_CLIENT_IF}, {LB_SERVER_IF}) → web1 {}:8080, web2 {}:8080, round robin\n",
-        web_addr(0),
-        web_addr(1)
-    );
+    let first = if ha { "lb1" } else { "lb" };
+    if ha {
+        println!(
+            "lab up: client {PREFIX}-client 10.0.0.2 → VIP {VIP}:{VIP_PORT} on the VRRP master of \
+             {PREFIX}-lb1 (priority 150) and {PREFIX}-lb2 (100), adverts every \
+             {ADVERT_INTERVAL_MS} ms → web1 {}:8080, web2 {}:8080, maglev\n",
+            web_addr(0),
+            web_addr(1)
+        );
+    } else {
+        println!(
+            "lab up: client {PREFIX}-client 10.0.0.2 → VIP {VIP}:{VIP_PORT} on {PREFIX}-lb \
+             ({LB_CLIENT_IF}, {LB_SERVER_IF}) → web1 {}:8080, web2 {}:8080, round robin\n",
+            web_addr(0),
+            web_addr(1)
+        );
+    }
     println!("try:");
     println!("  sudo ip netns exec {PREFIX}-client curl -s http://{VIP}/");
-    println!("  {} status", cli_line());
-    println!("  {} backend drain www {}:8080", cli_line(), web_addr(0));
+    println!("  {} status", cli_line(first));
+    println!(
+        "  {} backend drain www {}:8080",
+        cli_line(first),
+        web_addr(0)
+    );
+    if ha {
+        println!(
+            "  sudo kill -9 {}        # crash lb1's agent: lb2 takes the VIP over",
+            agent_pids[0]
+        );
+        println!("  {} status", cli_line("lb2"));
+    }
     println!("  cargo xtask lab down");
     Ok(())
 }
@@ -71,7 +122,9 @@ pub fn down() -> Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     let gone = lab::delete_namespaces(&format!("{PREFIX}-"));
-    lab::remove_pins(&PathBuf::from(format!("/sys/fs/bpf/{PREFIX}")));
+    for name in ["lb", "lb1", "lb2"] {
+        lab::remove_pins(&PathBuf::from(format!("/sys/fs/bpf/{PREFIX}-{name}")));
+    }
     let _ = std::fs::remove_dir_all(std::env::temp_dir().join(PREFIX));
     println!("lab down: removed {} namespaces", gone.len());
     Ok(())
@@ -83,13 +136,16 @@ pub fn status() -> Result<()> {
         println!("the lab is down (`cargo xtask lab up`)");
         return Ok(());
     }
-    let status = Command::new("target/debug/foobar-lb")
-        .args(["--socket"])
-        .arg(std::env::temp_dir().join(PREFIX).join("control.sock"))
-        .arg("status")
-        .status()?;
-    if !status.success() {
-        bail!("the lab's namespaces exist but its agent does not answer");
+    for name in balancer_names() {
+        println!("== {name}");
+        let status = Command::new("target/debug/foobar-lb")
+            .arg("--socket")
+            .arg(socket(&name))
+            .arg("status")
+            .status()?;
+        if !status.success() {
+            println!("(the agent of {name} does not answer)");
+        }
     }
     Ok(())
 }
@@ -100,7 +156,7 @@ pub fn demo() -> Result<()> {
         down()?;
     }
     println!("== building the lab: client → balancer (XDP on veth) → web1, web2");
-    let mut lab = Lab::up(spec(false));
+    let mut lab = Lab::up(spec(false, false));
     lab.start_agent();
     println!("{}\n", lab.cli_ok(&["status"]));
 

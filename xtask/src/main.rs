@@ -28,7 +28,7 @@ enum Task {
     /// See the balancer work: builds the lab, sends requests through the VIP, drains
     /// a backend live, and removes the lab. Runs setup first; needs root.
     Demo,
-    /// The netns lab: client, balancer and two web servers.
+    /// The netns lab: client, balancer (or two, with --ha) and two web servers.
     Lab {
         #[command(subcommand)]
         action: LabAction,
@@ -43,7 +43,12 @@ enum Task {
 #[derive(Subcommand)]
 enum LabAction {
     /// Build the lab and start the agent and web servers; leaves them running.
-    Up,
+    Up {
+        /// Two balancers, lb1 (priority 150) and lb2 (100), failing the VIP over with
+        /// VRRP (100 ms adverts).
+        #[arg(long)]
+        ha: bool,
+    },
     /// Stop the lab's processes and remove its namespaces and pins.
     Down,
     /// Show the lab's agent status.
@@ -79,9 +84,9 @@ fn main() -> Result<()> {
             lab::demo()
         }
         Task::Lab { action } => match action {
-            LabAction::Up => {
+            LabAction::Up { ha } => {
                 prepare_lab()?;
-                lab::up()
+                lab::up(ha)
             }
             LabAction::Down => {
                 require_root("the lab lives in network namespaces")?;

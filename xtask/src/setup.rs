@@ -21,6 +21,8 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "haproxy",
     "chromium",
+    // The VRRP peer foobar-lb must interoperate with (failover tests).
+    "keepalived",
 ];
 
 /// Where bpf-linker finds the nightly's libLLVM; it keeps an rpath to it, so it must
