@@ -419,6 +419,10 @@ impl Lab {
                 ns.name(),
             ]);
             net.ip(&["link", "set", port, "master", bridge, "up"]);
+            // As a switch that knows its hosts: no flooding of frames for unknown
+            // MACs, so a dead balancer's traffic is not handed to its peer's XDP,
+            // which (like a NIC in promiscuous mode) would take frames for any MAC.
+            net.exec("bridge", &["link", "set", "dev", port, "flood", "off"]);
             // Frames an XDP program redirects into a veth are only taken by a peer with
             // GRO on (or an XDP program of its own).
             net.exec("ethtool", &["-K", port, "gro", "on"]);

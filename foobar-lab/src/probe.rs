@@ -15,14 +15,16 @@ use std::{
 
 use crate::netns::Netns;
 
-/// How long one attempt may take: far above a request's millisecond in the lab, far
+/// How long connecting may take: far above a request's millisecond in the lab, far
 /// below TCP's one-second SYN retransmission, so a lost SYN costs one attempt.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(100);
-/// Pause between a worker's attempts.
-const PAUSE: Duration = Duration::from_millis(5);
-/// Concurrent workers: an attempt whose SYN was lost waits out its timeout, so a
-/// single worker would see the recovery up to a timeout late.
-const WORKERS: usize = 4;
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(60);
+/// How long the request and the answer may take once connected.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_millis(15);
+/// Each worker starts one attempt per period, which outlasts a failed attempt.
+const PERIOD: Duration = Duration::from_millis(100);
+/// Workers, evenly out of phase: an attempt starts every PERIOD / WORKERS (10 ms)
+/// whatever happens, so the end of an outage is seen within that.
+const WORKERS: u32 = 10;
 /// No probe runs longer than this, whatever happens to its caller.
 const HARD_LIMIT: Duration = Duration::from_secs(60);
 
@@ -54,10 +56,11 @@ impl Probe {
                 std::thread::spawn(move || {
                     // Sockets belong to the namespace they are created in.
                     let _inside = ns.enter();
-                    std::thread::sleep(ATTEMPT_TIMEOUT * i as u32 / WORKERS as u32);
                     let begun = Instant::now();
+                    let mut next = begun + PERIOD * i / WORKERS;
                     let mut attempts = Vec::new();
                     while !flag.load(Ordering::Relaxed) && begun.elapsed() < HARD_LIMIT {
+                        std::thread::sleep(next.saturating_duration_since(Instant::now()));
                         let started = Instant::now();
                         let answer = request(to);
                         attempts.push(Attempt {
@@ -65,7 +68,9 @@ impl Probe {
                             at: Instant::now(),
                             answer,
                         });
-                        std::thread::sleep(PAUSE);
+                        while next <= Instant::now() {
+                            next += PERIOD;
+                        }
                     }
                     attempts
                 })
@@ -88,9 +93,9 @@ impl Probe {
 }
 
 fn request(to: SocketAddrV4) -> Option<String> {
-    let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(to), ATTEMPT_TIMEOUT).ok()?;
-    stream.set_read_timeout(Some(ATTEMPT_TIMEOUT)).ok()?;
-    stream.set_write_timeout(Some(ATTEMPT_TIMEOUT)).ok()?;
+    let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(to), CONNECT_TIMEOUT).ok()?;
+    stream.set_read_timeout(Some(EXCHANGE_TIMEOUT)).ok()?;
+    stream.set_write_timeout(Some(EXCHANGE_TIMEOUT)).ok()?;
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: foobar.com\r\nConnection: close\r\n\r\n")
         .ok()?;

@@ -1,5 +1,6 @@
 //! `cargo xtask`: setup, test and benchmarks for foobar-lb.
 
+mod bench_failover;
 mod bench_lab;
 mod lab;
 mod setup;
@@ -73,6 +74,13 @@ enum Bench {
         #[arg(long, default_value_t = 32)]
         connections: u32,
     },
+    /// The gap a client sees when the VRRP master crashes, fails back or stops, and a
+    /// dead backend's time to removal, on an HA lab, as JSON lines.
+    Failover {
+        /// Rounds of each case.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -124,6 +132,22 @@ fn main() -> Result<()> {
                 duration,
                 connections,
             })
+        }
+        Task::Bench {
+            which: Bench::Failover { rounds },
+        } => {
+            setup::ensure()?;
+            require_root("the lab creates network namespaces and attaches XDP programs")?;
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "foobar-lb",
+                "-p",
+                "foobar-web",
+                "--bins",
+            ])?;
+            bench_failover::run(rounds)
         }
     }
 }

@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{oneshot, watch},
@@ -18,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     VrrpConfig,
-    net::{self, AdvertSocket, Interface},
+    net::{self, Addresses, AdvertSocket, Announcer, Interface},
     packet::{Advertisement, Rejection, split_ipv4},
     router::{Action, Role, Router, RouterParams, Takeover},
 };
@@ -176,13 +177,22 @@ pub fn spawn(
             ..VrrpStatus::default()
         };
     }
+    let addresses = Addresses::open().map_err(|source| VrrpError::Socket {
+        interface: config.interface.clone(),
+        source,
+    })?;
+    let announcer = Announcer::open().map_err(|source| VrrpError::Socket {
+        interface: config.interface.clone(),
+        source,
+    })?;
     let (stop, stopped) = oneshot::channel();
     let instance = Instance {
+        addresses,
+        announcer,
         advertised: config.addresses().iter().map(|(_, a)| a.addr()).collect(),
         config,
         router,
         socket,
-        link,
         primary,
         view,
     };
@@ -194,10 +204,11 @@ pub fn spawn(
 }
 
 struct Instance {
+    addresses: Addresses,
+    announcer: Announcer,
     config: VrrpConfig,
     router: Router,
     socket: AdvertSocket,
-    link: Interface,
     primary: Ipv4Addr,
     /// The address list we advertise and expect.
     advertised: Vec<Ipv4Addr>,
@@ -340,39 +351,48 @@ impl Instance {
         }
     }
 
-    /// Adds every address, then announces each on its interface.
-    async fn take(&mut self) {
-        let addresses = self.config.addresses();
-        for (dev, address) in &addresses {
-            if let Err(e) = net::add_address(dev, *address).await {
-                warn!("vrrp: adding {address} to {dev}: {e}");
-            }
-        }
-        for (dev, address) in &addresses {
-            let link = if *dev == self.config.interface {
-                Ok(Some(self.link.clone()))
-            } else {
-                net::interface(dev)
-            };
-            match link {
-                // A few copies: one lost frame must not strand a neighbour.
-                Ok(Some(link)) => {
-                    for _ in 0..3 {
-                        if let Err(e) = net::gratuitous_arp(&link, address.addr()) {
-                            warn!("vrrp: gratuitous ARP for {address} on {dev}: {e}");
-                            break;
-                        }
-                    }
-                }
-                Ok(None) => warn!("vrrp: {dev} is gone; {address} not announced"),
+    /// Every moving address with its interface as it is now; a missing interface is
+    /// logged and skipped.
+    fn links(&self) -> Vec<(Interface, String, Ipv4Net)> {
+        let mut links = Vec::new();
+        for (dev, address) in self.config.addresses() {
+            match net::interface(&dev) {
+                Ok(Some(link)) => links.push((link, dev, address)),
+                Ok(None) => warn!("vrrp: {dev} is gone; {address} left alone"),
                 Err(e) => warn!("vrrp: {dev}: {e}"),
             }
         }
+        links
+    }
+
+    /// Adds every address, then announces each on its interface.
+    async fn take(&mut self) {
+        let started = std::time::Instant::now();
+        let links = self.links();
+        for (link, dev, address) in &links {
+            if let Err(e) = self.addresses.add(link.index, *address).await {
+                warn!("vrrp: adding {address} to {dev}: {e}");
+            }
+        }
+        for (link, dev, address) in &links {
+            // A few copies: one lost frame must not strand a neighbour.
+            for _ in 0..3 {
+                if let Err(e) = self.announcer.announce(link, address.addr()) {
+                    warn!("vrrp: gratuitous ARP for {address} on {dev}: {e}");
+                    break;
+                }
+            }
+        }
+        info!(
+            addresses = links.len(),
+            "vrrp: addresses taken and announced in {:?}",
+            started.elapsed()
+        );
     }
 
     async fn release(&mut self) {
-        for (dev, address) in self.config.addresses() {
-            if let Err(e) = net::remove_address(&dev, address).await {
+        for (link, dev, address) in self.links() {
+            if let Err(e) = self.addresses.remove(link.index, address).await {
                 warn!("vrrp: removing {address} from {dev}: {e}");
             }
         }

@@ -6,10 +6,11 @@
 
 use std::{
     io::{self, Read},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
+use futures_util::TryStreamExt;
 use ipnet::Ipv4Net;
 use nix::{ifaddrs::getifaddrs, net::if_::InterfaceFlags};
 use socket2::{Domain, InterfaceIndexOrAddress, Protocol, Socket, Type};
@@ -111,97 +112,112 @@ impl AdvertSocket {
     }
 }
 
-/// Adds `address` to `interface` (no error if it is there already).
-pub async fn add_address(interface: &str, address: Ipv4Net) -> io::Result<()> {
-    ip(&[
-        "-4",
-        "addr",
-        "replace",
-        &address.to_string(),
-        "dev",
-        interface,
-    ])
-    .await
+/// Adds and removes the moving addresses over rtnetlink: a failover must not wait for
+/// `ip` to start.
+#[derive(Clone)]
+pub struct Addresses {
+    handle: rtnetlink::Handle,
 }
 
-/// Removes `address` from `interface` if it is there.
-pub async fn remove_address(interface: &str, address: Ipv4Net) -> io::Result<()> {
-    let present = interface_networks(interface)?.contains(&address);
-    if !present {
-        return Ok(());
+impl Addresses {
+    /// Opens a netlink connection in this namespace (its task runs on tokio).
+    pub fn open() -> io::Result<Addresses> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        Ok(Addresses { handle })
     }
-    ip(&["-4", "addr", "del", &address.to_string(), "dev", interface]).await
-}
 
-fn interface_networks(name: &str) -> io::Result<Vec<Ipv4Net>> {
-    Ok(interface(name)?.map(|i| i.networks).unwrap_or_default())
-}
+    /// Adds `address` to interface `index` (no error if it is there already).
+    pub async fn add(&self, index: u32, address: Ipv4Net) -> io::Result<()> {
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(address.addr()), address.prefix_len())
+            .replace()
+            .execute()
+            .await
+            .map_err(io::Error::other)
+    }
 
-async fn ip(args: &[&str]) -> io::Result<()> {
-    let out = tokio::process::Command::new("ip")
-        .args(args)
-        .output()
-        .await?;
-    if out.status.success() {
+    /// Removes `address` from interface `index` if it is there.
+    pub async fn remove(&self, index: u32, address: Ipv4Net) -> io::Result<()> {
+        let mut found = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(IpAddr::V4(address.addr()))
+            .set_prefix_length_filter(address.prefix_len())
+            .execute();
+        while let Some(message) = found.try_next().await.map_err(io::Error::other)? {
+            self.handle
+                .address()
+                .del(message)
+                .execute()
+                .await
+                .map_err(io::Error::other)?;
+        }
         Ok(())
-    } else {
-        Err(io::Error::other(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
     }
 }
 
-/// Broadcasts a gratuitous ARP request for `address` from `interface`, so that
-/// neighbours point their cache entry for it at this machine.
-pub fn gratuitous_arp(interface: &Interface, address: Ipv4Addr) -> io::Result<()> {
-    const ETH_P_ARP: u16 = 0x0806;
-    let broadcast = [0xff; 6];
-    let mut frame = Vec::with_capacity(42);
-    frame.extend_from_slice(&broadcast);
-    frame.extend_from_slice(&interface.mac);
-    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
-    // Ethernet, IPv4, 6-byte and 4-byte addresses, request.
-    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    frame.extend_from_slice(&interface.mac);
-    frame.extend_from_slice(&address.octets());
-    frame.extend_from_slice(&[0; 6]);
-    frame.extend_from_slice(&address.octets());
+const ETH_P_ARP: u16 = 0x0806;
 
-    // SAFETY: plain socket(2); the fd is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(ETH_P_ARP.to_be()),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
+/// Sends gratuitous ARP. One packet socket for the router's life: closing one waits
+/// for an RCU grace period (tens of ms), which a failover must not pay per frame.
+pub struct Announcer {
+    fd: OwnedFd,
+}
+
+impl Announcer {
+    /// Opens the packet socket (not bound: each frame names its interface).
+    pub fn open() -> io::Result<Announcer> {
+        // SAFETY: plain socket(2); the fd is owned at once. Protocol 0: send only.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(Announcer {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
-    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    to.sll_family = libc::AF_PACKET as u16;
-    to.sll_protocol = ETH_P_ARP.to_be();
-    to.sll_ifindex = interface.index as i32;
-    to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&broadcast);
-    // SAFETY: the buffer and the address live across the call, with their lengths.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&to as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
+
+    /// Broadcasts a gratuitous ARP request for `address` from `interface`, so that
+    /// neighbours point their cache entry for it at this machine.
+    pub fn announce(&self, interface: &Interface, address: Ipv4Addr) -> io::Result<()> {
+        let broadcast = [0xff; 6];
+        let mut frame = Vec::with_capacity(42);
+        frame.extend_from_slice(&broadcast);
+        frame.extend_from_slice(&interface.mac);
+        frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+        // Ethernet, IPv4, 6-byte and 4-byte addresses, request.
+        frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        frame.extend_from_slice(&interface.mac);
+        frame.extend_from_slice(&address.octets());
+        frame.extend_from_slice(&[0; 6]);
+        frame.extend_from_slice(&address.octets());
+
+        // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = ETH_P_ARP.to_be();
+        to.sll_ifindex = interface.index as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&broadcast);
+        // SAFETY: the buffer and the address live across the call, with their lengths.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
-    Ok(())
 }
