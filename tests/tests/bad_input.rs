@@ -5,7 +5,7 @@ use std::{process::Command, time::Duration};
 
 use tests::{
     e2e::{lab_with, one_at_a_time, running_state},
-    lab::{Lab, WEB_PORT, default_config, wait_until, web_addr},
+    lab::{Lab, WEB_PORT, default_config, vrrp_section, wait_until, web_addr},
 };
 
 /// Runs the CLI; returns (exit code, stderr).
@@ -144,6 +144,28 @@ fn bad_config_files_are_refused_on_reload_and_sighup() {
             format!("{good}[vips.health_check]\ntype = \"ping\"\n"),
             &["ping"],
         ),
+        (
+            good.clone() + &vrrp_section(150, true).replace("[\"10.0.0.100\"]", "[\"10.0.0.9\"]"),
+            &[
+                "vrrp.vips[0]",
+                "10.0.0.9 is not the address of any [[vips]] entry",
+            ],
+        ),
+        (
+            good.clone() + &vrrp_section(255, true),
+            &["vrrp.priority", "1..=254"],
+        ),
+        (
+            good.clone()
+                + &vrrp_section(150, true)
+                    .replace("interface = \"eth-client\"", "interface = \"eth9\""),
+            &["vrrp.interface", "dataplane.interfaces"],
+        ),
+        // Valid, but failover cannot start or stop under a running agent.
+        (
+            good.clone() + &vrrp_section(150, true),
+            &["vrrp", "restart"],
+        ),
         (String::new(), &["dataplane"]),
     ];
     for (text, words) in cases {
@@ -177,23 +199,36 @@ fn bad_config_files_are_refused_on_reload_and_sighup() {
 fn the_daemon_refuses_to_start_on_a_bad_config_and_says_why() {
     let _turn = one_at_a_time();
     let lab = Lab::up(tests::lab::LabSpec::for_test("badstart", 1));
-    lab.write_config(&default_config(1, "rr").replace("port = 80\n", "port = 0\n"));
-    let out = lab
-        .lb()
-        .command(&lab.spec().bin_dir.join("foobar-lb").display().to_string())
-        .arg("--socket")
-        .arg(lab.socket())
-        .args(["run", "--config"])
-        .arg(lab.config_path())
-        .arg("--pin-dir")
-        .arg(&lab.balancer().pin_dir)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("vips[0].port: must be 1-65535"), "{stderr}");
-    assert!(!lab.lb().ip(&["link", "show", "eth-client"]).contains("xdp"));
-    assert!(!lab.socket().exists());
+    let good = default_config(1, "rr");
+    let cases = [
+        (
+            good.replace("port = 80\n", "port = 0\n"),
+            "vips[0].port: must be 1-65535",
+        ),
+        (
+            good.clone() + &vrrp_section(150, true).replace("[\"10.0.0.100\"]", "[\"10.0.0.9\"]"),
+            "vrrp.vips[0]: 10.0.0.9 is not the address of any [[vips]] entry",
+        ),
+    ];
+    for (text, expected) in cases {
+        lab.write_config(&text);
+        let out = lab
+            .lb()
+            .command(&lab.spec().bin_dir.join("foobar-lb").display().to_string())
+            .arg("--socket")
+            .arg(lab.socket())
+            .args(["run", "--config"])
+            .arg(lab.config_path())
+            .arg("--pin-dir")
+            .arg(&lab.balancer().pin_dir)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(!lab.lb().ip(&["link", "show", "eth-client"]).contains("xdp"));
+        assert!(!lab.socket().exists());
+    }
 }
 
 #[test]

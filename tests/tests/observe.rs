@@ -6,19 +6,25 @@ use std::{collections::BTreeSet, time::Duration};
 use tests::{
     e2e::{one_at_a_time, vip},
     http::get_once,
-    lab::{Lab, LabSpec, WEB_PORT, default_config, wait_until, web_addr},
+    lab::{Lab, LabSpec, WEB_PORT, default_config, vrrp_section, wait_until, web_addr},
 };
 
 const LISTEN: &str = "127.0.0.1:9100";
 
+/// An HA lab whose lb1 runs alone with VRRP, so it is MASTER and every family of
+/// metrics is exported.
 fn lab(tag: &str) -> Lab {
-    let mut lab = Lab::up(LabSpec::for_test(tag, 2));
+    let mut lab = Lab::up(LabSpec::ha_for_test(tag, 2));
     lab.write_config(&format!(
         "{}\n[vips.health_check]\ntype = \"http\"\npath = \"/health\"\ninterval_ms = 200\ntimeout_ms = 100\n\n\
-         [metrics]\nlisten = \"{LISTEN}\"\n",
-        default_config(2, "rr")
+         [metrics]\nlisten = \"{LISTEN}\"\n{}",
+        default_config(2, "rr"),
+        vrrp_section(150, true)
     ));
     lab.start_agent();
+    wait_until(Duration::from_secs(10), "lb1 to be VRRP master", || {
+        lab.balancer().holds_vip()
+    });
     lab
 }
 
@@ -77,6 +83,15 @@ fn metrics_follow_the_traffic_and_the_health_of_backends() {
     assert_eq!(sample(&text, "foobar_lb_flow_table_capacity"), 262_144.0);
     assert!(text.contains("# TYPE foobar_lb_flow_table_entries gauge"));
     assert!(text.contains("foobar_lb_packets_total{reason=\"drop_bad_ihl\"} 0"));
+    assert_eq!(sample(&text, "foobar_lb_vrrp_role{role=\"master\"}"), 1.0);
+    assert_eq!(sample(&text, "foobar_lb_vrrp_role{role=\"backup\"}"), 0.0);
+    assert_eq!(sample(&text, "foobar_lb_vrrp_priority"), 150.0);
+    assert!(
+        sample(
+            &text,
+            "foobar_lb_vrrp_advertisements_total{direction=\"sent\"}"
+        ) > 0.0
+    );
     wait_until(Duration::from_secs(5), "a check latency", || {
         fetch(&lab, "/metrics")
             .contains(&format!("foobar_lb_backend_check_latency_seconds{{{b1}}}"))
@@ -190,6 +205,13 @@ fn the_status_page_shows_vips_backends_and_their_state_in_a_browser() {
     }
     assert_eq!(dom.matches("class=\"backend active\"").count(), 2, "{dom}");
     assert!(dom.contains("ok "), "no check latency shown:\n{dom}");
+    for text in [
+        "failover (VRRP vrid 51 on eth-client)",
+        "MASTER",
+        "priority 150/150",
+    ] {
+        assert!(dom.contains(text), "the page lacks {text:?}:\n{dom}");
+    }
 
     lab.cli_ok(&["backend", "disable", "www", &web1]);
     lab.set_web_health(1, false);
