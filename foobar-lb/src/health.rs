@@ -3,14 +3,22 @@
 
 use std::{
     net::SocketAddr,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
 use http_body_util::Empty;
 use hyper::{Request, body::Bytes};
 use hyper_util::rt::TokioIo;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 /// How a backend is probed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +29,9 @@ pub enum CheckKind {
     Tcp,
     /// An HTTP/1.1 GET of `path`, answered with a status in `expect_status`.
     Http,
+    /// The same over TLS. The certificate is not verified (HAProxy's `check-ssl verify
+    /// none`): the check asks whether the backend serves, not who it is.
+    Https,
 }
 
 fn default_path() -> String {
@@ -46,7 +57,7 @@ fn default_fall() -> u32 {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
-    /// `tcp` or `http`.
+    /// `tcp`, `http` or `https`.
     #[serde(rename = "type", default)]
     pub kind: CheckKind,
     /// Path of the HTTP GET.
@@ -144,35 +155,117 @@ pub async fn probe(check: &HealthCheck, target: SocketAddr) -> Result<Duration, 
         let stream = TcpStream::connect(target)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        if check.kind == CheckKind::Tcp {
-            return Ok(());
-        }
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("http: {e}"))?;
-        tokio::spawn(connection);
-        let request = Request::get(check.path.as_str())
-            .header("Host", target.to_string())
-            .header("User-Agent", "foobar-lb-health-check")
-            .header("Connection", "close")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("request: {e}"))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("http: {e}"))?;
-        let status = response.status().as_u16();
-        let [lo, hi] = check.expect_status;
-        if (lo..=hi).contains(&status) {
-            Ok(())
-        } else {
-            Err(format!("status {status}, expected {lo}-{hi}"))
+        match check.kind {
+            CheckKind::Tcp => Ok(()),
+            CheckKind::Http => http_get(check, target, stream).await,
+            CheckKind::Https => {
+                let name = ServerName::IpAddress(target.ip().into());
+                let stream = tls_connector()
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("tls: {e}"))?;
+                http_get(check, target, stream).await
+            }
         }
     };
     match tokio::time::timeout(Duration::from_millis(check.timeout_ms), work).await {
         Ok(Ok(())) => Ok(started.elapsed()),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(format!("timed out after {} ms", check.timeout_ms)),
+    }
+}
+
+/// `GET path` on an open connection; the status must be in the expected range.
+async fn http_get<S>(check: &HealthCheck, target: SocketAddr, stream: S) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(connection);
+    let request = Request::get(check.path.as_str())
+        .header("Host", target.to_string())
+        .header("User-Agent", "foobar-lb-health-check")
+        .header("Connection", "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    let status = response.status().as_u16();
+    let [lo, hi] = check.expect_status;
+    if (lo..=hi).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!("status {status}, expected {lo}-{hi}"))
+    }
+}
+
+/// The TLS client of `https` checks, built once.
+fn tls_connector() -> TlsConnector {
+    static CONFIG: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth();
+        Arc::new(config)
+    });
+    TlsConnector::from(config.clone())
+}
+
+/// Accepts any certificate, but still checks the handshake's signatures with it, so
+/// the backend must hold the key of what it presents.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -168,3 +168,65 @@ fn disable_overrides_health_and_enable_hands_back_to_the_checks() {
         .collect();
     assert!(answers.iter().all(|a| a == "web2"), "{answers:?}");
 }
+
+#[test]
+fn https_checks_speak_tls_to_the_backend() {
+    let _turn = one_at_a_time();
+    let mut lab = Lab::up(LabSpec::for_test("https", 2));
+    // web1 also serves HTTPS (openssl s_server) on 8443 with a fresh self-signed
+    // certificate; web2:8080 speaks plain HTTP only.
+    let (cert, key) = (lab.dir.join("web1.pem"), lab.dir.join("web1.key"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=web1",
+        ])
+        .args(["-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (cargo xtask setup installs it)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let mut tls_server = lab.webs[0]
+        .command("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept", "8443", "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    lab.write_config(&format!(
+        "[dataplane]\ninterfaces = [\"{LB_CLIENT_IF}\", \"{LB_SERVER_IF}\"]\n\n\
+         [[vips]]\nname = \"www\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\n\
+         backends = [\n  {{ address = \"{}\", port = 8443 }},\n  {{ address = \"{}\", port = {WEB_PORT} }},\n]\n\
+         [vips.health_check]\ntype = \"https\"\npath = \"/\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 1\nfall = 2\n",
+        web_addr(0),
+        web_addr(1)
+    ));
+    lab.start_agent();
+    wait_until(Duration::from_secs(10), "web1's TLS check to pass", || {
+        backend_field(&lab, 0, "last_check") == "ok"
+    });
+    assert_eq!(backend_field(&lab, 0, "health"), "up");
+    // Plain HTTP fails an HTTPS check: the check really speaks TLS.
+    wait_until(Duration::from_secs(10), "web2 to be marked down", || {
+        backend_field(&lab, 1, "health") == "down"
+    });
+    let last = backend_field(&lab, 1, "last_check");
+    assert!(last.as_str().unwrap().starts_with("tls: "), "{last}");
+
+    let _ = tls_server.kill();
+    let _ = tls_server.wait();
+    wait_until(Duration::from_secs(10), "web1 to be marked down", || {
+        backend_field(&lab, 0, "health") == "down"
+    });
+    let last = backend_field(&lab, 0, "last_check");
+    assert!(last.as_str().unwrap().contains("connect"), "{last}");
+}

@@ -23,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "chromium",
     // The VRRP peer foobar-lb must interoperate with (failover tests).
     "keepalived",
+    // An HTTPS backend and its certificate for the HTTPS health-check test.
+    "openssl",
 ];
 
 /// Where bpf-linker finds the nightly's libLLVM; it keeps an rpath to it, so it must
