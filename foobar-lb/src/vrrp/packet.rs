@@ -118,7 +118,7 @@ impl Advertisement {
 
     /// Parses a VRRP message that arrived in an IP packet described by `ip`, checking
     /// TTL, version, type, length and checksum (RFC 5798 §7.1). The VRID, source and
-    /// address-list checks need the router's configuration: see `Router::accept`.
+    /// address-list checks need the router's configuration; the running instance makes them.
     pub fn decode(ip: &IpInfo, message: &[u8]) -> Result<Advertisement, Rejection> {
         if message.len() < HEADER_LEN {
             return Err(Rejection::Malformed);
