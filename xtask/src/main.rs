@@ -118,16 +118,7 @@ fn main() -> Result<()> {
         } => {
             setup::ensure()?;
             require_root("the lab creates network namespaces and attaches XDP programs")?;
-            // Release servers and agent: a debug web server would be what is measured.
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "foobar-lb",
-                "-p",
-                "foobar-web",
-                "--bins",
-            ])?;
+            build_release_bins()?;
             bench_lab::run(&bench_lab::Load {
                 duration,
                 connections,
@@ -138,18 +129,24 @@ fn main() -> Result<()> {
         } => {
             setup::ensure()?;
             require_root("the lab creates network namespaces and attaches XDP programs")?;
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "foobar-lb",
-                "-p",
-                "foobar-web",
-                "--bins",
-            ])?;
+            build_release_bins()?;
             bench_failover::run(rounds)
         }
     }
+}
+
+/// Release servers and agent for the lab benchmarks: a debug web server would be what
+/// is measured.
+fn build_release_bins() -> Result<()> {
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "foobar-lb",
+        "-p",
+        "foobar-web",
+        "--bins",
+    ])
 }
 
 /// Setup, root, and the binaries the lab runs.
