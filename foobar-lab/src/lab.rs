@@ -225,24 +225,19 @@ impl Balancer {
     /// socket answers. Panics with its log if it exits instead.
     pub fn start_agent(&mut self) {
         assert!(self.agent.is_none(), "the agent is already running");
-        let log = log_file(&self.dir.join("agent.log"));
-        let child = self
-            .ns
-            .command(&bin(&self.bin_dir, "foobar-lb"))
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("run")
-            .arg("--config")
-            .arg(self.config_path())
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .env("RUST_LOG", &self.log_filter)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("spawn foobar-lb");
+        let child = spawn_logged(
+            self.ns
+                .command(&bin(&self.bin_dir, "foobar-lb"))
+                .arg("--socket")
+                .arg(self.socket())
+                .arg("run")
+                .arg("--config")
+                .arg(self.config_path())
+                .arg("--pin-dir")
+                .arg(&self.pin_dir)
+                .env("RUST_LOG", &self.log_filter),
+            &self.dir.join("agent.log"),
+        );
         self.agent = Some(child);
         let started = Instant::now();
         loop {
@@ -311,23 +306,19 @@ impl Balancer {
         assert!(self.keepalived.is_none(), "keepalived is already running");
         let conf = self.dir.join("keepalived.conf");
         std::fs::write(&conf, config).expect("keepalived.conf");
-        let log = log_file(&self.dir.join("keepalived.log"));
-        let child = self
-            .ns
-            .command("keepalived")
-            .args(["--dont-fork", "--log-console", "--log-detail", "--vrrp"])
-            .arg("--use-file")
-            .arg(&conf)
-            .arg("--pid")
-            .arg(self.dir.join("keepalived.pid"))
-            .arg("--vrrp_pid")
-            .arg(self.dir.join("keepalived-vrrp.pid"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("spawn keepalived (is it installed? `cargo xtask setup`)");
+        // keepalived comes with `cargo xtask setup`.
+        let child = spawn_logged(
+            self.ns
+                .command("keepalived")
+                .args(["--dont-fork", "--log-console", "--log-detail", "--vrrp"])
+                .arg("--use-file")
+                .arg(&conf)
+                .arg("--pid")
+                .arg(self.dir.join("keepalived.pid"))
+                .arg("--vrrp_pid")
+                .arg(self.dir.join("keepalived-vrrp.pid")),
+            &self.dir.join("keepalived.log"),
+        );
         self.keepalived = Some(child);
     }
 
@@ -557,23 +548,19 @@ impl Lab {
 
     /// Starts (or restarts) web server `i` and waits until it answers.
     pub fn start_web(&mut self, i: usize) {
-        let log = log_file(&self.dir.join(format!("{}.log", web_name(i))));
-        let child = self.webs[i]
-            .command(&bin(&self.spec.bin_dir, "foobar-web"))
-            .args([
-                "--name",
-                &web_name(i),
-                "--listen",
-                &format!("0.0.0.0:{WEB_PORT}"),
-                "--down-file",
-                &self.web_down_file(i).display().to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("spawn foobar-web");
+        let child = spawn_logged(
+            self.webs[i]
+                .command(&bin(&self.spec.bin_dir, "foobar-web"))
+                .args([
+                    "--name",
+                    &web_name(i),
+                    "--listen",
+                    &format!("0.0.0.0:{WEB_PORT}"),
+                    "--down-file",
+                    &self.web_down_file(i).display().to_string(),
+                ]),
+            &self.dir.join(format!("{}.log", web_name(i))),
+        );
         if self.web_servers.len() <= i {
             self.web_servers.resize_with(i + 1, || None);
         }
@@ -705,12 +692,21 @@ fn bin(dir: &Path, name: &str) -> String {
     path.display().to_string()
 }
 
-fn log_file(path: &Path) -> File {
-    File::options()
+/// Spawns `command` in a process group of its own, stdin closed, stdout and stderr
+/// appended to `log`.
+fn spawn_logged(command: &mut Command, log: &Path) -> Child {
+    let file = File::options()
         .create(true)
         .append(true)
-        .open(path)
-        .expect("log file")
+        .open(log)
+        .expect("log file");
+    command
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", command.get_program()))
 }
 
 fn make_ns(name: &str, persistent: bool) -> Netns {

@@ -237,10 +237,11 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    /// A small valid file: VIP www 10.0.0.100:80 on interfaces `lbc` and `lbb`.
+    pub(crate) const GOOD: &str = r#"
         [dataplane]
         interfaces = ["lbc", "lbb"]
 

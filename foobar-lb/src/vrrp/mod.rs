@@ -229,19 +229,9 @@ mod tests {
     }
 
     fn vips() -> Vec<VipSpec> {
-        toml::from_str::<crate::config::Config>(
-            r#"
-            [dataplane]
-            interfaces = ["lbc", "lbb"]
-            [[vips]]
-            name = "www"
-            address = "10.0.0.100"
-            port = 80
-            backends = [{ address = "10.1.0.11", port = 8080 }]
-            "#,
-        )
-        .unwrap()
-        .vips
+        crate::config::Config::parse(crate::config::tests::GOOD)
+            .unwrap()
+            .vips
     }
 
     fn field(edit: impl FnOnce(&mut VrrpConfig)) -> String {
