@@ -12,16 +12,20 @@
 //! the host's mounts, so its pins live on the host's bpffs in a directory of its own.
 
 use std::{
-    fs::File,
     net::Ipv4Addr,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Output},
     thread::sleep,
     time::{Duration, Instant},
 };
 
-use crate::netns::{Netns, run, unique_name};
+pub use crate::process::{terminate, wait_until};
+use crate::{
+    netns::{Netns, run, unique_name},
+    pki::Pki,
+    process::{bin, spawn_logged},
+    stack,
+};
 
 /// The VIP clients connect to.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -63,6 +67,9 @@ pub struct LabSpec {
     pub bin_dir: PathBuf,
     /// Two balancers (`lb1`, `lb2`) sharing the client and server networks, for VRRP.
     pub ha: bool,
+    /// The whole foobar.com stack (see [`stack`]): servers named `server1`, `server2`
+    /// with web, application and database nodes, a DNS server, HTTPS.
+    pub stack: bool,
 }
 
 impl LabSpec {
@@ -74,6 +81,24 @@ impl LabSpec {
             persistent: false,
             bin_dir: bin_dir_of_this_test(),
             ha: false,
+            stack: false,
+        }
+    }
+
+    /// A throwaway stack lab: two servers with the whole foobar.com stack.
+    pub fn stack_for_test(tag: &str) -> Self {
+        Self {
+            stack: true,
+            ..Self::for_test(tag, 2)
+        }
+    }
+
+    /// The name of server `i`: `web1`.. in a plain lab, `server1`.. in a stack lab.
+    pub fn server_name(&self, i: usize) -> String {
+        if self.stack {
+            format!("server{}", i + 1)
+        } else {
+            web_name(i)
         }
     }
 
@@ -358,12 +383,35 @@ pub struct Lab {
     pub net: Netns,
     /// The balancers: one, or two in an HA lab.
     pub balancers: Vec<Balancer>,
-    /// The web servers.
+    /// The servers behind the balancer (web servers in a plain lab).
     pub webs: Vec<Netns>,
+    /// The DNS server's namespace (stack labs).
+    pub dns: Option<Netns>,
+    /// The CA and the site's certificate (stack labs).
+    pub pki: Option<Pki>,
     /// Configuration, sockets and logs.
     pub dir: PathBuf,
     spec: LabSpec,
-    web_servers: Vec<Option<Child>>,
+    nodes: Vec<Node>,
+    dns_server: Option<Child>,
+}
+
+/// The processes of one server.
+#[derive(Default)]
+struct Node {
+    web: Option<Child>,
+    app: Option<Child>,
+    db: Option<Child>,
+}
+
+impl Node {
+    fn stop_all(&mut self) {
+        for child in [&mut self.web, &mut self.app, &mut self.db] {
+            if let Some(mut c) = child.take() {
+                terminate(&mut c);
+            }
+        }
+    }
 }
 
 impl Lab {
@@ -388,8 +436,11 @@ impl Lab {
             })
             .collect();
         let webs: Vec<Netns> = (0..spec.webs)
-            .map(|i| make_ns(&format!("{p}-{}", web_name(i)), spec.persistent))
+            .map(|i| make_ns(&format!("{p}-{}", spec.server_name(i)), spec.persistent))
             .collect();
+        let dns = spec
+            .stack
+            .then(|| make_ns(&format!("{p}-dns"), spec.persistent));
 
         for bridge in ["br-client", "br-servers"] {
             net.ip(&["link", "add", bridge, "type", "bridge"]);
@@ -422,6 +473,24 @@ impl Lab {
 
         plug(&client, "eth0", "client", "br-client");
         client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"]);
+        if let Some(dns) = &dns {
+            plug(dns, "eth0", "dns", "br-client");
+            dns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", stack::DNS_ADDR),
+                "dev",
+                "eth0",
+            ]);
+            // `ip netns exec` shows the client this file as its /etc/resolv.conf.
+            let etc = resolv_dir(client.name());
+            std::fs::create_dir_all(&etc).expect("/etc/netns dir");
+            std::fs::write(
+                etc.join("resolv.conf"),
+                format!("nameserver {}\n", stack::DNS_ADDR),
+            )
+            .expect("resolv.conf");
+        }
         for (i, b) in balancers.iter().enumerate() {
             plug(&b.ns, LB_CLIENT_IF, &format!("{}-c", b.name), "br-client");
             plug(&b.ns, LB_SERVER_IF, &format!("{}-s", b.name), "br-servers");
@@ -461,7 +530,7 @@ impl Lab {
             ]);
         }
         for (i, web) in webs.iter().enumerate() {
-            plug(web, "eth0", &web_name(i), "br-servers");
+            plug(web, "eth0", &spec.server_name(i), "br-servers");
             web.ip(&["addr", "add", &format!("{}/24", web_addr(i)), "dev", "eth0"]);
             web.ip(&[
                 "route",
@@ -476,19 +545,142 @@ impl Lab {
         for ns in webs.iter().chain([&client]) {
             ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
         }
+        let pki = spec.stack.then(|| Pki::new(&dir.join("pki")));
         let mut lab = Lab {
             client,
             net,
             balancers,
             webs,
+            dns,
+            pki,
             dir,
             spec,
-            web_servers: Vec::new(),
+            nodes: Vec::new(),
+            dns_server: None,
         };
+        lab.nodes.resize_with(lab.webs.len(), Node::default);
+        if let Some(dns) = &lab.dns {
+            lab.dns_server = Some(stack::start_dns(dns, &lab.dir));
+        }
+        if lab.spec.stack {
+            std::fs::write(lab.db_password_file(), "lab-app-password\n").expect("password file");
+            lab.start_db();
+            for i in 0..lab.webs.len() {
+                lab.start_app(i);
+            }
+        }
         for i in 0..lab.webs.len() {
             lab.start_web(i);
         }
         lab
+    }
+
+    /// Whether this is a stack lab.
+    pub fn is_stack(&self) -> bool {
+        self.spec.stack
+    }
+
+    /// The name of server `i`.
+    pub fn server_name(&self, i: usize) -> String {
+        self.spec.server_name(i)
+    }
+
+    /// The file holding the application's database password.
+    pub fn db_password_file(&self) -> PathBuf {
+        self.dir.join("db-app.password")
+    }
+
+    /// Starts server1's database node and waits until MariaDB answers.
+    pub fn start_db(&mut self) {
+        let dir = stack::server_dir(&self.dir, &self.server_name(0));
+        let config = dir.join("db.toml");
+        std::fs::write(&config, stack::db_config(&dir, &self.db_password_file())).expect("db.toml");
+        let child = spawn_logged(
+            self.webs[0]
+                .command(&bin(&self.spec.bin_dir, "foobar-db"))
+                .args(["run", "--config"])
+                .arg(&config),
+            &dir.join("db.log"),
+        );
+        self.nodes[0].db = Some(child);
+        let started = Instant::now();
+        // `mariadb-admin ping` succeeds once the server answers, even refusing the login.
+        while !self.webs[0]
+            .command("mariadb-admin")
+            .args(["--no-defaults", "-h", &web_addr(0).to_string(), "-P"])
+            .arg(stack::DB_PORT.to_string())
+            .args(["-u", "nobody", "--connect-timeout=1", "ping"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            let exited = self.nodes[0]
+                .db
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            assert!(
+                exited.is_none(),
+                "foobar-db exited:\n{}",
+                self.log("server1", "db")
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "MariaDB did not answer within 60 s:\n{}",
+                self.log("server1", "db")
+            );
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops server1's database node (SIGTERM: MariaDB shuts down cleanly).
+    pub fn stop_db(&mut self) {
+        if let Some(mut child) = self.nodes[0].db.take() {
+            terminate(&mut child);
+        }
+    }
+
+    /// Starts server `i`'s application node (it answers before the database does).
+    pub fn start_app(&mut self, i: usize) {
+        let name = self.server_name(i);
+        let dir = stack::server_dir(&self.dir, &name);
+        let config = dir.join("app.toml");
+        std::fs::write(
+            &config,
+            stack::app_config(&dir, &name, &self.db_password_file()),
+        )
+        .expect("app.toml");
+        let child = spawn_logged(
+            self.webs[i]
+                .command(&bin(&self.spec.bin_dir, "foobar-app"))
+                .arg("--config")
+                .arg(&config),
+            &dir.join("app.log"),
+        );
+        self.nodes[i].app = Some(child);
+        let url = format!("http://{}:{}/healthz", web_addr(i), stack::APP_PORT);
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{name}'s application node"),
+            || {
+                self.lb()
+                    .command("curl")
+                    .args(["-sf", "-m", "1", &url])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+        );
+    }
+
+    /// Stops server `i`'s application node.
+    pub fn stop_app(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].app.take() {
+            terminate(&mut child);
+        }
+    }
+
+    /// A log of the lab: `<server>/<service>.log` (`web`, `app`, `db`).
+    pub fn log(&self, server: &str, service: &str) -> String {
+        std::fs::read_to_string(self.dir.join(server).join(format!("{service}.log")))
+            .unwrap_or_default()
     }
 
     /// The (first) balancer.
@@ -539,40 +731,45 @@ impl Lab {
         }
     }
 
-    /// Stops web server `i` (SIGTERM, then SIGKILL).
+    /// Stops server `i`'s web node (SIGTERM, then SIGKILL).
     pub fn stop_web(&mut self, i: usize) {
-        if let Some(mut child) = self.web_servers.get_mut(i).and_then(Option::take) {
+        if let Some(mut child) = self.nodes.get_mut(i).and_then(|n| n.web.take()) {
             terminate(&mut child);
         }
     }
 
-    /// Starts (or restarts) web server `i` and waits until it answers.
+    /// Starts (or restarts) server `i`'s web node and waits until it answers.
     pub fn start_web(&mut self, i: usize) {
+        let name = self.server_name(i);
+        let dir = stack::server_dir(&self.dir, &name);
+        let down = self.web_down_file(i);
+        let text = match &self.pki {
+            Some(pki) => stack::web_config(&dir, &name, self.webs.len(), pki, &down),
+            None => stack::plain_web_config(&dir, &name, &down),
+        };
+        let config = dir.join("web.toml");
+        std::fs::write(&config, text).expect("web.toml");
         let child = spawn_logged(
             self.webs[i]
                 .command(&bin(&self.spec.bin_dir, "foobar-web"))
-                .args([
-                    "--name",
-                    &web_name(i),
-                    "--listen",
-                    &format!("0.0.0.0:{WEB_PORT}"),
-                    "--down-file",
-                    &self.web_down_file(i).display().to_string(),
-                ]),
-            &self.dir.join(format!("{}.log", web_name(i))),
+                .arg("--config")
+                .arg(&config),
+            &dir.join("web.log"),
         );
-        if self.web_servers.len() <= i {
-            self.web_servers.resize_with(i + 1, || None);
-        }
-        self.web_servers[i] = Some(child);
-        let url = format!("http://{}:{WEB_PORT}/", web_addr(i));
+        self.nodes[i].web = Some(child);
+        let port = if self.spec.stack {
+            stack::HTTP_PORT
+        } else {
+            WEB_PORT
+        };
+        let url = format!("http://{}:{port}/healthz", web_addr(i));
         wait_until(
             Duration::from_secs(10),
-            &format!("{} to answer", web_name(i)),
+            &format!("{name} to answer"),
             || {
                 self.lb()
                     .command("curl")
-                    .args(["-sf", "-m", "1", &url])
+                    .args(["-s", "-o", "/dev/null", "-m", "1", &url])
                     .output()
                     .is_ok_and(|o| o.status.success())
             },
@@ -602,7 +799,15 @@ impl Lab {
     /// Starts the (first) balancer's agent, with the default config if none is written.
     pub fn start_agent(&mut self) {
         if !self.config_path().exists() {
-            self.write_config(&default_config(self.webs.len(), "rr"));
+            let config = if self.spec.stack {
+                stack::balancer_config(
+                    &format!("[\"{LB_CLIENT_IF}\", \"{LB_SERVER_IF}\"]"),
+                    self.webs.len(),
+                )
+            } else {
+                default_config(self.webs.len(), "rr")
+            };
+            self.write_config(&config);
         }
         self.balancer_mut().start_agent()
     }
@@ -653,9 +858,11 @@ impl Lab {
     /// Leaves every process running and forgets them (persistent labs).
     pub fn detach_processes(&mut self) -> Vec<u32> {
         let mut pids: Vec<u32> = self
-            .web_servers
-            .drain(..)
+            .nodes
+            .iter_mut()
+            .flat_map(|n| [n.web.take(), n.app.take(), n.db.take()])
             .flatten()
+            .chain(self.dns_server.take())
             .map(|c| c.id())
             .collect();
         for b in &mut self.balancers {
@@ -674,39 +881,22 @@ impl Drop for Lab {
         for b in &mut self.balancers {
             b.stop_all();
         }
-        for mut web in self.web_servers.drain(..).flatten() {
-            terminate(&mut web);
+        // Web and application nodes first, the database last.
+        for node in self.nodes.iter_mut().rev() {
+            node.stop_all();
         }
+        if let Some(mut dns) = self.dns_server.take() {
+            terminate(&mut dns);
+        }
+        let _ = std::fs::remove_dir_all(resolv_dir(self.client.name()));
         let _ = std::fs::remove_dir_all(&self.dir);
         // The namespaces go as their fields drop.
     }
 }
 
-fn bin(dir: &Path, name: &str) -> String {
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo build` first",
-        path.display()
-    );
-    path.display().to_string()
-}
-
-/// Spawns `command` in a process group of its own, stdin closed, stdout and stderr
-/// appended to `log`.
-fn spawn_logged(command: &mut Command, log: &Path) -> Child {
-    let file = File::options()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log file");
-    command
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .process_group(0)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", command.get_program()))
+/// `/etc/netns/<ns>`: files `ip netns exec` shows the namespace in place of /etc's.
+pub fn resolv_dir(ns: &str) -> PathBuf {
+    PathBuf::from("/etc/netns").join(ns)
 }
 
 fn make_ns(name: &str, persistent: bool) -> Netns {
@@ -714,23 +904,6 @@ fn make_ns(name: &str, persistent: bool) -> Netns {
         Netns::persistent(name)
     } else {
         Netns::new_named(name)
-    }
-}
-
-/// SIGTERM, then SIGKILL after 10 s; waits.
-pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    // SAFETY: signalling a child we own.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return child.wait().expect("wait");
-        }
-        sleep(Duration::from_millis(20));
     }
 }
 
@@ -742,15 +915,6 @@ pub fn remove_pins(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
-}
-
-/// Polls `done` every 50 ms until it holds; panics after `limit`.
-pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        sleep(Duration::from_millis(50));
-    }
 }
 
 /// Deletes every namespace whose name starts with `prefix` (xtask lab down).

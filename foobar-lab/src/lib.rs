@@ -5,4 +5,7 @@
 
 pub mod lab;
 pub mod netns;
+pub mod pki;
 pub mod probe;
+pub mod process;
+pub mod stack;

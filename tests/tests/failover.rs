@@ -361,7 +361,7 @@ fn tracked_faults_lower_the_priority_so_the_peer_takes_over() {
     // lb1 alone without a usable backend.
     let check = |kind: &str| {
         format!(
-            "[vips.health_check]\ntype = \"{kind}\"\npath = \"/health\"\ninterval_ms = 200\n\
+            "[vips.health_check]\ntype = \"{kind}\"\npath = \"/healthz\"\ninterval_ms = 200\n\
              timeout_ms = 100\nrise = 2\nfall = 2\n"
         )
     };

@@ -20,7 +20,7 @@ fn config(kind: &str, on_down: &str) -> String {
         "[dataplane]\ninterfaces = [\"{LB_CLIENT_IF}\", \"{LB_SERVER_IF}\"]\nxdp_mode = \"native\"\n\n\
          [[vips]]\nname = \"www\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\non_backend_down = \"{on_down}\"\n\
          backends = [\n  {{ address = \"{}\", port = {WEB_PORT} }},\n  {{ address = \"{}\", port = {WEB_PORT} }},\n]\n\
-         [vips.health_check]\ntype = \"{kind}\"\npath = \"/health\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n",
+         [vips.health_check]\ntype = \"{kind}\"\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n",
         web_addr(0),
         web_addr(1)
     )

@@ -16,7 +16,7 @@ const LISTEN: &str = "127.0.0.1:9100";
 fn lab(tag: &str) -> Lab {
     let mut lab = Lab::up(LabSpec::ha_for_test(tag, 2));
     lab.write_config(&format!(
-        "{}\n[vips.health_check]\ntype = \"http\"\npath = \"/health\"\ninterval_ms = 200\ntimeout_ms = 100\n\n\
+        "{}\n[vips.health_check]\ntype = \"http\"\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 100\n\n\
          [metrics]\nlisten = \"{LISTEN}\"\n{}",
         default_config(2, "rr"),
         vrrp_section(150, true)

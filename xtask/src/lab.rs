@@ -3,21 +3,25 @@
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Result, bail};
-use foobar_lab::lab::{
-    self, ADVERT_INTERVAL_MS, LB_CLIENT_IF, LB_SERVER_IF, Lab, LabSpec, VIP, VIP_PORT, wait_until,
-    web_addr,
+use foobar_lab::{
+    lab::{
+        self, ADVERT_INTERVAL_MS, LB_CLIENT_IF, LB_SERVER_IF, Lab, LabSpec, VIP, VIP_PORT,
+        wait_until, web_addr,
+    },
+    stack::{self, DNS_ADDR, SITE},
 };
 
 /// Namespace prefix of the persistent lab.
 const PREFIX: &str = "fblb-lab";
 
-fn spec(persistent: bool, ha: bool) -> LabSpec {
+fn spec(persistent: bool, ha: bool, stack: bool) -> LabSpec {
     LabSpec {
         prefix: PREFIX.into(),
         webs: 2,
         persistent,
         bin_dir: PathBuf::from("target/debug"),
         ha,
+        stack,
     }
 }
 
@@ -53,11 +57,14 @@ fn cli_line(balancer: &str) -> String {
 }
 
 /// Builds the lab and leaves it running.
-pub fn up(ha: bool) -> Result<()> {
+pub fn up(ha: bool, stack: bool) -> Result<()> {
     if is_up() {
         bail!("the lab is already up; `cargo xtask lab down` first");
     }
-    let mut lab = Lab::up(spec(true, ha));
+    if ha && stack {
+        bail!("--ha and --stack do not go together yet: choose one");
+    }
+    let mut lab = Lab::up(spec(true, ha, stack));
     if ha {
         for (i, priority) in [150, 100].into_iter().enumerate() {
             let b = &mut lab.balancers[i];
@@ -77,6 +84,24 @@ pub fn up(ha: bool) -> Result<()> {
         pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
     )?;
     let first = if ha { "lb1" } else { "lb" };
+    if stack {
+        wait_for_backends(&lab)?;
+        println!(
+            "lab up: the foobar.com stack: client {PREFIX}-client 10.0.0.2 (DNS {DNS_ADDR}) → \
+             {SITE} = VIP {VIP}:80 and :443 on {PREFIX}-lb → server1 {}, server2 {} (foobar-web :80 :443, \
+             foobar-app :8000), MariaDB on server1\n",
+            web_addr(0),
+            web_addr(1)
+        );
+        println!("try:");
+        println!(
+            "  sudo ip netns exec {PREFIX}-client curl --cacert {} https://{SITE}/api/posts",
+            lab.pki.as_ref().expect("stack").ca_cert().display()
+        );
+        println!("  {} status", cli_line(first));
+        println!("  cargo xtask lab down");
+        return Ok(());
+    }
     if ha {
         println!(
             "lab up: client {PREFIX}-client 10.0.0.2 → VIP {VIP}:{VIP_PORT} on the VRRP master of \
@@ -126,6 +151,7 @@ pub fn down() -> Result<()> {
         lab::remove_pins(&PathBuf::from(format!("/sys/fs/bpf/{PREFIX}-{name}")));
     }
     let _ = std::fs::remove_dir_all(std::env::temp_dir().join(PREFIX));
+    let _ = std::fs::remove_dir_all(lab::resolv_dir(&format!("{PREFIX}-client")));
     println!("lab down: removed {} namespaces", gone.len());
     Ok(())
 }
@@ -150,42 +176,115 @@ pub fn status() -> Result<()> {
     Ok(())
 }
 
-/// The README's first command: the balancer doing its job, in one minute.
+/// Waits until the balancer sees every server up on both VIPs.
+fn wait_for_backends(lab: &Lab) -> Result<()> {
+    let up = || {
+        let status: serde_json::Value =
+            serde_json::from_str(&lab.cli_ok(&["-o", "json", "status"])).unwrap_or_default();
+        let backends = status["vips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|vip| vip["backends"].as_array().into_iter().flatten());
+        let healths: Vec<&str> = backends
+            .map(|b| b["health"].as_str().unwrap_or(""))
+            .collect();
+        !healths.is_empty() && healths.iter().all(|h| *h == "up")
+    };
+    let started = std::time::Instant::now();
+    while !up() {
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "the servers are not all up after 20 s:\n{}",
+                lab.cli_ok(&["status"])
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// The README's first command: the seed's whole flow through the balancer.
 pub fn demo() -> Result<()> {
     if is_up() {
         down()?;
     }
-    println!("== building the lab: client → balancer (XDP on veth) → web1, web2");
-    let mut lab = Lab::up(spec(false, false));
+    println!(
+        "== building the foobar.com lab: client, DNS, balancer (XDP on veth), server1 and server2 \
+         (foobar-web, foobar-app), MariaDB on server1"
+    );
+    let mut lab = Lab::up(spec(false, false, true));
     lab.start_agent();
+    wait_for_backends(&lab)?;
     println!("{}\n", lab.cli_ok(&["status"]));
 
-    println!("== 6 requests from the client to http://{VIP}/ (round robin):");
-    requests(&lab, 6)?;
+    let site = format!("https://{SITE}");
+    println!("== the client resolves {SITE} through the lab's DNS ({DNS_ADDR}):");
+    let resolved = stack::resolving_command(&lab.client, "getent")
+        .args(["hosts", SITE])
+        .output()?;
+    println!("  {}", String::from_utf8_lossy(&resolved.stdout).trim());
 
-    let web1 = format!("{}:8080", web_addr(0));
-    println!("\n== foobar-lb backend drain www {web1}");
-    println!("{}", lab.cli_ok(&["backend", "drain", "www", &web1]).trim());
-    println!("== 4 more requests: web1 gets no new connection");
-    requests(&lab, 4)?;
+    println!("\n== GET {site}/ over HTTPS through the VIP:");
+    let page = ok(lab.site_curl(&[
+        "-f",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{http_version} %{size_download} bytes",
+        &format!("{site}/"),
+    ]))?;
+    println!("  {page}");
 
-    println!("\n== foobar-lb backend weight www {web1} 1");
-    println!(
-        "{}",
-        lab.cli_ok(&["backend", "weight", "www", &web1, "1"]).trim()
-    );
-    requests(&lab, 2)?;
+    println!("\n== POST {site}/api/posts, then read it back:");
+    let posted = ok(lab.site_curl(&[
+        "-f",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        "{\"author\":\"demo\",\"text\":\"Hello from the foobar.com lab\"}",
+        &format!("{site}/api/posts"),
+    ]))?;
+    println!("  created: {posted}");
+    let listed = ok(lab.site_curl(&["-f", &format!("{site}/api/posts?limit=1")]))?;
+    println!("  newest:  {listed}");
+
+    println!("\n== 6 requests, each on a new connection (round robin over the servers):");
+    requests(&lab, &site, 6)?;
+
+    let server1 = format!("{}", web_addr(0));
+    println!("\n== draining server1 on both VIPs (open connections keep it, new ones do not):");
+    for (vip, port) in [("www", 80), ("www-tls", 443)] {
+        println!(
+            "  {}",
+            lab.cli_ok(&["backend", "drain", vip, &format!("{server1}:{port}")])
+                .trim()
+        );
+    }
+    requests(&lab, &site, 4)?;
+    println!("\n== server1 back in:");
+    for (vip, port) in [("www", 80), ("www-tls", 443)] {
+        lab.cli_ok(&["backend", "weight", vip, &format!("{server1}:{port}"), "1"]);
+    }
+    requests(&lab, &site, 2)?;
 
     println!("\n{}", lab.cli_ok(&["status"]));
     println!("== removing the lab");
     drop(lab);
-    println!("done. `cargo xtask lab up` keeps one running to play with.");
+    println!("done. `cargo xtask lab up --stack` keeps one running to play with.");
     Ok(())
 }
 
-fn requests(lab: &Lab, n: usize) -> Result<()> {
+fn ok(out: std::process::Output) -> Result<String> {
+    if !out.status.success() {
+        bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn requests(lab: &Lab, site: &str, n: usize) -> Result<()> {
     for i in 1..=n {
-        match lab.get() {
+        match lab.served_by(&format!("{site}/")) {
             Some(server) => println!("  request {i}: answered by {server}"),
             None => bail!(
                 "request {i} through the VIP failed; agent log:\n{}",

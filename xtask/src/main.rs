@@ -26,8 +26,10 @@ enum Task {
     /// tests, the random-frame run and the end-to-end lab tests. Runs setup first;
     /// needs root.
     Test,
-    /// See the balancer work: builds the lab, sends requests through the VIP, drains
-    /// a backend live, and removes the lab. Runs setup first; needs root.
+    /// See the balancer work: builds the foobar.com lab, resolves www.foobar.com,
+    /// fetches the site over HTTPS through the VIP, posts and reads back, shows the
+    /// requests spread over the servers, drains one live, and removes the lab. Runs
+    /// setup first; needs root.
     Demo,
     /// The netns lab: client, balancer (or two, with --ha) and two web servers.
     Lab {
@@ -49,6 +51,10 @@ enum LabAction {
         /// VRRP (100 ms adverts).
         #[arg(long)]
         ha: bool,
+        /// The whole foobar.com stack: DNS, HTTPS, web and application nodes on
+        /// server1 and server2, MariaDB on server1.
+        #[arg(long)]
+        stack: bool,
     },
     /// Stop the lab's processes and remove its namespaces and pins.
     Down,
@@ -92,9 +98,9 @@ fn main() -> Result<()> {
             lab::demo()
         }
         Task::Lab { action } => match action {
-            LabAction::Up { ha } => {
+            LabAction::Up { ha, stack } => {
                 prepare_lab()?;
-                lab::up(ha)
+                lab::up(ha, stack)
             }
             LabAction::Down => {
                 require_root("the lab lives in network namespaces")?;
@@ -145,6 +151,10 @@ fn build_release_bins() -> Result<()> {
         "foobar-lb",
         "-p",
         "foobar-web",
+        "-p",
+        "foobar-app",
+        "-p",
+        "foobar-db",
         "--bins",
     ])
 }
@@ -153,8 +163,23 @@ fn build_release_bins() -> Result<()> {
 fn prepare_lab() -> Result<()> {
     setup::ensure()?;
     require_root("the lab creates network namespaces and attaches XDP programs")?;
-    cargo(&["build", "-p", "foobar-lb", "-p", "foobar-web", "--bins"])
+    cargo(&NODE_BINS)
 }
+
+/// The lab's programs: the balancer and the nodes behind it.
+const NODE_BINS: [&str; 11] = [
+    "build",
+    "-p",
+    "foobar-lb",
+    "-p",
+    "foobar-web",
+    "-p",
+    "foobar-app",
+    "-p",
+    "foobar-db",
+    "--bins",
+    "--quiet",
+];
 
 fn test() -> Result<()> {
     setup::ensure()?;
@@ -186,8 +211,8 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
-    // The end-to-end tests run the agent and web server binaries from target/debug.
-    cargo(&["build", "-p", "foobar-lb", "-p", "foobar-web", "--bins"])?;
+    // The end-to-end tests run the agent's and the nodes' binaries from target/debug.
+    cargo(&NODE_BINS)?;
     cargo_test(&["test", "--workspace", "--exclude", "foobar-lb-ebpf"])
 }
 

@@ -25,6 +25,14 @@ const PACKAGES: &[&str] = &[
     "keepalived",
     // An HTTPS backend and its certificate for the HTTPS health-check test.
     "openssl",
+    // The stack behind the balancer: MariaDB without a system service of its own
+    // (foobar-db runs it), the site's DNS server, nginx to compare foobar-web with,
+    // and certutil to make headless Chromium trust the lab's CA.
+    "mariadb-server-core",
+    "mariadb-client",
+    "dnsmasq-base",
+    "nginx",
+    "libnss3-tools",
 ];
 
 /// Where bpf-linker finds the nightly's libLLVM; it keeps an rpath to it, so it must

@@ -1,0 +1,432 @@
+//! The database: a connection pool per endpoint (writes to the primary, reads from a
+//! replica), the schema migrations, the queries, and a supervisor that keeps each
+//! endpoint's health so requests fail fast with 503 while it is away and succeed
+//! again by themselves once it is back.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use mysql_async::{Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts, prelude::Queryable};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::config::Database;
+
+/// A post as stored and as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Post {
+    /// Its id, increasing with time.
+    pub id: u64,
+    /// Who wrote it.
+    pub author: String,
+    /// What they wrote.
+    pub text: String,
+    /// When, RFC 3339 in UTC with microseconds.
+    pub created_at: String,
+}
+
+/// Why the database could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The endpoint is down or refused us.
+    #[error("the database ({role}) is unavailable: {message}")]
+    Unavailable {
+        /// `write` or `read`.
+        role: &'static str,
+        /// What happened.
+        message: String,
+    },
+    /// A query took longer than its deadline.
+    #[error("the database ({role}) did not answer in time")]
+    Timeout {
+        /// `write` or `read`.
+        role: &'static str,
+    },
+    /// The schema has not been created yet (the primary was never reachable).
+    #[error("the database schema is not ready yet")]
+    NotReady,
+}
+
+/// The schema, one step per version; a step is applied once, in order, by the first
+/// node that gets the migration lock.
+const MIGRATIONS: &[(u32, &str)] = &[(
+    1,
+    "CREATE TABLE IF NOT EXISTS posts (
+        id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        author VARCHAR(64) NOT NULL,
+        text VARCHAR(2000) NOT NULL,
+        created_at DATETIME(6) NOT NULL
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+)];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueryLabels {
+    endpoint: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: &'static str,
+}
+
+/// One endpoint (write or read) and what the supervisor knows of it.
+struct Endpoint {
+    role: &'static str,
+    addr: SocketAddr,
+    pool: Pool,
+    up: AtomicBool,
+    failed_pings: AtomicU32,
+}
+
+/// Both endpoints, their deadlines and metrics.
+pub struct Db {
+    write: Endpoint,
+    read: Endpoint,
+    connect_timeout: Duration,
+    query_timeout: Duration,
+    schema_ready: AtomicBool,
+    queries: Family<QueryLabels, Counter>,
+    latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    up: Family<EndpointLabels, Gauge>,
+}
+
+/// What `/healthz` shows of the database.
+#[derive(Clone, Debug, Serialize)]
+pub struct DbHealth {
+    /// The write endpoint answers.
+    pub write: bool,
+    /// The read endpoint answers.
+    pub read: bool,
+    /// The schema is in place.
+    pub schema_ready: bool,
+}
+
+fn query_histogram() -> Histogram {
+    Histogram::new([
+        0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 3.0,
+    ])
+}
+
+impl Db {
+    /// Pools for both endpoints (nothing is connected yet); metrics go to `registry`.
+    pub fn new(config: &Database, registry: &mut Registry) -> std::io::Result<Arc<Self>> {
+        let password = std::fs::read_to_string(&config.password_file)?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned();
+        let pool = |addr: SocketAddr| {
+            let constraints =
+                PoolConstraints::new(0, config.pool_max).expect("pool_max is above 0");
+            let opts = OptsBuilder::default()
+                .ip_or_hostname(addr.ip().to_string())
+                .tcp_port(addr.port())
+                .user(Some(config.user.clone()))
+                .pass(Some(password.clone()))
+                .db_name(Some(config.name.clone()))
+                .tcp_nodelay(true)
+                // Loopback would otherwise silently use the Unix socket.
+                .prefer_socket(false)
+                .pool_opts(PoolOpts::default().with_constraints(constraints));
+            Pool::new(opts)
+        };
+        let endpoint = |role, addr| Endpoint {
+            role,
+            addr,
+            pool: pool(addr),
+            up: AtomicBool::new(false),
+            failed_pings: AtomicU32::new(0),
+        };
+        let queries = Family::<QueryLabels, Counter>::default();
+        let latency = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            query_histogram,
+        );
+        let up = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "db_queries",
+            "Database queries by endpoint (write, read) and outcome (ok, error, timeout, unavailable)",
+            queries.clone(),
+        );
+        registry.register(
+            "db_query_duration_seconds",
+            "Time of a database query, connection included",
+            latency.clone(),
+        );
+        registry.register(
+            "db_up",
+            "Whether the endpoint answered its last checks",
+            up.clone(),
+        );
+        Ok(Arc::new(Self {
+            write: endpoint("write", config.write),
+            read: endpoint("read", config.read.unwrap_or(config.write)),
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            query_timeout: Duration::from_millis(config.query_timeout_ms),
+            schema_ready: AtomicBool::new(false),
+            queries,
+            latency,
+            up,
+        }))
+    }
+
+    /// Checks both endpoints every half second and creates the schema once the
+    /// primary answers; runs until the process ends.
+    pub async fn supervise(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !self.schema_ready.load(Ordering::Relaxed) {
+                match self.migrate().await {
+                    Ok(applied) => {
+                        info!(applied, "schema ready");
+                        self.schema_ready.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => warn!("schema not ready: {e}"),
+                }
+            }
+            for endpoint in [&self.write, &self.read] {
+                let ok = self
+                    .run(
+                        endpoint,
+                        |mut conn| async move { conn.query_drop("DO 1").await },
+                    )
+                    .await
+                    .is_ok();
+                self.mark(endpoint, ok);
+            }
+        }
+    }
+
+    /// Two failed checks in a row take an endpoint down; one success brings it back.
+    fn mark(&self, endpoint: &Endpoint, ok: bool) {
+        let was_up = endpoint.up.load(Ordering::Relaxed);
+        let up = if ok {
+            endpoint.failed_pings.store(0, Ordering::Relaxed);
+            true
+        } else {
+            endpoint.failed_pings.fetch_add(1, Ordering::Relaxed) + 1 < 2 && was_up
+        };
+        if up != was_up {
+            endpoint.up.store(up, Ordering::Relaxed);
+            if up {
+                info!(endpoint = endpoint.role, addr = %endpoint.addr, "database up");
+            } else {
+                warn!(endpoint = endpoint.role, addr = %endpoint.addr, "database down: answering 503");
+            }
+        }
+        self.up
+            .get_or_create(&EndpointLabels {
+                endpoint: endpoint.role,
+            })
+            .set(up as i64);
+    }
+
+    /// Health for `/healthz`.
+    pub fn health(&self) -> DbHealth {
+        DbHealth {
+            write: self.write.up.load(Ordering::Relaxed),
+            read: self.read.up.load(Ordering::Relaxed),
+            schema_ready: self.schema_ready.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs `query` on a connection of `endpoint` within the deadlines, counting it.
+    async fn run<T, F, Fut>(&self, endpoint: &Endpoint, query: F) -> Result<T, DbError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = Result<T, mysql_async::Error>>,
+    {
+        let started = Instant::now();
+        let role = endpoint.role;
+        let outcome = async {
+            let conn =
+                match tokio::time::timeout(self.connect_timeout, endpoint.pool.get_conn()).await {
+                    Err(_) => {
+                        return Err(DbError::Unavailable {
+                            role,
+                            message: "timed out connecting".into(),
+                        });
+                    }
+                    Ok(Err(e)) => {
+                        return Err(DbError::Unavailable {
+                            role,
+                            message: e.to_string(),
+                        });
+                    }
+                    Ok(Ok(conn)) => conn,
+                };
+            match tokio::time::timeout(self.query_timeout, query(conn)).await {
+                Err(_) => Err(DbError::Timeout { role }),
+                Ok(Err(e)) => Err(DbError::Unavailable {
+                    role,
+                    message: e.to_string(),
+                }),
+                Ok(Ok(value)) => Ok(value),
+            }
+        }
+        .await;
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(DbError::Timeout { .. }) => "timeout",
+            Err(_) => "error",
+        };
+        self.queries
+            .get_or_create(&QueryLabels {
+                endpoint: role,
+                outcome: label,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&EndpointLabels { endpoint: role })
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// The endpoint for a request, unless it is known to be away (then fail at once).
+    fn usable<'a>(&self, endpoint: &'a Endpoint) -> Result<&'a Endpoint, DbError> {
+        if !self.schema_ready.load(Ordering::Relaxed) {
+            return Err(DbError::NotReady);
+        }
+        if !endpoint.up.load(Ordering::Relaxed) {
+            self.queries
+                .get_or_create(&QueryLabels {
+                    endpoint: endpoint.role,
+                    outcome: "unavailable",
+                })
+                .inc();
+            return Err(DbError::Unavailable {
+                role: endpoint.role,
+                message: "failed its last checks".into(),
+            });
+        }
+        Ok(endpoint)
+    }
+
+    /// Stores a new post; its id and time come from the primary's commit.
+    pub async fn insert_post(&self, author: &str, text: &str) -> Result<Post, DbError> {
+        let endpoint = self.usable(&self.write)?;
+        let created_at = chrono::Utc::now().naive_utc();
+        let (author_owned, text_owned) = (author.to_owned(), text.to_owned());
+        let id = self
+            .run(endpoint, |mut conn| async move {
+                conn.exec_drop(
+                    "INSERT INTO posts (author, text, created_at) VALUES (?, ?, ?)",
+                    (author_owned, text_owned, created_at),
+                )
+                .await?;
+                Ok(conn.last_insert_id().unwrap_or(0))
+            })
+            .await?;
+        Ok(Post {
+            id,
+            author: author.to_owned(),
+            text: text.to_owned(),
+            created_at: rfc3339(created_at),
+        })
+    }
+
+    /// One post.
+    pub async fn post(&self, id: u64) -> Result<Option<Post>, DbError> {
+        let endpoint = self.usable(&self.read)?;
+        let rows = self
+            .run(endpoint, |mut conn| async move {
+                conn.exec(
+                    "SELECT id, author, text, created_at FROM posts WHERE id = ?",
+                    (id,),
+                )
+                .await
+            })
+            .await?;
+        Ok(rows.into_iter().next().map(post_of))
+    }
+
+    /// The newest `limit` posts older than `before` (all if none), newest first.
+    pub async fn posts(&self, before: Option<u64>, limit: u32) -> Result<Vec<Post>, DbError> {
+        let endpoint = self.usable(&self.read)?;
+        let before = before.unwrap_or(u64::MAX);
+        let rows = self
+            .run(endpoint, |mut conn| async move {
+                conn.exec(
+                    "SELECT id, author, text, created_at FROM posts WHERE id < ? ORDER BY id DESC LIMIT ?",
+                    (before, limit),
+                )
+                .await
+            })
+            .await?;
+        Ok(rows.into_iter().map(post_of).collect())
+    }
+
+    /// Applies the migrations not applied yet, under a lock so two nodes starting
+    /// together do not race; returns how many it applied.
+    async fn migrate(&self) -> Result<usize, DbError> {
+        self.run(&self.write, |mut conn| async move {
+            conn.query_drop(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version INT UNSIGNED NOT NULL PRIMARY KEY,
+                    applied_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)
+                ) ENGINE=InnoDB",
+            )
+            .await?;
+            let locked: Option<i64> = conn
+                .query_first("SELECT GET_LOCK('foobar_migrations', 2)")
+                .await?;
+            if locked != Some(1) {
+                return Err(mysql_async::Error::Other(
+                    "another node is migrating".into(),
+                ));
+            }
+            let applied: Vec<u32> = conn.query("SELECT version FROM schema_migrations").await?;
+            let mut count = 0;
+            for &(version, sql) in MIGRATIONS {
+                if applied.contains(&version) {
+                    continue;
+                }
+                conn.query_drop(sql).await?;
+                conn.exec_drop(
+                    "INSERT INTO schema_migrations (version) VALUES (?)",
+                    (version,),
+                )
+                .await?;
+                count += 1;
+            }
+            conn.query_drop("DO RELEASE_LOCK('foobar_migrations')")
+                .await?;
+            Ok(count)
+        })
+        .await
+    }
+
+    /// Closes the pools.
+    pub async fn close(&self) {
+        for endpoint in [&self.write, &self.read] {
+            let _ = endpoint.pool.clone().disconnect().await;
+        }
+    }
+}
+
+type PostRow = (u64, String, String, chrono::NaiveDateTime);
+
+fn post_of((id, author, text, created_at): PostRow) -> Post {
+    Post {
+        id,
+        author,
+        text,
+        created_at: rfc3339(created_at),
+    }
+}
+
+fn rfc3339(t: chrono::NaiveDateTime) -> String {
+    t.and_utc().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}

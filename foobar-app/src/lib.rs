@@ -1,0 +1,88 @@
+//! `foobar-app`: the application node of the foobar.com stack, a small posts API on
+//! MariaDB ([`api`], [`db`]); serving, limits, logs and metrics come from `foobar-node`.
+
+pub mod api;
+pub mod config;
+pub mod db;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderValue, StatusCode, header},
+    middleware::{from_fn_with_state, map_response_with_state},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use foobar_node::{
+    observe::{AccessLog, Observer, observe},
+    server,
+    signals::Shutdown,
+};
+use prometheus_client::registry::Registry;
+
+use crate::{config::Config, db::Db};
+
+/// Runs the application node until `shutdown`.
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let mut registry = Registry::with_prefix("foobar_app");
+    let db = Db::new(&config.database, &mut registry).context("database.password_file")?;
+    let access_log = match &config.access_log {
+        Some(path) => Some(AccessLog::open(path).with_context(|| path.display().to_string())?),
+        None => None,
+    };
+    let observer = Observer::new(registry, access_log, "other");
+    let supervisor = tokio::spawn(db.clone().supervise());
+    let listener =
+        server::bind(config.listen).with_context(|| format!("listen {}", config.listen))?;
+    server::serve(
+        listener,
+        None,
+        router(&config, db.clone(), observer.clone()),
+        config.limits,
+        shutdown,
+    )
+    .await;
+    supervisor.abort();
+    db.close().await;
+    observer.flush();
+    Ok(())
+}
+
+/// The API, `/healthz` (database health) and `/metrics`.
+pub fn router(config: &Config, db: Arc<Db>, observer: Arc<Observer>) -> Router {
+    let name = config
+        .name
+        .as_deref()
+        .and_then(|n| HeaderValue::from_str(n).ok());
+    api::routes(db.clone())
+        .route("/healthz", get(healthz).with_state(db))
+        .route(
+            "/metrics",
+            get(|State(o): State<Arc<Observer>>| async move { o.metrics_response() })
+                .with_state(observer.clone()),
+        )
+        .layer(map_response_with_state(name, served_by))
+        .layer(from_fn_with_state(observer, observe))
+}
+
+async fn served_by(State(name): State<Option<HeaderValue>>, mut response: Response) -> Response {
+    if let Some(name) = name {
+        response.headers_mut().insert("x-served-by", name);
+    }
+    response
+}
+
+/// 200 while both endpoints answer and the schema is in place, 503 otherwise; the body
+/// says which.
+async fn healthz(State(db): State<Arc<Db>>) -> Response {
+    let health = db.health();
+    let status = if health.write && health.read && health.schema_ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, [(header::CACHE_CONTROL, "no-store")], Json(health)).into_response()
+}

@@ -1,0 +1,210 @@
+//! The foobar.com stack on the lab's servers: what each node runs and how it is
+//! configured. In a plain lab every server runs only a web node that answers with its
+//! name; in a stack lab (`LabSpec::stack`) server1 and server2 each run foobar-web
+//! (HTTP, HTTPS, the site's files, the API proxied to both application nodes) and
+//! foobar-app, server1 runs foobar-db (MariaDB), and a DNS server answers for
+//! foobar.com.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+};
+
+use crate::{
+    lab::{VIP, WEB_PORT, web_addr},
+    netns::Netns,
+    pki::Pki,
+    process::spawn_logged,
+};
+
+/// The site's name.
+pub const SITE: &str = "www.foobar.com";
+/// The DNS server, on the client network.
+pub const DNS_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 53);
+/// The web nodes' plain-HTTP port (and the VIP's).
+pub const HTTP_PORT: u16 = 80;
+/// The web nodes' HTTPS port (and the VIP's).
+pub const HTTPS_PORT: u16 = 443;
+/// The application nodes' port.
+pub const APP_PORT: u16 = 8000;
+/// MariaDB's port.
+pub const DB_PORT: u16 = 3306;
+/// The application's schema and account.
+pub const DB_SCHEMA: &str = "foobar";
+/// The application's database user.
+pub const DB_USER: &str = "foobar";
+
+/// The site's pages, shipped with the lab (the seed's "application files").
+const SITE_FILES: [(&str, &str); 3] = [
+    ("index.html", include_str!("../../site/index.html")),
+    ("app.js", include_str!("../../site/app.js")),
+    ("style.css", include_str!("../../site/style.css")),
+];
+
+/// Writes the site's pages into `root`.
+pub fn install_site(root: &Path) {
+    std::fs::create_dir_all(root).expect("site root");
+    for (name, text) in SITE_FILES {
+        std::fs::write(root.join(name), text).expect("site file");
+    }
+}
+
+/// The directory of server `name` in the lab directory.
+pub fn server_dir(lab_dir: &Path, name: &str) -> PathBuf {
+    let dir = lab_dir.join(name);
+    std::fs::create_dir_all(&dir).expect("server dir");
+    dir
+}
+
+/// A plain lab's web node: its name as the page, on [`WEB_PORT`].
+pub fn plain_web_config(dir: &Path, name: &str, maintenance_file: &Path) -> String {
+    let root = dir.join("site");
+    std::fs::create_dir_all(&root).expect("site root");
+    std::fs::write(root.join("index.html"), format!("{name}\n")).expect("index.html");
+    format!(
+        "name = \"{name}\"\nmaintenance_file = \"{}\"\n\n[http]\nlisten = \"0.0.0.0:{WEB_PORT}\"\n\n\
+         [files]\nroot = \"{}\"\n",
+        maintenance_file.display(),
+        root.display()
+    )
+}
+
+/// A stack server's web node: the site, the API proxied to every application node,
+/// HTTPS with the lab's certificate.
+pub fn web_config(
+    dir: &Path,
+    name: &str,
+    servers: usize,
+    pki: &Pki,
+    maintenance_file: &Path,
+) -> String {
+    let root = dir.join("site");
+    install_site(&root);
+    let upstreams: Vec<String> = (0..servers)
+        .map(|i| format!("\"{}:{APP_PORT}\"", web_addr(i)))
+        .collect();
+    format!(
+        "name = \"{name}\"\naccess_log = \"{}\"\nmaintenance_file = \"{}\"\n\n\
+         [http]\nlisten = \"0.0.0.0:{HTTP_PORT}\"\n\n\
+         [https]\nlisten = \"0.0.0.0:{HTTPS_PORT}\"\ncertificate = \"{}\"\nkey = \"{}\"\nhsts_max_age_s = 31536000\n\n\
+         [files]\nroot = \"{}\"\n\n\
+         [proxy]\npath = \"/api/\"\nupstreams = [{}]\nmax_fails = 1\nfail_timeout_ms = 5000\nconnect_timeout_ms = 500\nread_timeout_ms = 5000\n",
+        dir.join("web-access.log").display(),
+        maintenance_file.display(),
+        pki.cert("www").display(),
+        pki.key("www").display(),
+        root.display(),
+        upstreams.join(", "),
+    )
+}
+
+/// A stack server's application node, on the database of server1.
+pub fn app_config(dir: &Path, name: &str, password_file: &Path) -> String {
+    let db = format!("{}:{DB_PORT}", web_addr(0));
+    format!(
+        "listen = \"0.0.0.0:{APP_PORT}\"\nname = \"{name}\"\naccess_log = \"{}\"\n\n\
+         [database]\nwrite = \"{db}\"\nread = \"{db}\"\nname = \"{DB_SCHEMA}\"\nuser = \"{DB_USER}\"\n\
+         password_file = \"{}\"\n",
+        dir.join("app-access.log").display(),
+        password_file.display(),
+    )
+}
+
+/// Server1's database node.
+pub fn db_config(dir: &Path, password_file: &Path) -> String {
+    format!(
+        "name = \"db1\"\nserver_id = 1\nlisten = \"{}:{DB_PORT}\"\nstate_dir = \"{}\"\n\n\
+         [app]\ndatabase = \"{DB_SCHEMA}\"\nuser = \"{DB_USER}\"\npassword_file = \"{}\"\nallow_from = \"10.1.0.%\"\n",
+        web_addr(0),
+        dir.join("db").display(),
+        password_file.display(),
+    )
+}
+
+/// The balancer of a stack lab: the VIP on port 80 and 443, round robin over the web
+/// nodes as the seed says, each checked on `/healthz` over its own protocol.
+pub fn balancer_config(interfaces: &str, servers: usize) -> String {
+    let vip = |name: &str, port: u16, check: &str| {
+        let backends: Vec<String> = (0..servers)
+            .map(|i| format!("  {{ address = \"{}\", port = {port} }},", web_addr(i)))
+            .collect();
+        format!(
+            "\n[[vips]]\nname = \"{name}\"\naddress = \"{VIP}\"\nport = {port}\nscheduler = \"rr\"\n\
+             backends = [\n{}\n]\n[vips.health_check]\ntype = \"{check}\"\npath = \"/healthz\"\n\
+             interval_ms = 500\ntimeout_ms = 400\nrise = 2\nfall = 2\n",
+            backends.join("\n")
+        )
+    };
+    format!(
+        "[dataplane]\ninterfaces = {interfaces}\nxdp_mode = \"native\"\n\n[metrics]\nlisten = \"127.0.0.1:9100\"\n{}{}",
+        vip("www", HTTP_PORT, "http"),
+        vip("www-tls", HTTPS_PORT, "https"),
+    )
+}
+
+/// Starts the DNS server, authoritative for foobar.com: www.foobar.com and
+/// foobar.com are the VIP.
+pub fn start_dns(ns: &Netns, dir: &Path) -> Child {
+    let mut command = ns.command("dnsmasq");
+    command
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+        ])
+        .args([
+            "--bind-interfaces",
+            "--user=root",
+            "--log-facility=-",
+            "--log-queries",
+        ])
+        .arg(format!("--listen-address={DNS_ADDR}"))
+        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+        .arg(format!("--auth-server=ns.foobar.com,{DNS_ADDR}"))
+        .arg("--auth-zone=foobar.com")
+        .arg("--auth-soa=1,hostmaster.foobar.com")
+        .arg(format!("--host-record={SITE},{VIP}"))
+        .arg(format!("--host-record=foobar.com,{VIP}"))
+        .arg(format!("--host-record=ns.foobar.com,{DNS_ADDR}"));
+    spawn_logged(&mut command, &dir.join("dns.log"))
+}
+
+/// `ip netns exec <ns> program`: unlike [`Netns::command`] it also gives the program
+/// the namespace's `/etc/netns/<ns>/resolv.conf`, so names resolve through the lab's DNS.
+pub fn resolving_command(ns: &Netns, program: &str) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", ns.name(), program]);
+    command
+}
+
+impl crate::lab::Lab {
+    /// `curl` from the client, resolving through the lab's DNS and trusting the lab's
+    /// CA; `args` follow (URLs included).
+    pub fn site_curl(&self, args: &[&str]) -> std::process::Output {
+        let pki = self.pki.as_ref().expect("a stack lab");
+        resolving_command(&self.client, "curl")
+            .args(["-sS", "-m", "5", "--cacert"])
+            .arg(pki.ca_cert())
+            .args(args)
+            .output()
+            .expect("run curl")
+    }
+
+    /// Which server answered a GET of `url` from the client (its `X-Served-By`), on
+    /// a new connection; `None` if the request failed.
+    pub fn served_by(&self, url: &str) -> Option<String> {
+        let out = self.site_curl(&["-f", "-o", "/dev/null", "-D", "-", url]);
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("x-served-by")
+                    .then(|| value.trim().to_owned())
+            })
+    }
+}
