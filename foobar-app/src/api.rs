@@ -14,7 +14,7 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Db, DbError, Post};
+use crate::db::{DbError, Pools, Post};
 
 /// Longest author name, in characters.
 pub const MAX_AUTHOR_CHARS: usize = 64;
@@ -109,7 +109,7 @@ fn checked<'a>(
 }
 
 async fn create(
-    State(db): State<Arc<Db>>,
+    State(db): State<Arc<Pools>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -130,11 +130,12 @@ async fn create(
     }
     let mut deserializer = serde_json::Deserializer::from_slice(&body);
     let new: NewPost = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-        let field = e.path().to_string();
-        let field = if field == "." {
-            "(body)".to_owned()
-        } else {
-            field
+        // A body that is not JSON at all has no field to name.
+        let field = match e.path().to_string() {
+            path if path == "." || e.inner().is_syntax() || e.inner().is_eof() => {
+                "(body)".to_owned()
+            }
+            path => path,
         };
         ApiError::invalid(field, format!("invalid JSON: {}", e.into_inner()))
     })?;
@@ -158,7 +159,7 @@ struct Page {
 }
 
 async fn list(
-    State(db): State<Arc<Db>>,
+    State(db): State<Arc<Pools>>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Page>, ApiError> {
     let mut before = None;
@@ -206,7 +207,7 @@ async fn list(
     Ok(Json(Page { posts, next_before }))
 }
 
-async fn one(State(db): State<Arc<Db>>, Path(id): Path<String>) -> Result<Json<Post>, ApiError> {
+async fn one(State(db): State<Arc<Pools>>, Path(id): Path<String>) -> Result<Json<Post>, ApiError> {
     let id: u64 = id
         .parse()
         .ok()
@@ -222,8 +223,8 @@ async fn one(State(db): State<Arc<Db>>, Path(id): Path<String>) -> Result<Json<P
     }
 }
 
-/// The API routes.
-pub fn routes(db: Arc<Db>) -> Router {
+/// The API routes, on a worker's connection pools.
+pub fn routes(db: Arc<Pools>) -> Router {
     Router::new()
         .route("/api/posts", get(list).post(create))
         .route("/api/posts/{id}", get(one))

@@ -1,7 +1,8 @@
-//! The database: a connection pool per endpoint (writes to the primary, reads from a
-//! replica), the schema migrations, the queries, and a supervisor that keeps each
-//! endpoint's health so requests fail fast with 503 while it is away and succeed
-//! again by themselves once it is back.
+//! The database: two endpoints (writes to the primary, reads from a replica), the
+//! schema migrations, the queries, and a supervisor that keeps each endpoint's health
+//! so requests fail fast with 503 while it is away and succeed again by themselves
+//! once it is back. Each server worker has connection pools of its own ([`Pools`]),
+//! used only on its thread; health, deadlines and metrics are shared ([`Db`]).
 
 use std::{
     future::Future,
@@ -86,15 +87,16 @@ struct EndpointLabels {
 struct Endpoint {
     role: &'static str,
     addr: SocketAddr,
-    pool: Pool,
     up: AtomicBool,
     failed_pings: AtomicU32,
 }
 
-/// Both endpoints, their deadlines and metrics.
+/// Both endpoints, their deadlines, health and metrics.
 pub struct Db {
     write: Endpoint,
     read: Endpoint,
+    opts: OptsBuilder,
+    pool_max: usize,
     connect_timeout: Duration,
     query_timeout: Duration,
     schema_ready: AtomicBool,
@@ -121,30 +123,21 @@ fn query_histogram() -> Histogram {
 }
 
 impl Db {
-    /// Pools for both endpoints (nothing is connected yet); metrics go to `registry`.
+    /// The database of `config` (nothing is connected yet); metrics go to `registry`.
     pub fn new(config: &Database, registry: &mut Registry) -> std::io::Result<Arc<Self>> {
         let password = std::fs::read_to_string(&config.password_file)?
             .trim_end_matches(['\r', '\n'])
             .to_owned();
-        let pool = |addr: SocketAddr| {
-            let constraints =
-                PoolConstraints::new(0, config.pool_max).expect("pool_max is above 0");
-            let opts = OptsBuilder::default()
-                .ip_or_hostname(addr.ip().to_string())
-                .tcp_port(addr.port())
-                .user(Some(config.user.clone()))
-                .pass(Some(password.clone()))
-                .db_name(Some(config.name.clone()))
-                .tcp_nodelay(true)
-                // Loopback would otherwise silently use the Unix socket.
-                .prefer_socket(false)
-                .pool_opts(PoolOpts::default().with_constraints(constraints));
-            Pool::new(opts)
-        };
+        let opts = OptsBuilder::default()
+            .user(Some(config.user.clone()))
+            .pass(Some(password))
+            .db_name(Some(config.name.clone()))
+            .tcp_nodelay(true)
+            // Loopback would otherwise silently use the Unix socket.
+            .prefer_socket(false);
         let endpoint = |role, addr| Endpoint {
             role,
             addr,
-            pool: pool(addr),
             up: AtomicBool::new(false),
             failed_pings: AtomicU32::new(0),
         };
@@ -171,6 +164,8 @@ impl Db {
         Ok(Arc::new(Self {
             write: endpoint("write", config.write),
             read: endpoint("read", config.read.unwrap_or(config.write)),
+            opts,
+            pool_max: config.pool_max,
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             query_timeout: Duration::from_millis(config.query_timeout_ms),
             schema_ready: AtomicBool::new(false),
@@ -183,12 +178,13 @@ impl Db {
     /// Checks both endpoints every half second and creates the schema once the
     /// primary answers; runs until the process ends.
     pub async fn supervise(self: Arc<Self>) {
+        let pools = self.pools(1, 2);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             if !self.schema_ready.load(Ordering::Relaxed) {
-                match self.migrate().await {
+                match pools.migrate().await {
                     Ok(applied) => {
                         info!(applied, "schema ready");
                         self.schema_ready.store(true, Ordering::Relaxed);
@@ -196,12 +192,11 @@ impl Db {
                     Err(e) => warn!("schema not ready: {e}"),
                 }
             }
-            for endpoint in [&self.write, &self.read] {
+            for (endpoint, pool) in [(&self.write, &pools.write), (&self.read, &pools.read)] {
                 let ok = self
-                    .run(
-                        endpoint,
-                        |mut conn| async move { conn.query_drop("DO 1").await },
-                    )
+                    .run(endpoint, pool, |mut conn| async move {
+                        conn.query_drop("DO 1").await
+                    })
                     .await
                     .is_ok();
                 self.mark(endpoint, ok);
@@ -242,8 +237,39 @@ impl Db {
         }
     }
 
-    /// Runs `query` on a connection of `endpoint` within the deadlines, counting it.
-    async fn run<T, F, Fut>(&self, endpoint: &Endpoint, query: F) -> Result<T, DbError>
+    /// Connection pools to both endpoints for one worker, `1/workers` of the configured
+    /// connections each (at least `floor`).
+    pub fn pools(self: &Arc<Self>, workers: usize, floor: usize) -> Pools {
+        let max = (self.pool_max / workers.max(1)).max(floor);
+        let pool = |addr: SocketAddr| {
+            let constraints = PoolConstraints::new(0, max).expect("max is above 0");
+            Pool::new(
+                self.opts
+                    .clone()
+                    .ip_or_hostname(addr.ip().to_string())
+                    .tcp_port(addr.port())
+                    // A reset on every return to the pool would also drop the prepared
+                    // statements, so every query would be prepared again: 3× the work.
+                    .pool_opts(
+                        PoolOpts::default()
+                            .with_constraints(constraints)
+                            .with_reset_connection(false)
+                            // Without it, a connection above the pool's minimum (0) is
+                            // closed as soon as it is idle: one connection per query.
+                            .with_inactive_connection_ttl(Duration::from_secs(60)),
+                    ),
+            )
+        };
+        Pools {
+            db: self.clone(),
+            write: pool(self.write.addr),
+            read: pool(self.read.addr),
+        }
+    }
+
+    /// Runs `query` on a connection of `pool` to `endpoint` within the deadlines,
+    /// counting it.
+    async fn run<T, F, Fut>(&self, endpoint: &Endpoint, pool: &Pool, query: F) -> Result<T, DbError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<T, mysql_async::Error>>,
@@ -251,22 +277,21 @@ impl Db {
         let started = Instant::now();
         let role = endpoint.role;
         let outcome = async {
-            let conn =
-                match tokio::time::timeout(self.connect_timeout, endpoint.pool.get_conn()).await {
-                    Err(_) => {
-                        return Err(DbError::Unavailable {
-                            role,
-                            message: "timed out connecting".into(),
-                        });
-                    }
-                    Ok(Err(e)) => {
-                        return Err(DbError::Unavailable {
-                            role,
-                            message: e.to_string(),
-                        });
-                    }
-                    Ok(Ok(conn)) => conn,
-                };
+            let conn = match tokio::time::timeout(self.connect_timeout, pool.get_conn()).await {
+                Err(_) => {
+                    return Err(DbError::Unavailable {
+                        role,
+                        message: "timed out connecting".into(),
+                    });
+                }
+                Ok(Err(e)) => {
+                    return Err(DbError::Unavailable {
+                        role,
+                        message: e.to_string(),
+                    });
+                }
+                Ok(Ok(conn)) => conn,
+            };
             match tokio::time::timeout(self.query_timeout, query(conn)).await {
                 Err(_) => Err(DbError::Timeout { role }),
                 Ok(Err(e)) => Err(DbError::Unavailable {
@@ -313,14 +338,24 @@ impl Db {
         }
         Ok(endpoint)
     }
+}
 
+/// A worker's connections to both endpoints.
+pub struct Pools {
+    db: Arc<Db>,
+    write: Pool,
+    read: Pool,
+}
+
+impl Pools {
     /// Stores a new post; its id and time come from the primary's commit.
     pub async fn insert_post(&self, author: &str, text: &str) -> Result<Post, DbError> {
-        let endpoint = self.usable(&self.write)?;
+        let endpoint = self.db.usable(&self.db.write)?;
         let created_at = chrono::Utc::now().naive_utc();
         let (author_owned, text_owned) = (author.to_owned(), text.to_owned());
         let id = self
-            .run(endpoint, |mut conn| async move {
+            .db
+            .run(endpoint, &self.write, |mut conn| async move {
                 conn.exec_drop(
                     "INSERT INTO posts (author, text, created_at) VALUES (?, ?, ?)",
                     (author_owned, text_owned, created_at),
@@ -339,9 +374,10 @@ impl Db {
 
     /// One post.
     pub async fn post(&self, id: u64) -> Result<Option<Post>, DbError> {
-        let endpoint = self.usable(&self.read)?;
+        let endpoint = self.db.usable(&self.db.read)?;
         let rows = self
-            .run(endpoint, |mut conn| async move {
+            .db
+            .run(endpoint, &self.read, |mut conn| async move {
                 conn.exec(
                     "SELECT id, author, text, created_at FROM posts WHERE id = ?",
                     (id,),
@@ -354,10 +390,11 @@ impl Db {
 
     /// The newest `limit` posts older than `before` (all if none), newest first.
     pub async fn posts(&self, before: Option<u64>, limit: u32) -> Result<Vec<Post>, DbError> {
-        let endpoint = self.usable(&self.read)?;
+        let endpoint = self.db.usable(&self.db.read)?;
         let before = before.unwrap_or(u64::MAX);
         let rows = self
-            .run(endpoint, |mut conn| async move {
+            .db
+            .run(endpoint, &self.read, |mut conn| async move {
                 conn.exec(
                     "SELECT id, author, text, created_at FROM posts WHERE id < ? ORDER BY id DESC LIMIT ?",
                     (before, limit),
@@ -371,47 +408,48 @@ impl Db {
     /// Applies the migrations not applied yet, under a lock so two nodes starting
     /// together do not race; returns how many it applied.
     async fn migrate(&self) -> Result<usize, DbError> {
-        self.run(&self.write, |mut conn| async move {
-            conn.query_drop(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (
+        self.db
+            .run(&self.db.write, &self.write, |mut conn| async move {
+                conn.query_drop(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (
                     version INT UNSIGNED NOT NULL PRIMARY KEY,
                     applied_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)
                 ) ENGINE=InnoDB",
-            )
-            .await?;
-            let locked: Option<i64> = conn
-                .query_first("SELECT GET_LOCK('foobar_migrations', 2)")
-                .await?;
-            if locked != Some(1) {
-                return Err(mysql_async::Error::Other(
-                    "another node is migrating".into(),
-                ));
-            }
-            let applied: Vec<u32> = conn.query("SELECT version FROM schema_migrations").await?;
-            let mut count = 0;
-            for &(version, sql) in MIGRATIONS {
-                if applied.contains(&version) {
-                    continue;
-                }
-                conn.query_drop(sql).await?;
-                conn.exec_drop(
-                    "INSERT INTO schema_migrations (version) VALUES (?)",
-                    (version,),
                 )
                 .await?;
-                count += 1;
-            }
-            conn.query_drop("DO RELEASE_LOCK('foobar_migrations')")
-                .await?;
-            Ok(count)
-        })
-        .await
+                let locked: Option<i64> = conn
+                    .query_first("SELECT GET_LOCK('foobar_migrations', 2)")
+                    .await?;
+                if locked != Some(1) {
+                    return Err(mysql_async::Error::Other(
+                        "another node is migrating".into(),
+                    ));
+                }
+                let applied: Vec<u32> = conn.query("SELECT version FROM schema_migrations").await?;
+                let mut count = 0;
+                for &(version, sql) in MIGRATIONS {
+                    if applied.contains(&version) {
+                        continue;
+                    }
+                    conn.query_drop(sql).await?;
+                    conn.exec_drop(
+                        "INSERT INTO schema_migrations (version) VALUES (?)",
+                        (version,),
+                    )
+                    .await?;
+                    count += 1;
+                }
+                conn.query_drop("DO RELEASE_LOCK('foobar_migrations')")
+                    .await?;
+                Ok(count)
+            })
+            .await
     }
 
     /// Closes the pools.
     pub async fn close(&self) {
-        for endpoint in [&self.write, &self.read] {
-            let _ = endpoint.pool.clone().disconnect().await;
+        for pool in [&self.write, &self.read] {
+            let _ = pool.clone().disconnect().await;
         }
     }
 }

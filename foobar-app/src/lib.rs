@@ -18,12 +18,15 @@ use axum::{
 };
 use foobar_node::{
     observe::{AccessLog, Observer, observe},
-    server,
+    server::Server,
     signals::Shutdown,
 };
 use prometheus_client::registry::Registry;
 
-use crate::{config::Config, db::Db};
+use crate::{
+    config::Config,
+    db::{Db, Pools},
+};
 
 /// Runs the application node until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -35,29 +38,34 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     let observer = Observer::new(registry, access_log, "other");
     let supervisor = tokio::spawn(db.clone().supervise());
-    let listener =
-        server::bind(config.listen).with_context(|| format!("listen {}", config.listen))?;
-    server::serve(
-        listener,
-        None,
-        router(&config, db.clone(), observer.clone()),
-        config.limits,
-        shutdown,
-    )
-    .await;
+    let make_router = {
+        let (config, db, observer) = (config.clone(), db.clone(), observer.clone());
+        let workers = config.limits.worker_count();
+        move || {
+            router(
+                &config,
+                db.clone(),
+                Arc::new(db.pools(workers, 1)),
+                observer.clone(),
+            )
+        }
+    };
+    Server::start(config.listen, None, make_router, config.limits, shutdown)
+        .with_context(|| format!("listen {}", config.listen))?
+        .finished()
+        .await;
     supervisor.abort();
-    db.close().await;
     observer.flush();
     Ok(())
 }
 
-/// The API, `/healthz` (database health) and `/metrics`.
-pub fn router(config: &Config, db: Arc<Db>, observer: Arc<Observer>) -> Router {
+/// The API on a worker's connection `pools`, `/healthz` (database health) and `/metrics`.
+pub fn router(config: &Config, db: Arc<Db>, pools: Arc<Pools>, observer: Arc<Observer>) -> Router {
     let name = config
         .name
         .as_deref()
         .and_then(|n| HeaderValue::from_str(n).ok());
-    api::routes(db.clone())
+    api::routes(pools)
         .route("/healthz", get(healthz).with_state(db))
         .route(
             "/metrics",

@@ -24,6 +24,9 @@ struct Args {
     check: bool,
 }
 
+#[global_allocator]
+static ALLOCATOR: foobar_node::Allocator = foobar_node::Allocator;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     foobar_node::init_tracing();

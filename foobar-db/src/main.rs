@@ -33,6 +33,9 @@ enum Cmd {
     },
 }
 
+#[global_allocator]
+static ALLOCATOR: foobar_node::Allocator = foobar_node::Allocator;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     foobar_node::init_tracing();

@@ -125,21 +125,24 @@ pub fn db_config(dir: &Path, password_file: &Path) -> String {
 /// The balancer of a stack lab: the VIP on port 80 and 443, round robin over the web
 /// nodes as the seed says, each checked on `/healthz` over its own protocol.
 pub fn balancer_config(interfaces: &str, servers: usize) -> String {
-    let vip = |name: &str, port: u16, check: &str| {
-        let backends: Vec<String> = (0..servers)
-            .map(|i| format!("  {{ address = \"{}\", port = {port} }},", web_addr(i)))
-            .collect();
-        format!(
-            "\n[[vips]]\nname = \"{name}\"\naddress = \"{VIP}\"\nport = {port}\nscheduler = \"rr\"\n\
-             backends = [\n{}\n]\n[vips.health_check]\ntype = \"{check}\"\npath = \"/healthz\"\n\
-             interval_ms = 500\ntimeout_ms = 400\nrise = 2\nfall = 2\n",
-            backends.join("\n")
-        )
-    };
     format!(
         "[dataplane]\ninterfaces = {interfaces}\nxdp_mode = \"native\"\n\n[metrics]\nlisten = \"127.0.0.1:9100\"\n{}{}",
-        vip("www", HTTP_PORT, "http"),
-        vip("www-tls", HTTPS_PORT, "https"),
+        vip_section("www", HTTP_PORT, "http", servers),
+        vip_section("www-tls", HTTPS_PORT, "https", servers),
+    )
+}
+
+/// A `[[vips]]` section: the VIP's `port`, round robin over every server's same port,
+/// checked on `/healthz` by `check` (`http` or `https`).
+pub fn vip_section(name: &str, port: u16, check: &str, servers: usize) -> String {
+    let backends: Vec<String> = (0..servers)
+        .map(|i| format!("  {{ address = \"{}\", port = {port} }},", web_addr(i)))
+        .collect();
+    format!(
+        "\n[[vips]]\nname = \"{name}\"\naddress = \"{VIP}\"\nport = {port}\nscheduler = \"rr\"\n\
+         backends = [\n{}\n]\n[vips.health_check]\ntype = \"{check}\"\npath = \"/healthz\"\n\
+         interval_ms = 500\ntimeout_ms = 400\nrise = 2\nfall = 2\n",
+        backends.join("\n")
     )
 }
 
@@ -180,6 +183,24 @@ pub fn resolving_command(ns: &Netns, program: &str) -> Command {
 }
 
 impl crate::lab::Lab {
+    /// Waits until the (first) balancer reports every backend of every VIP up.
+    pub fn wait_for_backends_up(&self) {
+        let servers = self.webs.len();
+        crate::process::wait_until(
+            std::time::Duration::from_secs(30),
+            "every backend up",
+            || {
+                let status: String = self
+                    .cli_ok(&["-o", "json", "status"])
+                    .chars()
+                    .filter(|c| !c.is_whitespace())
+                    .collect();
+                let vips = status.matches("\"scheduler\":").count();
+                vips > 0 && status.matches("\"health\":\"up\"").count() == vips * servers
+            },
+        );
+    }
+
     /// `curl` from the client, resolving through the lab's DNS and trusting the lab's
     /// CA; `args` follow (URLs included).
     pub fn site_curl(&self, args: &[&str]) -> std::process::Output {

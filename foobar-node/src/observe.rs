@@ -141,58 +141,85 @@ impl Observer {
     }
 }
 
-/// The middleware: `Router::layer(axum::middleware::from_fn_with_state(observer, observe))`.
+/// The middleware: `Router::layer(axum::middleware::from_fn_with_state(observer, observe))`;
+/// requests are labelled with their route's pattern.
 pub async fn observe(
     State(observer): State<Arc<Observer>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let started = Instant::now();
     let route: Cow<'static, str> = match request.extensions().get::<MatchedPath>() {
         Some(path) => Cow::Owned(path.as_str().to_owned()),
         None => Cow::Borrowed(observer.fallback_route),
     };
-    let log_head = if observer.access_log.is_some() {
-        log_head(&request)
-    } else {
-        String::new()
-    };
-    let headers = request.headers();
-    let (referer, user_agent) = if observer.access_log.is_some() {
-        (
-            log_value(headers, header::REFERER),
-            log_value(headers, header::USER_AGENT),
-        )
-    } else {
-        (String::new(), String::new())
-    };
-    let response = next.run(request).await;
-    let done = Done {
-        observer,
-        started,
-        route,
-        status: response.status().as_u16(),
-        log_head,
-        referer,
-        user_agent,
-    };
-    response.map(|body| {
-        Body::new(Observed {
-            inner: body,
-            bytes: 0,
-            done: Some(done),
+    let pending = observer.begin(&request, route);
+    pending.finish(next.run(request).await)
+}
+
+impl Observer {
+    /// Starts recording a request labelled `route`; [`Pending::finish`] records it once
+    /// its response body has been sent.
+    pub fn begin<B>(
+        self: &Arc<Self>,
+        request: &axum::http::Request<B>,
+        route: Cow<'static, str>,
+    ) -> Pending {
+        let logged = self.access_log.is_some();
+        let headers = request.headers();
+        Pending {
+            done: Done {
+                observer: self.clone(),
+                started: Instant::now(),
+                route,
+                status: 0,
+                log_head: if logged {
+                    log_head(request)
+                } else {
+                    String::new()
+                },
+                referer: if logged {
+                    log_value(headers, header::REFERER)
+                } else {
+                    String::new()
+                },
+                user_agent: if logged {
+                    log_value(headers, header::USER_AGENT)
+                } else {
+                    String::new()
+                },
+            },
+        }
+    }
+}
+
+/// A request being answered.
+pub struct Pending {
+    done: Done,
+}
+
+impl Pending {
+    /// Its response, whose body records the request when sent or dropped.
+    pub fn finish(mut self, response: Response) -> Response {
+        self.done.status = response.status().as_u16();
+        let done = self.done;
+        response.map(|body| {
+            Body::new(Observed {
+                inner: body,
+                bytes: 0,
+                done: Some(done),
+            })
         })
-    })
+    }
 }
 
 /// `client - - [time] "METHOD /path HTTP/1.1"`.
-fn log_head(request: &Request) -> String {
+fn log_head<B>(request: &axum::http::Request<B>) -> String {
     let client = request
         .extensions()
         .get::<ClientInfo>()
         .map(|c| c.addr.ip().to_string())
         .unwrap_or_else(|| "-".into());
-    let time = chrono::Utc::now().format("%d/%b/%Y:%H:%M:%S +0000");
+    let time = clf_now();
     let path = request
         .uri()
         .path_and_query()
@@ -204,6 +231,21 @@ fn log_head(request: &Request) -> String {
         escape(path),
         request.version()
     )
+}
+
+/// The time in the log's format, formatted once a second per thread.
+fn clf_now() -> String {
+    thread_local! {
+        static LAST: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
+    }
+    let now = chrono::Utc::now();
+    LAST.with_borrow_mut(|(second, text)| {
+        if *second != now.timestamp() {
+            *second = now.timestamp();
+            *text = now.format("%d/%b/%Y:%H:%M:%S +0000").to_string();
+        }
+        text.clone()
+    })
 }
 
 fn log_value(headers: &HeaderMap, name: header::HeaderName) -> String {

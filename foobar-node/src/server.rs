@@ -2,10 +2,18 @@
 //! limits every listener facing the network needs: a deadline for the request head
 //! (slow clients are closed), a bound on header size (431 above it), a connection
 //! limit, and a graceful stop that lets requests in flight finish.
+//!
+//! Connections are served as nginx serves them: by worker threads that each run their
+//! own event loop (a single-threaded tokio runtime) on their own listening socket
+//! (`SO_REUSEPORT`, the kernel spreads connections over them), so a connection lives
+//! on one thread from accept to close and no request is handed between threads.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{Router, extract::ConnectInfo};
+use std::convert::Infallible;
+
+use axum::body::Bytes;
+use hyper::Request;
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -15,6 +23,7 @@ use hyper_util::{
 use serde::Deserialize;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tower::Service;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
@@ -34,6 +43,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long requests in flight get to finish on shutdown.
     pub shutdown_grace_ms: u64,
+    /// Worker threads per listener, each with its own listening socket; 0: one per CPU.
+    pub workers: usize,
 }
 
 impl Default for Limits {
@@ -43,6 +54,7 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             max_connections: 4096,
             shutdown_grace_ms: 5_000,
+            workers: 0,
         }
     }
 }
@@ -69,7 +81,18 @@ impl Limits {
                 "must be above 0",
             ));
         }
+        if self.workers > 256 {
+            return Err(Invalid::new(format!("{at}.workers"), "at most 256"));
+        }
         Ok(())
+    }
+
+    /// The number of worker threads.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
     }
 
     fn header_timeout(&self) -> Duration {
@@ -86,16 +109,102 @@ pub struct ClientInfo {
     pub tls: bool,
 }
 
-/// Serves `router` on `listener` until `shutdown`, then waits up to the grace time
-/// for open requests. With `tls`, every connection is a TLS one (HTTP/2 or HTTP/1.1
-/// by ALPN).
-pub async fn serve(
+/// A listener being served by its worker threads.
+pub struct Server {
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds `addr` once per worker and starts the workers; each serves the router
+    /// `make_router` builds for it, on its own thread (so what the router holds for the
+    /// worker, connection pools to upstreams, lives on that thread), until `shutdown`,
+    /// then waits up to the grace time for its open requests. With `tls`, every
+    /// connection is a TLS one (HTTP/2 or HTTP/1.1 by ALPN). Fails at once if the
+    /// address cannot be bound.
+    pub fn start<S, B>(
+        addr: SocketAddr,
+        tls: Option<TlsAcceptor>,
+        make_router: impl Fn() -> S + Send + Sync + 'static,
+        limits: Limits,
+        shutdown: Shutdown,
+    ) -> std::io::Result<Server>
+    where
+        S: Service<Request<Incoming>, Response = hyper::Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let make_router = Arc::new(make_router);
+        // Connection limits are per listener, shared by its workers.
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let sockets = (0..limits.worker_count())
+            .map(|_| bind(addr))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        info!(listen = %addr, tls = tls.is_some(), workers = sockets.len(), "serving");
+        let workers = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, socket)| {
+                let (tls, make_router, shutdown, slots) = (
+                    tls.clone(),
+                    make_router.clone(),
+                    shutdown.clone(),
+                    slots.clone(),
+                );
+                std::thread::Builder::new()
+                    .name(format!("worker-{}-{i}", addr.port()))
+                    .spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("a worker's runtime");
+                        runtime.block_on(async move {
+                            let router = make_router();
+                            match TcpListener::from_std(socket) {
+                                Ok(listener) => {
+                                    serve(listener, tls, router, limits, slots, shutdown).await
+                                }
+                                Err(e) => warn!("worker {i} of {addr}: {e}"),
+                            }
+                        });
+                    })
+                    .expect("a worker thread")
+            })
+            .collect();
+        Ok(Server { workers })
+    }
+
+    /// Waits until every worker has finished (after shutdown).
+    pub async fn finished(self) {
+        let _ = tokio::task::spawn_blocking(move || {
+            for worker in self.workers {
+                let _ = worker.join();
+            }
+        })
+        .await;
+    }
+}
+
+/// One worker's accept loop.
+async fn serve<S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    router: Router,
+    router: S,
     limits: Limits,
+    slots: Arc<Semaphore>,
     mut shutdown: Shutdown,
-) {
+) where
+    S: Service<Request<Incoming>, Response = hyper::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let local = listener.local_addr().ok();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -110,10 +219,8 @@ pub async fn serve(
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(20)));
     let builder = Arc::new(builder);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut backoff = Duration::from_millis(5);
-    info!(listen = ?local, tls = tls.is_some(), "serving");
     loop {
         let permit = tokio::select! {
             _ = shutdown.wait() => break,
@@ -142,9 +249,8 @@ pub async fn serve(
         };
         let service = router
             .clone()
-            .map_request(move |mut request: hyper::Request<Incoming>| {
+            .map_request(move |mut request: Request<Incoming>| {
                 request.extensions_mut().insert(info);
-                request.extensions_mut().insert(ConnectInfo(addr));
                 request
             });
         let service = TowerToHyperService::new(service);
@@ -196,13 +302,18 @@ pub async fn serve(
     }
 }
 
-/// Binds a listener with `SO_REUSEADDR` and a deep accept queue.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
+/// A listening socket for one worker: `SO_REUSEPORT` so each worker has its own,
+/// non-blocking for its runtime, with a deep accept queue.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }

@@ -24,6 +24,9 @@ struct Args {
     check: bool,
 }
 
+#[global_allocator]
+static ALLOCATOR: foobar_node::Allocator = foobar_node::Allocator;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     foobar_node::init_tracing();
@@ -39,6 +42,12 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            std::env::var("WT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()
         .expect("tokio runtime");

@@ -17,23 +17,26 @@ use std::{
 use axum::{
     body::{Body, Bytes},
     extract::{Request, State},
-    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header, uri::PathAndQuery},
     response::Response,
 };
 use foobar_node::{observe::text, server::ClientInfo};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
-};
+use hyper::client::conn::http1::{self as client_http1, SendRequest};
+use hyper_util::rt::TokioIo;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
+use tokio::net::TcpStream;
 use tracing::warn;
 
 use crate::config::Proxy;
+
+/// Largest upstream answer read whole before it is sent on.
+const BUFFERED_ANSWER_MAX: u64 = 64 * 1024;
 
 /// Labels of the per-upstream counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,6 +49,8 @@ struct UpstreamLabels {
 struct Upstream {
     addr: SocketAddr,
     label: String,
+    /// Its `outcome="ok"` counter, looked up once (the common case, every request).
+    ok: Counter,
     health: Mutex<Health>,
 }
 
@@ -58,14 +63,21 @@ struct Health {
     down_until: Option<Instant>,
 }
 
-/// The upstream pool, shared by every request.
+/// The upstreams and their health, shared by every worker.
 pub struct Pool {
     upstreams: Vec<Upstream>,
     next: AtomicUsize,
-    client: Client<HttpConnector, Full<Bytes>>,
     settings: Proxy,
     outcomes: Family<UpstreamLabels, Counter>,
     retries: Counter,
+}
+
+/// A worker's side of the pool: its own keep-alive connections to each upstream (as
+/// each nginx worker has its own), used only on the worker's thread.
+pub struct WorkerPool {
+    pool: Arc<Pool>,
+    /// Idle connections, by upstream.
+    idle: Vec<Mutex<Vec<SendRequest<Full<Bytes>>>>>,
 }
 
 /// Why an attempt failed.
@@ -92,14 +104,6 @@ impl Failure {
 impl Pool {
     /// A pool for `settings`, its metrics registered in `registry`.
     pub fn new(settings: &Proxy, registry: &mut Registry) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(settings.keepalive)
-            .build(connector);
         let outcomes = Family::<UpstreamLabels, Counter>::default();
         let retries = Counter::default();
         registry.register(
@@ -119,11 +123,16 @@ impl Pool {
                 .map(|&addr| Upstream {
                     addr,
                     label: addr.to_string(),
+                    ok: outcomes
+                        .get_or_create(&UpstreamLabels {
+                            upstream: addr.to_string(),
+                            outcome: "ok",
+                        })
+                        .clone(),
                     health: Mutex::new(Health::default()),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            client,
             settings: settings.clone(),
             outcomes,
             retries,
@@ -148,15 +157,16 @@ impl Pool {
 
     fn record(&self, i: usize, outcome: Result<(), Failure>) {
         let upstream = &self.upstreams[i];
-        self.outcomes
-            .get_or_create(&UpstreamLabels {
-                upstream: upstream.label.clone(),
-                outcome: match outcome {
-                    Ok(()) => "ok",
-                    Err(f) => f.outcome(),
-                },
-            })
-            .inc();
+        match outcome {
+            Ok(()) => upstream.ok.inc(),
+            Err(f) => self
+                .outcomes
+                .get_or_create(&UpstreamLabels {
+                    upstream: upstream.label.clone(),
+                    outcome: f.outcome(),
+                })
+                .inc(),
+        };
         let mut health = upstream.health.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let fail_timeout = Duration::from_millis(self.settings.fail_timeout_ms);
@@ -181,38 +191,119 @@ impl Pool {
         }
     }
 
-    async fn attempt(&self, i: usize, parts: &Forwarded) -> Result<Response, Failure> {
-        let upstream = self.upstreams[i].addr;
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(upstream.to_string())
-            .path_and_query(parts.path_and_query.as_str())
-            .build()
-            .map_err(|_| Failure::Error)?;
-        let mut request = hyper::Request::builder()
-            .method(parts.method.clone())
-            .uri(uri)
-            .body(Full::new(parts.body.clone()))
-            .map_err(|_| Failure::Error)?;
-        *request.headers_mut() = parts.headers.clone();
-        let read_timeout = Duration::from_millis(self.settings.read_timeout_ms);
-        match tokio::time::timeout(read_timeout, self.client.request(request)).await {
-            Err(_) => Err(Failure::Timeout),
-            Ok(Err(e)) if e.is_connect() => Err(Failure::Connect),
-            Ok(Err(_)) => Err(Failure::Error),
-            Ok(Ok(response)) => {
-                let (mut head, body) = response.into_parts();
-                strip_hop_by_hop(&mut head.headers);
-                Ok(Response::from_parts(head, Body::new(body)))
+    /// The calling worker's connections to the upstreams (none open yet).
+    pub fn worker(self: &Arc<Self>) -> Arc<WorkerPool> {
+        Arc::new(WorkerPool {
+            pool: self.clone(),
+            idle: self
+                .upstreams
+                .iter()
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
+        })
+    }
+}
+
+impl WorkerPool {
+    /// An idle connection to upstream `i` ready for a request, if one is kept.
+    fn checkout(&self, i: usize) -> Option<SendRequest<Full<Bytes>>> {
+        let mut idle = self.idle[i].lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(sender) = idle.pop() {
+            if sender.is_ready() {
+                return Some(sender);
             }
         }
+        None
+    }
+
+    /// Keeps a connection whose last answer was read whole, up to `keepalive`.
+    fn checkin(&self, i: usize, sender: SendRequest<Full<Bytes>>) {
+        let mut idle = self.idle[i].lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.pool.settings.keepalive {
+            idle.push(sender);
+        }
+    }
+
+    /// A new connection to upstream `i`, its HTTP/1.1 state driven by a task of this
+    /// worker.
+    async fn connect(&self, i: usize) -> Result<SendRequest<Full<Bytes>>, Failure> {
+        let addr = self.pool.upstreams[i].addr;
+        let deadline = Duration::from_millis(self.pool.settings.connect_timeout_ms);
+        let stream = match tokio::time::timeout(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            _ => return Err(Failure::Connect),
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = client_http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| Failure::Connect)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+
+    /// Sends the request once to upstream `i`: on a kept connection, or a new one if
+    /// none is kept or the kept one turns out closed before the request left.
+    async fn attempt(&self, i: usize, parts: &Forwarded) -> Result<Response, Failure> {
+        let read_timeout = Duration::from_millis(self.pool.settings.read_timeout_ms);
+        let request = || {
+            let mut request = hyper::Request::new(Full::new(parts.body.clone()));
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = Uri::from(parts.path_and_query.clone());
+            *request.headers_mut() = parts.headers.clone();
+            request
+        };
+        let (mut sender, response) = match self.checkout(i) {
+            Some(mut kept) => match kept.send_request(request()).await {
+                Ok(response) => (kept, Ok(response)),
+                // The upstream closed the idle connection meanwhile: the request never
+                // left, so a new connection may carry it.
+                Err(e) if e.is_canceled() || e.is_closed() => {
+                    let mut fresh = self.connect(i).await?;
+                    let response =
+                        tokio::time::timeout(read_timeout, fresh.send_request(request())).await;
+                    (fresh, response.map_err(|_| Failure::Timeout)?)
+                }
+                Err(e) => (kept, Err(e)),
+            },
+            None => {
+                let mut fresh = self.connect(i).await?;
+                let response =
+                    tokio::time::timeout(read_timeout, fresh.send_request(request())).await;
+                (fresh, response.map_err(|_| Failure::Timeout)?)
+            }
+        };
+        let response = response.map_err(|_| Failure::Error)?;
+        let (mut head, body) = response.into_parts();
+        strip_hop_by_hop(&mut head.headers);
+        // A small answer is read whole and sent in one write (nginx's proxy_buffering),
+        // and its connection is free again; a big or unsized one streams through on a
+        // connection that is not kept.
+        let small = head
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|n| n <= BUFFERED_ANSWER_MAX);
+        if !small {
+            return Ok(Response::from_parts(head, Body::new(body)));
+        }
+        let whole = match tokio::time::timeout(read_timeout, body.collect()).await {
+            Ok(Ok(whole)) => whole.to_bytes(),
+            Ok(Err(_)) => return Err(Failure::Error),
+            Err(_) => return Err(Failure::Timeout),
+        };
+        if sender.ready().await.is_ok() {
+            self.checkin(i, sender);
+        }
+        Ok(Response::from_parts(head, Body::from(whole)))
     }
 }
 
 /// What is sent upstream, kept so it can be sent twice.
 struct Forwarded {
     method: Method,
-    path_and_query: String,
+    path_and_query: PathAndQuery,
     headers: HeaderMap,
     body: Bytes,
 }
@@ -226,7 +317,8 @@ fn idempotent(method: &Method) -> bool {
 }
 
 /// The proxy handler.
-pub async fn forward(State(pool): State<Arc<Pool>>, request: Request) -> Response {
+pub async fn forward(State(worker): State<Arc<WorkerPool>>, request: Request) -> Response {
+    let pool = &worker.pool;
     let client = request.extensions().get::<ClientInfo>().copied();
     let (parts, body) = request.into_parts();
     let limit = pool.settings.max_body_bytes;
@@ -241,15 +333,20 @@ pub async fn forward(State(pool): State<Arc<Pool>>, request: Request) -> Respons
             format!("request body above {limit} bytes"),
         );
     }
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body above {limit} bytes"),
-            );
+    // Most proxied requests (GET) have no body: nothing to gather.
+    let body = if body.is_end_stream() {
+        Bytes::new()
+    } else {
+        match Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                return text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body above {limit} bytes"),
+                );
+            }
+            Err(_) => return text(StatusCode::BAD_REQUEST, "the request body was cut short"),
         }
-        Err(_) => return text(StatusCode::BAD_REQUEST, "the request body was cut short"),
     };
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
@@ -271,8 +368,8 @@ pub async fn forward(State(pool): State<Arc<Pool>>, request: Request) -> Respons
         path_and_query: parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into()),
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
         headers,
         body,
     };
@@ -285,7 +382,7 @@ pub async fn forward(State(pool): State<Arc<Pool>>, request: Request) -> Respons
             pool.retries.inc();
         }
         tried.push(i);
-        match pool.attempt(i, &forwarded).await {
+        match worker.attempt(i, &forwarded).await {
             Ok(response) => {
                 pool.record(i, Ok(()));
                 return response;
@@ -323,6 +420,24 @@ pub async fn forward(State(pool): State<Arc<Pool>>, request: Request) -> Respons
 /// Removes the headers that belong to one connection, not to the message (RFC 9110
 /// §7.6.1), including those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        strip_named_by_connection(headers);
+    }
+    for name in [
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+}
+
+/// Removes the `Connection` header and those it names.
+fn strip_named_by_connection(headers: &mut HeaderMap) {
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -334,16 +449,5 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name.as_str());
     }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::TE,
-        header::TRAILER,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
+    headers.remove(header::CONNECTION);
 }

@@ -2,8 +2,10 @@
 //! and the netns lab (from `foobar-lab`), a packet lab for BPF_PROG_TEST_RUN,
 //! packets built and checked with etherparse, and a small HTTP client.
 
+pub mod browser;
 pub mod e2e;
 pub mod http;
-pub use foobar_lab::{lab, netns, probe};
+pub mod nodes;
+pub use foobar_lab::{lab, netns, probe, stack};
 pub mod packet;
 pub mod packet_lab;

@@ -14,6 +14,8 @@
 use std::{process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
+
+use crate::wrk::{Figures, parse_wrk};
 use foobar_lab::lab::{Lab, LabSpec, VIP, VIP_PORT, WEB_PORT, terminate, wait_until, web_addr};
 use foobar_lab::netns::unique_name;
 
@@ -23,15 +25,6 @@ pub struct Load {
     pub duration: u32,
     /// Open connections.
     pub connections: u32,
-}
-
-/// One wrk run's figures.
-struct Figures {
-    requests_per_second: f64,
-    /// 50, 75, 90, 99th percentile latency in µs.
-    latency_us: [f64; 4],
-    requests: u64,
-    errors: u64,
 }
 
 pub fn run(load: &Load) -> Result<()> {
@@ -193,55 +186,4 @@ fn wrk(lab: &Lab, load: &Load, url: &str, close: bool) -> Result<Figures> {
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     }
     parse_wrk(&text).with_context(|| format!("reading wrk's output:\n{text}"))
-}
-
-fn parse_wrk(text: &str) -> Result<Figures> {
-    let field = |prefix: &str| {
-        text.lines()
-            .map(str::trim)
-            .find_map(|l| l.strip_prefix(prefix).map(str::trim))
-    };
-    let requests_per_second: f64 = field("Requests/sec:").context("no Requests/sec")?.parse()?;
-    let mut latency_us = [0.0; 4];
-    for (i, p) in ["50%", "75%", "90%", "99%"].iter().enumerate() {
-        latency_us[i] = duration_us(field(p).context("no latency distribution")?)?;
-    }
-    let requests = text
-        .lines()
-        .find_map(|l| l.trim().split(" requests in").next()?.parse().ok())
-        .context("no request count")?;
-    // "Socket errors: connect 0, read 0, write 0, timeout 0" and non-2xx answers.
-    let mut errors = 0;
-    if let Some(list) = field("Socket errors:") {
-        errors += list
-            .split(',')
-            .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
-            .sum::<u64>();
-    }
-    if let Some(n) = field("Non-2xx or 3xx responses:") {
-        errors += n.parse::<u64>().unwrap_or(0);
-    }
-    Ok(Figures {
-        requests_per_second,
-        latency_us,
-        requests,
-        errors,
-    })
-}
-
-/// "123.45us", "1.20ms", "2.00s" → µs.
-fn duration_us(text: &str) -> Result<f64> {
-    let split = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .context("no unit")?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse()?;
-    Ok(value
-        * match unit {
-            "us" => 1.0,
-            "ms" => 1e3,
-            "s" => 1e6,
-            "m" => 60e6,
-            other => bail!("unknown unit {other}"),
-        })
 }

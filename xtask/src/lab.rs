@@ -85,7 +85,7 @@ pub fn up(ha: bool, stack: bool) -> Result<()> {
     )?;
     let first = if ha { "lb1" } else { "lb" };
     if stack {
-        wait_for_backends(&lab)?;
+        lab.wait_for_backends_up();
         println!(
             "lab up: the foobar.com stack: client {PREFIX}-client 10.0.0.2 (DNS {DNS_ADDR}) → \
              {SITE} = VIP {VIP}:80 and :443 on {PREFIX}-lb → server1 {}, server2 {} (foobar-web :80 :443, \
@@ -176,34 +176,6 @@ pub fn status() -> Result<()> {
     Ok(())
 }
 
-/// Waits until the balancer sees every server up on both VIPs.
-fn wait_for_backends(lab: &Lab) -> Result<()> {
-    let up = || {
-        let status: serde_json::Value =
-            serde_json::from_str(&lab.cli_ok(&["-o", "json", "status"])).unwrap_or_default();
-        let backends = status["vips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|vip| vip["backends"].as_array().into_iter().flatten());
-        let healths: Vec<&str> = backends
-            .map(|b| b["health"].as_str().unwrap_or(""))
-            .collect();
-        !healths.is_empty() && healths.iter().all(|h| *h == "up")
-    };
-    let started = std::time::Instant::now();
-    while !up() {
-        if started.elapsed() > Duration::from_secs(20) {
-            bail!(
-                "the servers are not all up after 20 s:\n{}",
-                lab.cli_ok(&["status"])
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
 /// The README's first command: the seed's whole flow through the balancer.
 pub fn demo() -> Result<()> {
     if is_up() {
@@ -215,7 +187,7 @@ pub fn demo() -> Result<()> {
     );
     let mut lab = Lab::up(spec(false, false, true));
     lab.start_agent();
-    wait_for_backends(&lab)?;
+    lab.wait_for_backends_up();
     println!("{}\n", lab.cli_ok(&["status"]));
 
     let site = format!("https://{SITE}");

@@ -2,8 +2,10 @@
 
 mod bench_failover;
 mod bench_lab;
+mod bench_stack;
 mod lab;
 mod setup;
+mod wrk;
 
 use std::process::Command;
 
@@ -80,6 +82,19 @@ enum Bench {
         #[arg(long, default_value_t = 32)]
         connections: u32,
     },
+    /// requests/s and latency of the web tier, foobar-web beside nginx in the same run:
+    /// static page and API read, over HTTP and HTTPS, through the VIP, as JSON lines.
+    Stack {
+        /// Seconds per wrk run (8 runs per round).
+        #[arg(long, default_value_t = 5)]
+        duration: u32,
+        /// wrk connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+        /// Rounds: each runs every case once with each web server, alternating.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
     /// The gap a client sees when the VRRP master crashes, fails back or stops, and a
     /// dead backend's time to removal, on an HA lab, as JSON lines.
     Failover {
@@ -113,7 +128,7 @@ fn main() -> Result<()> {
         } => {
             setup::ensure()?;
             require_root("the benchmark loads BPF programs")?;
-            cargo(&["build", "-p", "tests", "--bin", "bench-dataplane"])?;
+            cargo(&NODE_BINS)?;
             run(Command::new("target/debug/bench-dataplane").arg(repeat.to_string()))
         }
         Task::Bench {
@@ -131,6 +146,19 @@ fn main() -> Result<()> {
             })
         }
         Task::Bench {
+            which:
+                Bench::Stack {
+                    duration,
+                    connections,
+                    rounds,
+                },
+        } => {
+            setup::ensure()?;
+            require_root("the lab creates network namespaces and attaches XDP programs")?;
+            build_release_bins()?;
+            bench_stack::run(duration, connections, rounds)
+        }
+        Task::Bench {
             which: Bench::Failover { rounds },
         } => {
             setup::ensure()?;
@@ -144,19 +172,7 @@ fn main() -> Result<()> {
 /// Release servers and agent for the lab benchmarks: a debug web server would be what
 /// is measured.
 fn build_release_bins() -> Result<()> {
-    cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "foobar-lb",
-        "-p",
-        "foobar-web",
-        "-p",
-        "foobar-app",
-        "-p",
-        "foobar-db",
-        "--bins",
-    ])
+    cargo(&["build", "--release", "--bins"])
 }
 
 /// Setup, root, and the binaries the lab runs.
@@ -166,20 +182,10 @@ fn prepare_lab() -> Result<()> {
     cargo(&NODE_BINS)
 }
 
-/// The lab's programs: the balancer and the nodes behind it.
-const NODE_BINS: [&str; 11] = [
-    "build",
-    "-p",
-    "foobar-lb",
-    "-p",
-    "foobar-web",
-    "-p",
-    "foobar-app",
-    "-p",
-    "foobar-db",
-    "--bins",
-    "--quiet",
-];
+/// The lab's programs: the balancer and the nodes behind it. Always the whole
+/// workspace: building a subset would unify the dependencies' features differently
+/// and rebuild them (and the eBPF object) at every switch.
+const NODE_BINS: [&str; 2] = ["build", "--bins"];
 
 fn test() -> Result<()> {
     setup::ensure()?;

@@ -33,6 +33,8 @@ const PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "nginx",
     "libnss3-tools",
+    // dig, to check the lab's DNS answers.
+    "bind9-dnsutils",
 ];
 
 /// Where bpf-linker finds the nightly's libLLVM; it keeps an rpath to it, so it must
