@@ -43,6 +43,9 @@ pub const WEB_PORT: u16 = 8080;
 pub const LB_CLIENT_IF: &str = "eth-client";
 /// The balancer's server-side interface.
 pub const LB_SERVER_IF: &str = "eth-servers";
+/// `[dataplane] interfaces` of the lab's balancers: clients on one side, the servers'
+/// replies on the other.
+pub const DATAPLANE_INTERFACES: &str = "[{ name = \"eth-client\", role = \"client\" }, { name = \"eth-servers\", role = \"backend\" }]";
 
 /// The address of web server `i` (0-based).
 pub fn web_addr(i: usize) -> Ipv4Addr {
@@ -150,7 +153,7 @@ pub fn config(scheduler: &str, backends: &[(usize, u32)]) -> String {
         })
         .collect();
     format!(
-        "[dataplane]\ninterfaces = [\"{LB_CLIENT_IF}\", \"{LB_SERVER_IF}\"]\nxdp_mode = \"native\"\n\n\
+        "[dataplane]\ninterfaces = {DATAPLANE_INTERFACES}\nxdp_mode = \"native\"\n\n\
          [[vips]]\nname = \"www\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\nscheduler = \"{scheduler}\"\n\
          backends = [\n{}\n]\n",
         backends.join("\n")
@@ -800,10 +803,7 @@ impl Lab {
     pub fn start_agent(&mut self) {
         if !self.config_path().exists() {
             let config = if self.spec.stack {
-                stack::balancer_config(
-                    &format!("[\"{LB_CLIENT_IF}\", \"{LB_SERVER_IF}\"]"),
-                    self.webs.len(),
-                )
+                stack::balancer_config(DATAPLANE_INTERFACES, self.webs.len())
             } else {
                 default_config(self.webs.len(), "rr")
             };

@@ -27,6 +27,14 @@ pub const SCHEDULE_STRIDE: u32 = 65_537;
 pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
 /// Most interfaces the data plane can redirect to.
 pub const MAX_TX_PORTS: u32 = 64;
+/// Interfaces are looked up by ifindex in an array: the program runs on interfaces
+/// whose ifindex is below this.
+pub const MAX_IFINDEX: u32 = 4096;
+/// Most client-side routes mirrored into [`map_names::ROUTES`].
+pub const MAX_ROUTES: u32 = 4096;
+/// Most neighbours (next hops on the client side) mirrored into
+/// [`map_names::NEIGHBOURS`].
+pub const MAX_NEIGHBOURS: u32 = 65_536;
 
 /// Map names, as the agent looks them up in the loaded object.
 pub mod map_names {
@@ -40,8 +48,19 @@ pub mod map_names {
     pub const SCHEDULES: &str = "SCHEDULES";
     /// `u32` vip id → round-robin cursor.
     pub const RR_CURSORS: &str = "RR_CURSORS";
-    /// [`crate::FlowKey`] → [`crate::FlowState`], LRU.
+    /// [`crate::FlowKey`] → [`crate::FlowState`], LRU with per-CPU LRU lists.
     pub const FLOWS: &str = "FLOWS";
+    /// ifindex → [`crate::Iface`]: the interfaces the program runs on, their MAC and role.
+    pub const INTERFACES: &str = "INTERFACES";
+    /// Client-side destinations (an LPM trie keyed by prefix length and IPv4 address,
+    /// network order) → [`crate::Route`].
+    pub const ROUTES: &str = "ROUTES";
+    /// Next-hop address → [`crate::NextHop`]: the client side's resolved neighbours.
+    pub const NEIGHBOURS: &str = "NEIGHBOURS";
+    /// One [`crate::Settings`].
+    pub const SETTINGS: &str = "SETTINGS";
+    /// Per-CPU [`crate::FloodWindow`]: this CPU's new flows in the current second.
+    pub const FLOOD: &str = "FLOOD";
     /// Backend [`crate::Endpoint`] → [`crate::ReplyTarget`]: how to rewrite replies.
     pub const REPLIES: &str = "REPLIES";
     /// ifindex → ifindex: the interfaces packets may be redirected to.
@@ -53,7 +72,7 @@ pub mod map_names {
     /// Per-CPU [`crate::TrafficStats`] per backend id.
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Every map, for pinning.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 16] = [
         VIPS,
         VIP_ADDRS,
         BACKENDS,
@@ -65,6 +84,11 @@ pub mod map_names {
         COUNTERS,
         VIP_STATS,
         BACKEND_STATS,
+        INTERFACES,
+        ROUTES,
+        NEIGHBOURS,
+        SETTINGS,
+        FLOOD,
     ];
 }
 
@@ -128,6 +152,28 @@ const _: () = assert!(size_of::<VipInfo>() == 16);
 /// without it are scheduled again.
 pub const BACKEND_ACTIVE: u32 = 1;
 
+/// `NextHop::flags`: the entry may be used. The agent clears it before it learns that
+/// a route or neighbour changed; the program then asks the kernel's FIB.
+pub const NEXT_HOP_VALID: u16 = 1;
+
+/// Where a packet leaves for a next hop: the egress interface, its MTU, and both MACs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Its MTU: bigger IP packets are handed to the kernel (which fragments or
+    /// answers "fragmentation needed").
+    pub mtu: u16,
+    /// [`NEXT_HOP_VALID`] or 0.
+    pub flags: u16,
+    /// The egress interface's MAC.
+    pub smac: [u8; 6],
+    /// The next hop's MAC.
+    pub dmac: [u8; 6],
+}
+const _: () = assert!(size_of::<NextHop>() == 20);
+
 /// A backend slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -136,29 +182,42 @@ pub struct Backend {
     pub endpoint: Endpoint,
     /// [`BACKEND_ACTIVE`] or 0.
     pub flags: u32,
+    /// Bumped each time the slot is retired or its flows reset; a flow remembers the
+    /// generation it was scheduled in, and one from another generation is scheduled
+    /// again, so no flow entry ever has to be found and deleted.
+    pub generation: u32,
+    /// The VIP it serves (for the VIP's counters on the established path).
+    pub vip_id: u32,
+    /// How to reach it, resolved by the agent.
+    pub next_hop: NextHop,
 }
-const _: () = assert!(size_of::<Backend>() == 24);
+const _: () = assert!(size_of::<Backend>() == 52);
 
-/// The client-to-VIP 5-tuple of a flow.
+/// The client-to-VIP 5-tuple of an IPv4 flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    /// Client address.
-    pub src: [u32; 4],
+    /// Client address (network order).
+    pub src: u32,
     /// VIP address.
-    pub dst: [u32; 4],
+    pub dst: u32,
     /// Client port, network order.
     pub sport: u16,
     /// VIP port, network order.
     pub dport: u16,
     /// IP protocol.
     pub proto: u8,
-    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
-    pub family: u8,
     /// Explicit padding, always zero (it is part of the hashed key).
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<FlowKey>() == 16);
+
+/// `FlowState::flags`: a packet other than the SYN has been seen. A SYN on an
+/// established entry opens a new connection on a reused 5-tuple (scheduled afresh);
+/// on an entry that is not, it is a retransmission and keeps its backend.
+pub const FLOW_ESTABLISHED: u32 = 1;
+/// `FlowState::flags`: the client sent a FIN or RST (counted once, as a closed flow).
+pub const FLOW_CLOSING: u32 = 2;
 
 /// Where a flow goes.
 #[repr(C)]
@@ -166,10 +225,75 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 pub struct FlowState {
     /// Backend slot the flow is pinned to.
     pub backend_id: u32,
-    /// VIP the flow belongs to.
-    pub vip_id: u32,
+    /// The slot's [`Backend::generation`] when the flow was scheduled.
+    pub generation: u32,
+    /// [`FLOW_ESTABLISHED`], [`FLOW_CLOSING`].
+    pub flags: u32,
+    /// Explicit padding.
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<FlowState>() == 8);
+const _: () = assert!(size_of::<FlowState>() == 16);
+
+/// `Iface::roles`: VIP traffic from clients arrives here.
+pub const ROLE_CLIENT: u32 = 1;
+/// `Iface::roles`: backends' replies arrive here.
+pub const ROLE_BACKEND: u32 = 2;
+
+/// An interface the program runs on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Iface {
+    /// [`ROLE_CLIENT`] | [`ROLE_BACKEND`]; 0: not ours, everything passes.
+    pub roles: u32,
+    /// Its MAC: only unicast frames to it are steered.
+    pub mac: [u8; 6],
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Iface>() == 12);
+
+/// `Route::kind`: the destination is this machine (a health check's answer).
+pub const ROUTE_LOCAL: u32 = 1;
+/// `Route::kind`: on the link: the destination is its own next hop.
+pub const ROUTE_LINK: u32 = 2;
+/// `Route::kind`: through `Route::gateway`.
+pub const ROUTE_GATEWAY: u32 = 3;
+/// `Route::kind`: something only the kernel does (blackhole, multipath): ask its FIB.
+pub const ROUTE_KERNEL: u32 = 4;
+
+/// A client-side route.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Route {
+    /// [`ROUTE_LOCAL`], [`ROUTE_LINK`] or [`ROUTE_GATEWAY`].
+    pub kind: u32,
+    /// The gateway for [`ROUTE_GATEWAY`] (network order).
+    pub gateway: u32,
+}
+const _: () = assert!(size_of::<Route>() == 8);
+
+/// Knobs of the data plane.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// New flows per second on one CPU above which Maglev VIPs stop inserting new
+    /// flows (their answer does not need the table); 0: never.
+    pub flood_threshold: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Settings>() == 8);
+
+/// One CPU's count of new flows in the current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodWindow {
+    /// When the window started (`bpf_ktime_get_ns`).
+    pub started_ns: u64,
+    /// New flows in it.
+    pub new_flows: u64,
+}
+const _: () = assert!(size_of::<FloodWindow>() == 16);
 
 /// How to rewrite a reply that a backend sends to a client.
 #[repr(C)]
@@ -198,8 +322,10 @@ pub struct TrafficStats {
     pub reply_packets: u64,
     /// Their bytes.
     pub reply_bytes: u64,
+    /// Flows whose client sent a FIN or RST: active flows are `new_flows` minus these.
+    pub closed_flows: u64,
 }
-const _: () = assert!(size_of::<TrafficStats>() == 40);
+const _: () = assert!(size_of::<TrafficStats>() == 48);
 
 impl TrafficStats {
     /// Adds another CPU's counters to these.
@@ -209,6 +335,7 @@ impl TrafficStats {
         self.new_flows += other.new_flows;
         self.reply_packets += other.reply_packets;
         self.reply_bytes += other.reply_bytes;
+        self.closed_flows += other.closed_flows;
     }
 }
 
@@ -260,4 +387,9 @@ mod pod {
     unsafe impl aya::Pod for super::ReplyTarget {}
     unsafe impl aya::Pod for super::TrafficStats {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::Iface {}
+    unsafe impl aya::Pod for super::Route {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::FloodWindow {}
 }

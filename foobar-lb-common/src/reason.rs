@@ -52,6 +52,9 @@ use xdp_action::{DROP, PASS, REDIRECT, TX};
 
 reasons! {
     // Outcomes handed to the kernel untouched: not ours.
+    PassNotOurInterface = "pass_not_our_interface", Some(PASS), "Arrived on an interface the agent has not set up (or whose ifindex is beyond the table).";
+    PassOtherMac = "pass_other_mac", Some(PASS), "Unicast to another MAC (a flooding switch, a promiscuous NIC): not for this balancer.";
+    PassMulticast = "pass_multicast", Some(PASS), "Broadcast or multicast (ARP requests, VRRP): the kernel's.";
     PassNotIpv4 = "pass_not_ipv4", Some(PASS), "Not IPv4 (ARP, IPv6, unknown ethertype).";
     PassNotTcpUdp = "pass_not_tcp_udp", Some(PASS), "IPv4 but neither TCP nor UDP (ICMP, VRRP, ...).";
     PassNotVip = "pass_not_vip", Some(PASS), "TCP/UDP for no VIP and from no backend.";
@@ -60,6 +63,7 @@ reasons! {
     // Outcomes of packets we rewrote but leave the kernel to deliver.
     PassNoNeighbour = "pass_no_neighbour", Some(PASS), "Rewritten, next hop not resolved yet: the kernel forwards it and resolves it.";
     PassNotTxPort = "pass_not_tx_port", Some(PASS), "Rewritten, egress interface not in the redirect map: the kernel forwards it.";
+    PassTooBig = "pass_too_big", Some(PASS), "Rewritten, bigger than the egress MTU: the kernel fragments it or answers \"fragmentation needed\".";
     // Outcomes of malformed or unsteerable packets.
     DropTruncatedEthernet = "drop_truncated_ethernet", Some(DROP), "Shorter than an Ethernet (or 802.1Q) header.";
     DropTruncatedIpv4 = "drop_truncated_ipv4", Some(DROP), "Shorter than its IPv4 header, options included.";
@@ -71,16 +75,26 @@ reasons! {
     DropFragment = "drop_fragment", Some(DROP), "An IPv4 fragment addressed to a VIP: it cannot be steered.";
     DropNoBackend = "drop_no_backend", Some(DROP), "For a VIP with no backend available.";
     DropNoRoute = "drop_no_route", Some(DROP), "Rewritten but the kernel has no route to forward it.";
+    DropForgedReply = "drop_forged_reply", Some(DROP), "From a backend's address and port, but on a client-side interface: forged, not translated.";
     // Outcomes of forwarded packets.
     Tx = "tx", Some(TX), "Rewritten and sent back out of the interface it came in on.";
     Redirect = "redirect", Some(REDIRECT), "Rewritten and redirected out of another interface.";
-    // Events.
+    // Events (flow hits are not counted: they are packets minus new flows).
     FlowNew = "flow_new", None, "A flow was scheduled onto a backend (a SYN, or a flow-table miss).";
-    FlowHit = "flow_hit", None, "A packet of a known flow (flow-table hit).";
     FlowMissNonSyn = "flow_miss_non_syn", None, "A non-SYN packet missed the flow table (evicted, or a takeover).";
-    FlowBackendGone = "flow_backend_gone", None, "A known flow's backend was removed: the flow was scheduled again.";
+    FlowBackendGone = "flow_backend_gone", None, "A known flow's backend was removed or reset: the flow was scheduled again.";
+    FlowReused = "flow_reused", None, "A SYN on an established flow's 5-tuple: a new connection, scheduled afresh.";
+    SynRetransmit = "syn_retransmit", None, "A SYN again before its flow was established: it kept its backend.";
+    FlowInsertFailed = "flow_insert_failed", None, "The flow table refused a new entry: the flow was forwarded but not remembered.";
+    FlowInsertSkipped = "flow_insert_skipped", None, "A Maglev VIP's new flow during a new-flow flood: not inserted (its hash gives the same backend).";
+    NextHopFib = "next_hop_fib", None, "The next hop was not cached (or not valid): the kernel's FIB was asked.";
     Reply = "reply", None, "A backend's reply was rewritten to come from its VIP.";
 }
+
+/// Index of the first event reason: every reason from here on is an event.
+pub const FIRST_EVENT: usize = Reason::FlowNew as usize;
+/// Number of event reasons.
+pub const EVENT_COUNT: usize = REASON_COUNT - FIRST_EVENT;
 
 #[cfg(test)]
 mod tests {
@@ -97,6 +111,14 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), REASON_COUNT);
+    }
+
+    #[test]
+    fn events_come_after_every_outcome() {
+        for r in Reason::ALL {
+            assert_eq!(r.action().is_none(), r as usize >= FIRST_EVENT, "{r:?}");
+        }
+        const { assert!(EVENT_COUNT <= 16, "events are a 16-bit set in the program") };
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use foobar_lb_common::{PROTO_TCP, PROTO_UDP, Reason, VipAddr};
+use foobar_lb_common::{Iface, PROTO_TCP, PROTO_UDP, Reason, VipAddr};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
 
 use crate::{VIP_ADDRS, Verdict};
@@ -51,10 +51,19 @@ fn drop(reason: Reason) -> Verdict {
 }
 
 /// Parses Ethernet (with at most one 802.1Q/802.1ad tag), IPv4 honouring IHL, and
-/// the ports of TCP/UDP. Errs with the verdict for anything that is not such a packet.
+/// the ports of TCP/UDP. Errs with the verdict for anything that is not such a packet,
+/// or not unicast to the interface it arrived on (`iface`).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
+pub fn parse(ctx: &XdpContext, iface: &Iface) -> Result<Packet, Verdict> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(drop(Reason::DropTruncatedEthernet))?;
+    let dst = unsafe { (*eth).dst_addr };
+    // The group bit: broadcast and multicast are the kernel's (ARP, VRRP).
+    if dst[0] & 1 != 0 {
+        return Err(Verdict::of(Reason::PassMulticast));
+    }
+    if dst != iface.mac {
+        return Err(Verdict::of(Reason::PassOtherMac));
+    }
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut l3 = EthHdr::LEN;
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
@@ -127,6 +136,8 @@ pub struct L4 {
     pub check: usize,
     /// A SYN without ACK: the first packet of a TCP connection.
     pub syn: bool,
+    /// A FIN or RST: the sender is closing the connection.
+    pub closing: bool,
 }
 
 /// Validates the L4 header of a packet that is ours (for a VIP, or a backend's reply).
@@ -137,6 +148,7 @@ pub fn l4(ctx: &XdpContext, pkt: &Packet) -> Result<L4, Verdict> {
         return Ok(L4 {
             check: pkt.l4 + 6,
             syn: false,
+            closing: false,
         });
     }
     let tcp: *const TcpHdr = ptr_at(ctx, pkt.l4).ok_or(drop(Reason::DropTruncatedL4))?;
@@ -148,5 +160,6 @@ pub fn l4(ctx: &XdpContext, pkt: &Packet) -> Result<L4, Verdict> {
     Ok(L4 {
         check: pkt.l4 + 16,
         syn: tcp.syn() != 0 && tcp.ack() == 0,
+        closing: tcp.fin() != 0 || tcp.rst() != 0,
     })
 }

@@ -13,7 +13,7 @@ use std::{
     time::Instant,
 };
 
-use foobar_lb_common::{Reason, TrafficStats, reason::xdp_action};
+use foobar_lb_common::{Reason, Settings, TrafficStats, reason::xdp_action};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -25,8 +25,9 @@ use crate::{
     dataplane::{Attached, Dataplane, DataplaneError, LoadOptions},
     health::{BackendHealth, HealthCheck, OnDown},
     pin,
-    reconcile::{AppliedVip, ApplyError, ApplyReport, Balancer},
+    reconcile::{AppliedVip, ApplyError, ApplyReport, Balancer, Environment},
     state::{DesiredState, StateError, VipSpec, endpoint, socket_of},
+    topology::Topology,
     vrrp::{self, VrrpConfig, VrrpView},
 };
 
@@ -72,6 +73,9 @@ pub enum AgentError {
         /// What is wrong.
         message: String,
     },
+    /// The kernel's links, routes and neighbours could not be read.
+    #[error("reading the routing tables over netlink: {0}")]
+    Topology(String),
     /// A reload tried to change what only a restart can.
     #[error("{field}: changing it needs a restart of the agent; nothing was changed")]
     NeedsRestart {
@@ -120,6 +124,7 @@ pub struct Agent {
     started: Instant,
     rates: RateMeter,
     vrrp: Option<VrrpView>,
+    topology: Topology,
 }
 
 impl Agent {
@@ -133,26 +138,33 @@ impl Agent {
             debug_log: options.debug_log,
         })?;
         let resumed = dataplane.resumed();
-        let mut balancer = if resumed {
+        let balancer = if resumed {
             Balancer::adopt(dataplane)?
         } else {
             Balancer::new(dataplane)
         };
         let desired = config.desired_state();
-        let report = balancer.apply(&desired)?;
-        info!(resumed, ?report, "VIPs applied");
         let mut agent = Agent {
             balancer,
             config_path: options.config.clone(),
             config: config.clone(),
-            desired,
+            desired: desired.clone(),
             health: BTreeMap::new(),
             disabled: BTreeSet::new(),
-            interfaces: Vec::new(),
+            interfaces: config.dataplane.interface_names(),
             started: Instant::now(),
             rates: RateMeter::default(),
             vrrp: None,
+            topology: Topology::read_blocking().map_err(|e| AgentError::Topology(e.to_string()))?,
         };
+        // One plan for the VIPs, the interfaces and the next hops, written before the
+        // program is attached (or, when it was forwarding already from pins, as one
+        // change that writes only what differs).
+        let env = agent.environment()?;
+        agent.interfaces.clear();
+        agent.balancer.stage_environment(env);
+        let report = agent.balancer.apply(&desired)?;
+        info!(resumed, ?report, "VIPs applied");
         let (attached, _) = agent.attach_all(&config)?;
         info!(interfaces = ?attached, "attached");
         // Links an earlier agent pinned for interfaces no longer configured.
@@ -190,7 +202,7 @@ impl Agent {
             return Vec::new();
         };
         let mut faults = Vec::new();
-        for name in &self.config.dataplane.interfaces {
+        for name in &self.config.dataplane.interface_names() {
             match vrrp::net::interface(name) {
                 Ok(Some(i)) if !i.running => faults.push(format!("interface {name} is down")),
                 Ok(Some(_)) if !self.interfaces.contains(name) => {
@@ -220,7 +232,7 @@ impl Agent {
     fn attach_all(&mut self, config: &Config) -> Result<(Vec<String>, Vec<String>), AgentError> {
         let mode = config.dataplane.xdp_mode.mode();
         let mut attached = Vec::new();
-        for interface in &config.dataplane.interfaces {
+        for interface in &config.dataplane.interface_names() {
             if self.interfaces.contains(interface) {
                 continue;
             }
@@ -249,7 +261,7 @@ impl Agent {
         }
         let mut detached = Vec::new();
         for interface in self.interfaces.clone() {
-            if !config.dataplane.interfaces.contains(&interface) {
+            if !config.dataplane.interface_names().contains(&interface) {
                 self.balancer.dataplane().detach_pinned(&interface)?;
                 self.interfaces.retain(|i| *i != interface);
                 detached.push(interface);
@@ -281,6 +293,11 @@ impl Agent {
             source,
         })?;
         let (attached, detached) = self.attach_all(&config)?;
+        let previous = std::mem::replace(&mut self.config, config.clone());
+        if let Err(e) = self.write_environment() {
+            self.config = previous;
+            return Err(e);
+        }
         let report = self.balancer.apply(&self.effective(&desired))?;
         self.config = config;
         self.desired = desired;
@@ -537,11 +554,57 @@ impl Agent {
             && on_down == OnDown::Reset
             && let Some((vip_ep, backend_ep)) = endpoints
         {
-            match self.balancer.purge_flows(&vip_ep, &backend_ep) {
-                Ok(n) => info!(backend = %key.1, flows = n, "reset the flows of a down backend"),
+            match self.balancer.reset_flows(&vip_ep, &backend_ep) {
+                Ok(_) => info!(backend = %key.1, "reset the flows of a down backend"),
                 Err(e) => error!("resetting flows of {}: {e}", key.1),
             }
         }
+    }
+
+    /// What the kernel's tables say changed: next hops and the client side's routes
+    /// and neighbours are written again where they differ.
+    pub fn topology_changed(&mut self, topology: Topology) {
+        if topology == self.topology {
+            return;
+        }
+        self.topology = topology;
+        match self.write_environment() {
+            Ok(report) if report != ApplyReport::default() => {
+                info!(
+                    ?report,
+                    "next hops follow the kernel's routes and neighbours"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => error!("writing next hops: {e}"),
+        }
+    }
+
+    /// Writes what the data plane needs besides the VIPs: the interfaces it runs on
+    /// (MAC, role), the next hops from the kernel's tables, the flood threshold.
+    fn write_environment(&mut self) -> Result<ApplyReport, AgentError> {
+        let env = self.environment()?;
+        Ok(self.balancer.set_environment(env)?)
+    }
+
+    /// The environment of the interfaces attached (their role, from the configuration)
+    /// in the current topology.
+    fn environment(&self) -> Result<Environment, AgentError> {
+        let mut interfaces = Vec::new();
+        for entry in &self.config.dataplane.interfaces {
+            if self.interfaces.iter().any(|i| i == entry.name()) {
+                interfaces.push((ifindex(entry.name())?, entry.role().bits()));
+            }
+        }
+        let settings = Settings {
+            flood_threshold: self.config.dataplane.flood_threshold,
+            _pad: 0,
+        };
+        Ok(Environment::new(
+            self.topology.clone(),
+            &interfaces,
+            settings,
+        ))
     }
 
     /// Index of a VIP by name or `address:port`.
@@ -656,15 +719,10 @@ impl Agent {
             .collect()
     }
 
+    /// Everything `status` shows; the flow table is never walked (active flows are
+    /// the counters' opened minus closed).
     fn status(&mut self) -> Result<Status, ApiError> {
-        let dp = self.balancer.dataplane();
-        let flows = dp.flows().map_err(dataplane_error)?;
-        let mut by_vip: BTreeMap<u32, u64> = BTreeMap::new();
-        let mut by_backend: BTreeMap<u32, u64> = BTreeMap::new();
-        for (_, flow) in &flows {
-            *by_vip.entry(flow.vip_id).or_default() += 1;
-            *by_backend.entry(flow.backend_id).or_default() += 1;
-        }
+        let mut total_flows = 0;
         let mut vips = Vec::new();
         for (spec, applied) in self.running() {
             let dp = self.balancer.dataplane();
@@ -715,11 +773,7 @@ impl Agent {
                     } else {
                         slots as f64 / applied.schedule.len() as f64
                     },
-                    traffic: self.traffic(
-                        Subject::Backend(id),
-                        stats,
-                        by_backend.get(&id).copied().unwrap_or(0),
-                    ),
+                    traffic: self.traffic(Subject::Backend(id), stats, active_flows(&stats)),
                 });
             }
             vips.push(VipStatus {
@@ -731,10 +785,11 @@ impl Agent {
                 traffic: self.traffic(
                     Subject::Vip(applied.id),
                     vip_stats,
-                    by_vip.get(&applied.id).copied().unwrap_or(0),
+                    active_flows(&vip_stats),
                 ),
                 backends,
             });
+            total_flows += active_flows(&vip_stats);
         }
         let dp = self.balancer.dataplane();
         Ok(Status {
@@ -744,7 +799,7 @@ impl Agent {
             pin_dir: dp.pin_dir().map(PathBuf::from),
             resumed: dp.resumed(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            flows: flows.len() as u64,
+            flows: total_flows,
             flow_capacity: self.config.dataplane.flow_capacity,
             changed_since_reload: self.desired != self.config.desired_state(),
             vips,
@@ -814,6 +869,12 @@ impl Agent {
     }
 }
 
+/// Flows opened and not yet closed by their client (FIN or RST); flows that end
+/// otherwise (a timeout, an eviction) stay in the count.
+fn active_flows(stats: &TrafficStats) -> u64 {
+    stats.new_flows.saturating_sub(stats.closed_flows)
+}
+
 fn traffic_count(name: String, s: TrafficStats) -> TrafficCount {
     TrafficCount {
         name,
@@ -844,6 +905,9 @@ impl From<ApplyError> for ApiError {
         match e {
             ApplyError::Invalid(s) => s.into(),
             ApplyError::Dataplane(d) => dataplane_error(d),
+            ApplyError::Injected => {
+                ApiError::new(ErrorKind::Dataplane, None, "injected failure".to_owned())
+            }
         }
     }
 }

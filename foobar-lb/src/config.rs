@@ -2,7 +2,10 @@
 //!
 //! ```toml
 //! [dataplane]
-//! interfaces = ["eth0", "eth1"]   # client side and backend side; may be one
+//! interfaces = [                  # where the program runs, and what arrives there
+//!   { name = "eth0", role = "client" },   # VIP traffic from clients
+//!   { name = "eth1", role = "backend" },  # the backends' replies
+//! ]                               # a bare name ("eth0") takes both roles
 //! xdp_mode = "auto"               # native | generic | auto
 //!
 //! [[vips]]
@@ -28,7 +31,7 @@ use std::{
 };
 
 use aya::programs::XdpMode;
-use foobar_lb_common::{DEFAULT_FLOW_CAPACITY, MAX_TX_PORTS};
+use foobar_lb_common::{DEFAULT_FLOW_CAPACITY, MAX_TX_PORTS, ROLE_BACKEND, ROLE_CLIENT};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -69,19 +72,101 @@ fn default_flow_capacity() -> u32 {
     DEFAULT_FLOW_CAPACITY
 }
 
+fn default_flood_threshold() -> u32 {
+    DEFAULT_FLOOD_THRESHOLD
+}
+
+/// New flows per second on one CPU above which Maglev VIPs stop remembering new flows
+/// (Katran's default).
+pub const DEFAULT_FLOOD_THRESHOLD: u32 = 125_000;
+
+/// What arrives on an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Clients' packets for the VIPs.
+    Client,
+    /// The backends' replies.
+    Backend,
+    /// Both (one-armed).
+    #[default]
+    Both,
+}
+
+impl Role {
+    /// The data plane's role bits.
+    pub const fn bits(self) -> u32 {
+        match self {
+            Role::Client => ROLE_CLIENT,
+            Role::Backend => ROLE_BACKEND,
+            Role::Both => ROLE_CLIENT | ROLE_BACKEND,
+        }
+    }
+}
+
+/// An interface the program runs on: a bare name (both roles), or a name and a role.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "an interface name, or { name = \"eth0\", role = \"client\" | \"backend\" | \"both\" }"
+)]
+pub enum InterfaceConfig {
+    /// Both roles.
+    Name(String),
+    /// A name and a role.
+    WithRole {
+        /// The interface.
+        name: String,
+        /// What arrives on it.
+        role: Role,
+    },
+}
+
+impl InterfaceConfig {
+    /// The interface's name.
+    pub fn name(&self) -> &str {
+        match self {
+            InterfaceConfig::Name(name) | InterfaceConfig::WithRole { name, .. } => name,
+        }
+    }
+
+    /// Its role.
+    pub fn role(&self) -> Role {
+        match self {
+            InterfaceConfig::Name(_) => Role::Both,
+            InterfaceConfig::WithRole { role, .. } => *role,
+        }
+    }
+}
+
 /// Where and how the data plane runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataplaneConfig {
-    /// Interfaces the program is attached to: where VIP traffic and backend replies
-    /// arrive, and where packets may leave.
-    pub interfaces: Vec<String>,
+    /// Interfaces the program is attached to, with what arrives on each; packets may
+    /// leave by any of them.
+    pub interfaces: Vec<InterfaceConfig>,
     /// Native, generic or auto.
     #[serde(default)]
     pub xdp_mode: XdpModeSetting,
     /// Flow-table entries (LRU); changing it needs a restart with an empty table.
     #[serde(default = "default_flow_capacity")]
     pub flow_capacity: u32,
+    /// New flows per second on one CPU above which Maglev VIPs stop remembering new
+    /// flows (their hash places every packet alike), so a flood cannot push
+    /// established flows out of the table; 0: never.
+    #[serde(default = "default_flood_threshold")]
+    pub flood_threshold: u32,
+}
+
+impl DataplaneConfig {
+    /// The interfaces' names.
+    pub fn interface_names(&self) -> Vec<String> {
+        self.interfaces
+            .iter()
+            .map(|i| i.name().to_owned())
+            .collect()
+    }
 }
 
 /// The metrics and status-page listener.
@@ -202,7 +287,7 @@ impl Config {
             ));
         }
         let mut seen = BTreeSet::new();
-        for (i, name) in dp.interfaces.iter().enumerate() {
+        for (i, name) in dp.interfaces.iter().map(InterfaceConfig::name).enumerate() {
             let field = format!("dataplane.interfaces[{i}]");
             // IFNAMSIZ is 16 with the NUL.
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
@@ -223,7 +308,7 @@ impl Config {
         }
         self.desired_state().plan()?;
         if let Some(vrrp) = &self.vrrp {
-            vrrp.validate(&dp.interfaces, &self.vips)?;
+            vrrp.validate(&dp.interface_names(), &self.vips)?;
         }
         Ok(())
     }
@@ -292,6 +377,26 @@ pub(crate) mod tests {
             field(&GOOD.replace("8080", "0")),
             "vips[0].backends[0].port"
         );
+    }
+
+    #[test]
+    fn interfaces_take_a_role() {
+        let text = GOOD.replace(
+            r#"["lbc", "lbb"]"#,
+            r#"[{ name = "lbc", role = "client" }, "lbb"]"#,
+        );
+        let config = Config::parse(&text).unwrap();
+        let roles: Vec<Role> = config
+            .dataplane
+            .interfaces
+            .iter()
+            .map(|i| i.role())
+            .collect();
+        assert_eq!(roles, [Role::Client, Role::Both]);
+        assert_eq!(config.dataplane.interface_names(), ["lbc", "lbb"]);
+        let err = Config::parse(&GOOD.replace(r#""lbb""#, r#"{ name = "lbb", role = "middle" }"#))
+            .unwrap_err();
+        assert!(err.to_string().contains("role"), "{err}");
     }
 
     #[test]

@@ -25,12 +25,14 @@ use crate::{
     agent::{Agent, AgentError, AgentOptions, BackendKey, OnExit},
     api::{ApiError, ErrorKind, MAX_REQUEST_BYTES, Reply, Request},
     health::{self, HealthCheck},
-    http,
+    http, topology,
     vrrp::{self, VrrpView},
 };
 
 /// How often counters are sampled for rates.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How long a burst of route and neighbour changes may last before it is read.
+const TOPOLOGY_SETTLE: Duration = Duration::from_millis(20);
 
 /// How the daemon runs.
 #[derive(Clone, Debug)]
@@ -124,6 +126,14 @@ pub async fn run(
     };
     info!(socket = %options.socket.display(), "ready");
 
+    // Next hops follow the kernel's routes and neighbours.
+    let (topologies, mut topology) = mpsc::channel(1);
+    let _watcher = AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = topology::watch(TOPOLOGY_SETTLE, topologies).await {
+            error!("watching routes and neighbours stopped: {e}; next hops are no longer updated");
+        }
+    }));
+
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| socket_error(e.to_string()))?;
     let mut sampler = tokio::time::interval(SAMPLE_EVERY);
     let (results, mut checked) = mpsc::unbounded_channel();
@@ -163,6 +173,10 @@ pub async fn run(
                 }
                 checkers.sync(&agent).await;
                 track(&agent, &faults).await;
+            }
+            Some(fresh) = topology.recv() => {
+                let shared = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || lock(&shared).topology_changed(fresh)).await;
             }
             _ = sampler.tick() => {
                 let shared = agent.clone();

@@ -5,9 +5,15 @@
 
 use std::path::{Path, PathBuf};
 
+use std::os::fd::{AsFd, BorrowedFd};
+
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        xdp::DevMapHash,
+    },
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -16,11 +22,12 @@ use aya::{
     util::nr_cpus,
 };
 use foobar_lb_common::{
-    Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint, FlowKey, FlowState, ReplyTarget,
-    TrafficStats, VipAddr, VipInfo, map_names as names, schedule_index,
+    Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint, FlowKey, FlowState, Iface, MAX_BACKENDS,
+    MAX_IFINDEX, NextHop, ReplyTarget, Route, Settings, TrafficStats, VipAddr, VipInfo,
+    map_names as names, schedule_index,
 };
 
-use crate::pin;
+use crate::{batch, pin, reconcile::MapState};
 
 /// The XDP program object, built by `build.rs`.
 pub static PROGRAM_OBJECT: &[u8] =
@@ -65,6 +72,14 @@ pub enum DataplaneError {
     /// The CPU count could not be read.
     #[error("counting CPUs: {0}")]
     Cpus(String),
+    /// A batched map operation failed.
+    #[error("map {map}: batch: {source}")]
+    Batch {
+        /// Which map.
+        map: &'static str,
+        /// What the kernel said.
+        source: std::io::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -245,6 +260,45 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Reads back what an earlier agent wrote (a data plane reopened from pins).
+    pub fn read_state(&mut self) -> Result<MapState> {
+        let mut state = MapState {
+            vips: self.vips()?.into_iter().collect(),
+            replies: self.replies()?.into_iter().collect(),
+            routes: self.routes()?.into_iter().collect(),
+            neighbours: self.neighbours()?.into_iter().collect(),
+            ..Default::default()
+        };
+        let backends: Array<_, Backend> = map!(self, Array, names::BACKENDS);
+        for id in 0..MAX_BACKENDS {
+            let slot = backends.get(&id, 0).map_err(map_err(names::BACKENDS))?;
+            if slot != Backend::default() {
+                state.backends.insert(id, slot);
+            }
+        }
+        let interfaces: Array<_, Iface> = map!(self, Array, names::INTERFACES);
+        for index in 0..MAX_IFINDEX {
+            let iface = interfaces
+                .get(&index, 0)
+                .map_err(map_err(names::INTERFACES))?;
+            if iface.roles != 0 {
+                state.interfaces.insert(index, iface);
+            }
+        }
+        let addresses: HashMap<_, VipAddr, u32> = map!(self, HashMap, names::VIP_ADDRS);
+        state.vip_addresses = addresses
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::VIP_ADDRS))?;
+        let settings: Array<_, Settings> = map!(self, Array, names::SETTINGS);
+        state.settings = settings.get(&0, 0).map_err(map_err(names::SETTINGS))?;
+        for info in state.vips.values() {
+            let schedule = self.schedule(info.id, info.schedule_len)?;
+            state.schedules.insert(info.id, schedule);
+        }
+        Ok(state)
+    }
+
     /// Every VIP in the map, with its entry.
     pub fn vips(&mut self) -> Result<Vec<(Endpoint, VipInfo)>> {
         let m: HashMap<_, Endpoint, VipInfo> = map!(self, HashMap, names::VIPS);
@@ -306,16 +360,18 @@ impl Dataplane {
         schedule: &[u32],
         previous: &[u32],
     ) -> Result<usize> {
-        let mut m: Array<_, u32> = map!(self, Array, names::SCHEDULES);
-        let mut written = 0;
-        for (slot, &backend) in schedule.iter().enumerate() {
-            if previous.get(slot) != Some(&backend) {
-                m.set(schedule_index(vip_id, slot as u32), backend, 0)
-                    .map_err(map_err(names::SCHEDULES))?;
-                written += 1;
-            }
-        }
-        Ok(written)
+        let (slots, backends): (Vec<u32>, Vec<u32>) = schedule
+            .iter()
+            .enumerate()
+            .filter(|&(slot, backend)| previous.get(slot) != Some(backend))
+            .map(|(slot, &backend)| (schedule_index(vip_id, slot as u32), backend))
+            .unzip();
+        let fd = self.map_fd(names::SCHEDULES)?;
+        batch::update(fd, &slots, &backends, 8192).map_err(|source| DataplaneError::Batch {
+            map: names::SCHEDULES,
+            source,
+        })?;
+        Ok(slots.len())
     }
 
     /// The round-robin cursor of a VIP: how many flows it has scheduled.
@@ -355,6 +411,15 @@ impl Dataplane {
         m.insert(key, flow, 0).map_err(map_err(names::FLOWS))
     }
 
+    /// Removes a flow-table entry (tests: an eviction).
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        let mut m: HashMap<_, FlowKey, FlowState> = map!(self, HashMap, names::FLOWS);
+        match m.remove(key) {
+            Err(MapError::KeyNotFound) => Ok(()),
+            other => other.map_err(map_err(names::FLOWS)),
+        }
+    }
+
     /// The flow-table entry of a flow, if any.
     pub fn flow(&mut self, key: &FlowKey) -> Result<Option<FlowState>> {
         let m: HashMap<_, FlowKey, FlowState> = map!(self, HashMap, names::FLOWS);
@@ -365,27 +430,101 @@ impl Dataplane {
         }
     }
 
-    /// Every flow-table entry.
-    pub fn flows(&mut self) -> Result<Vec<(FlowKey, FlowState)>> {
-        let m: HashMap<_, FlowKey, FlowState> = map!(self, HashMap, names::FLOWS);
-        // Entries evicted during the walk show up as errors: skip them.
-        Ok(m.iter().filter_map(|entry| entry.ok()).collect())
+    /// Writes many flow-table entries at once (tests and benchmarks).
+    pub fn set_flows(&mut self, flows: &[(FlowKey, FlowState)]) -> Result<()> {
+        let (keys, values): (Vec<FlowKey>, Vec<FlowState>) = flows.iter().copied().unzip();
+        let fd = self.map_fd(names::FLOWS)?;
+        batch::update(fd, &keys, &values, 8192).map_err(|source| DataplaneError::Batch {
+            map: names::FLOWS,
+            source,
+        })
     }
 
-    /// Removes the flows pinned to any of `backend_ids`; returns how many.
-    pub fn remove_flows_of(&mut self, backend_ids: &[u32]) -> Result<usize> {
-        let doomed: Vec<FlowKey> = self
-            .flows()?
-            .into_iter()
-            .filter(|(_, flow)| backend_ids.contains(&flow.backend_id))
-            .map(|(key, _)| key)
-            .collect();
-        let mut m: HashMap<_, FlowKey, FlowState> = map!(self, HashMap, names::FLOWS);
-        for key in &doomed {
-            // Already evicted is as good as removed.
-            let _ = m.remove(key);
+    /// Visits every flow-table entry, thousands per system call. The table keeps
+    /// changing meanwhile; the agent never does this while it answers requests.
+    pub fn for_each_flow(&mut self, each: impl FnMut(&FlowKey, &FlowState)) -> Result<()> {
+        let fd = self.map_fd(names::FLOWS)?;
+        batch::for_each(fd, 4096, each).map_err(|source| DataplaneError::Batch {
+            map: names::FLOWS,
+            source,
+        })
+    }
+
+    /// The description of an interface the program runs on.
+    pub fn set_interface(&mut self, ifindex: u32, iface: &Iface) -> Result<()> {
+        let mut m: Array<_, Iface> = map!(self, Array, names::INTERFACES);
+        m.set(ifindex, iface, 0).map_err(map_err(names::INTERFACES))
+    }
+
+    /// The program's knobs.
+    pub fn set_settings(&mut self, settings: &Settings) -> Result<()> {
+        let mut m: Array<_, Settings> = map!(self, Array, names::SETTINGS);
+        m.set(0, settings, 0).map_err(map_err(names::SETTINGS))
+    }
+
+    /// Adds or changes a client-side route (`addr` in network order).
+    pub fn set_route(&mut self, prefix_len: u32, addr: u32, route: &Route) -> Result<()> {
+        let mut m: LpmTrie<_, u32, Route> = map!(self, LpmTrie, names::ROUTES);
+        m.insert(&LpmKey::new(prefix_len, addr), route, 0)
+            .map_err(map_err(names::ROUTES))
+    }
+
+    /// Removes a client-side route.
+    pub fn remove_route(&mut self, prefix_len: u32, addr: u32) -> Result<()> {
+        let mut m: LpmTrie<_, u32, Route> = map!(self, LpmTrie, names::ROUTES);
+        match m.remove(&LpmKey::new(prefix_len, addr)) {
+            Err(MapError::KeyNotFound) => Ok(()),
+            other => other.map_err(map_err(names::ROUTES)),
         }
-        Ok(doomed.len())
+    }
+
+    /// Every client-side route: (prefix length, address) → route.
+    pub fn routes(&mut self) -> Result<Vec<((u32, u32), Route)>> {
+        let m: LpmTrie<_, u32, Route> = map!(self, LpmTrie, names::ROUTES);
+        m.iter()
+            .map(|entry| entry.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::ROUTES))
+    }
+
+    /// Adds or changes a client-side next hop (`addr` in network order).
+    pub fn set_neighbour(&mut self, addr: u32, hop: &NextHop) -> Result<()> {
+        let mut m: HashMap<_, u32, NextHop> = map!(self, HashMap, names::NEIGHBOURS);
+        m.insert(addr, hop, 0).map_err(map_err(names::NEIGHBOURS))
+    }
+
+    /// Removes a client-side next hop.
+    pub fn remove_neighbour(&mut self, addr: u32) -> Result<()> {
+        let mut m: HashMap<_, u32, NextHop> = map!(self, HashMap, names::NEIGHBOURS);
+        match m.remove(&addr) {
+            Err(MapError::KeyNotFound) => Ok(()),
+            other => other.map_err(map_err(names::NEIGHBOURS)),
+        }
+    }
+
+    /// Every client-side next hop.
+    pub fn neighbours(&mut self) -> Result<Vec<(u32, NextHop)>> {
+        let m: HashMap<_, u32, NextHop> = map!(self, HashMap, names::NEIGHBOURS);
+        m.iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::NEIGHBOURS))
+    }
+
+    /// A backend slot as written.
+    pub fn backend(&mut self, id: u32) -> Result<Backend> {
+        let m: Array<_, Backend> = map!(self, Array, names::BACKENDS);
+        m.get(&id, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    /// The file descriptor of a map, for the batched operations.
+    fn map_fd(&self, name: &'static str) -> Result<BorrowedFd<'_>> {
+        match self.ebpf.map(name) {
+            Some(Map::Array(data) | Map::HashMap(data) | Map::LruHashMap(data)) => {
+                Ok(data.fd().as_fd())
+            }
+            Some(_) => Err(DataplaneError::MissingMap(name)),
+            None => Err(DataplaneError::MissingMap(name)),
+        }
     }
 
     /// Global counters, summed over CPUs.

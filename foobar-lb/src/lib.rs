@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -22,4 +23,5 @@ pub mod reconcile;
 pub mod render;
 pub mod schedule;
 pub mod state;
+pub mod topology;
 pub mod vrrp;

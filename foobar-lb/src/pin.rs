@@ -14,8 +14,9 @@ use std::{
 
 use aya::maps::MapInfo;
 use foobar_lb_common::{
-    Backend, Counters, Endpoint, FlowKey, FlowState, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS,
-    ReplyTarget, SCHEDULE_STRIDE, TrafficStats, VipAddr, VipInfo, map_names as names,
+    Backend, Counters, Endpoint, FloodWindow, FlowKey, FlowState, Iface, MAX_BACKENDS, MAX_IFINDEX,
+    MAX_NEIGHBOURS, MAX_ROUTES, MAX_TX_PORTS, MAX_VIPS, NextHop, ReplyTarget, Route,
+    SCHEDULE_STRIDE, Settings, TrafficStats, VipAddr, VipInfo, map_names as names,
 };
 
 /// The magic number `statfs` reports for bpffs.
@@ -173,6 +174,12 @@ fn expected_layout(name: &str, flow_capacity: u32) -> (usize, Option<usize>, u32
         names::COUNTERS => (4, Some(size_of::<Counters>()), 1),
         names::VIP_STATS => (4, Some(size_of::<TrafficStats>()), MAX_VIPS),
         names::BACKEND_STATS => (4, Some(size_of::<TrafficStats>()), MAX_BACKENDS),
+        names::INTERFACES => (4, Some(size_of::<Iface>()), MAX_IFINDEX),
+        // The trie's key: prefix length and address.
+        names::ROUTES => (8, Some(size_of::<Route>()), MAX_ROUTES),
+        names::NEIGHBOURS => (4, Some(size_of::<NextHop>()), MAX_NEIGHBOURS),
+        names::SETTINGS => (4, Some(size_of::<Settings>()), 1),
+        names::FLOOD => (4, Some(size_of::<FloodWindow>()), 1),
         _ => unreachable!("map {name} has no expected layout"),
     }
 }

@@ -1,24 +1,35 @@
-//! Turning a desired state into the fewest map writes, make-before-break.
+//! Turning a desired state into map writes, in two steps:
 //!
-//! Order matters because the data plane reads while we write: new backends are
-//! written before any schedule names them, schedules before the VIP entry that
-//! exposes their length, and removed backends are retired last. Ids of removed VIPs
-//! and backends are reused last-freed-last, and their flows are purged, so a stale
-//! flow never lands on a stranger.
+//! - [`plan`] is pure: from what the maps hold ([`MapState`]) and what they should hold
+//!   (the VIPs, the interfaces, the kernel's topology, the settings) it assigns ids and
+//!   lists the writes, in an order that never exposes a half-written state: backends
+//!   before the schedules that name them, schedules before the VIP entry that gives
+//!   their length, removals last. When the ids of what stays and what comes do not fit
+//!   side by side (a swap of 40 VIPs for 40 others needs 80 of 64 ids), what goes is
+//!   removed first, and only the ids it frees are reused. Nothing is written unless
+//!   the whole plan was made.
+//! - [`Balancer::apply`] executes the writes, recording each in its [`MapState`] as it
+//!   succeeds: a failure part-way leaves a model that matches the maps, and the next
+//!   apply writes what is missing.
+//!
+//! A backend slot is never reused without bumping its generation, so flows remembered
+//! for the slot's previous backend are scheduled again instead of landing on a
+//! stranger, and no flow entry ever has to be found and deleted.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
 };
 
 use foobar_lb_common::{
-    BACKEND_ACTIVE, Backend, Endpoint, MAX_BACKENDS, MAX_VIPS, ReplyTarget, SCHED_MAGLEV, SCHED_RR,
-    VipAddr, VipInfo, hash::flow_hash_v4,
+    BACKEND_ACTIVE, Backend, Endpoint, Iface, MAX_BACKENDS, MAX_IFINDEX, MAX_VIPS, NextHop,
+    ReplyTarget, Route, SCHED_MAGLEV, SCHED_RR, Settings, VipAddr, VipInfo, hash::flow_hash_v4,
 };
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
     state::{DesiredState, PlannedVip, Scheduler, StateError},
+    topology::Topology,
 };
 
 /// Why a change was not applied.
@@ -27,9 +38,12 @@ pub enum ApplyError {
     /// The desired state is invalid; nothing was changed.
     #[error("invalid configuration: {0}")]
     Invalid(#[from] StateError),
-    /// The kernel refused a map write part-way.
+    /// The kernel refused a map write part-way; the next apply repairs what is missing.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// A failure injected by a test, after as many writes as it asked for.
+    #[error("injected failure after the planned writes asked for")]
+    Injected,
 }
 
 /// What an apply changed.
@@ -45,11 +59,515 @@ pub struct ApplyReport {
     pub backends_removed: usize,
     /// Schedule slots rewritten.
     pub slots_written: usize,
-    /// Flows purged because their backend was removed.
-    pub flows_purged: usize,
+    /// Backend slots rewritten for another next hop.
+    pub next_hops_written: usize,
+    /// Client-side routes and neighbours written or removed.
+    pub client_side_written: usize,
 }
 
-/// A VIP as it is in the maps.
+/// What the agent has written into the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    /// `VIPS`.
+    pub vips: BTreeMap<Endpoint, VipInfo>,
+    /// `BACKENDS`, the slots ever written (retired ones keep their generation).
+    pub backends: BTreeMap<u32, Backend>,
+    /// `REPLIES`.
+    pub replies: BTreeMap<Endpoint, ReplyTarget>,
+    /// `SCHEDULES`, by VIP id.
+    pub schedules: BTreeMap<u32, Vec<u32>>,
+    /// `VIP_ADDRS`.
+    pub vip_addresses: BTreeMap<VipAddr, u32>,
+    /// `INTERFACES`, the ones with a role.
+    pub interfaces: BTreeMap<u32, Iface>,
+    /// `ROUTES`: (prefix length, address) → route.
+    pub routes: BTreeMap<(u32, u32), Route>,
+    /// `NEIGHBOURS`.
+    pub neighbours: BTreeMap<u32, NextHop>,
+    /// `SETTINGS`.
+    pub settings: Settings,
+}
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Zeroes a VIP id's counters and round-robin cursor before it serves a new VIP.
+    FreshVipId(u32),
+    /// Zeroes a backend id's counters before it serves a new backend.
+    FreshBackendId(u32),
+    /// Writes a backend slot.
+    SetBackend(u32, Backend),
+    /// Writes a reply entry.
+    SetReply(Endpoint, ReplyTarget),
+    /// Removes a reply entry.
+    RemoveReply(Endpoint),
+    /// Writes a VIP's schedule (the slots that differ from what is there).
+    WriteSchedule(u32, Vec<u32>),
+    /// Writes a VIP entry.
+    SetVip(Endpoint, VipInfo),
+    /// Removes a VIP entry.
+    RemoveVip(Endpoint),
+    /// Sets how many VIPs use an address (0 removes it).
+    SetVipAddress(VipAddr, u32),
+    /// Writes an interface's entry (`roles` 0: not ours any more).
+    SetInterface(u32, Iface),
+    /// Writes a client-side route.
+    SetRoute((u32, u32), Route),
+    /// Removes a client-side route.
+    RemoveRoute((u32, u32)),
+    /// Writes a client-side neighbour.
+    SetNeighbour(u32, NextHop),
+    /// Removes a client-side neighbour.
+    RemoveNeighbour(u32),
+    /// Writes the settings.
+    SetSettings(Settings),
+}
+
+impl MapState {
+    /// Records a write that succeeded.
+    fn record(&mut self, op: &Op) {
+        match op {
+            Op::FreshVipId(_) | Op::FreshBackendId(_) => {}
+            Op::SetBackend(id, b) => {
+                self.backends.insert(*id, *b);
+            }
+            Op::SetReply(ep, t) => {
+                self.replies.insert(*ep, *t);
+            }
+            Op::RemoveReply(ep) => {
+                self.replies.remove(ep);
+            }
+            Op::WriteSchedule(id, slots) => {
+                self.schedules.insert(*id, slots.clone());
+            }
+            Op::SetVip(ep, info) => {
+                self.vips.insert(*ep, *info);
+            }
+            Op::RemoveVip(ep) => {
+                if let Some(info) = self.vips.remove(ep) {
+                    self.schedules.remove(&info.id);
+                }
+            }
+            Op::SetVipAddress(addr, 0) => {
+                self.vip_addresses.remove(addr);
+            }
+            Op::SetVipAddress(addr, n) => {
+                self.vip_addresses.insert(*addr, *n);
+            }
+            Op::SetInterface(index, iface) if iface.roles == 0 => {
+                self.interfaces.remove(index);
+            }
+            Op::SetInterface(index, iface) => {
+                self.interfaces.insert(*index, *iface);
+            }
+            Op::SetRoute(key, route) => {
+                self.routes.insert(*key, *route);
+            }
+            Op::RemoveRoute(key) => {
+                self.routes.remove(key);
+            }
+            Op::SetNeighbour(addr, hop) => {
+                self.neighbours.insert(*addr, *hop);
+            }
+            Op::RemoveNeighbour(addr) => {
+                self.neighbours.remove(addr);
+            }
+            Op::SetSettings(settings) => self.settings = *settings,
+        }
+    }
+
+    /// The id of a VIP.
+    pub fn vip_id(&self, vip: &Endpoint) -> Option<u32> {
+        self.vips.get(vip).map(|v| v.id)
+    }
+
+    /// The id of a backend of a VIP.
+    pub fn backend_id(&self, vip: &Endpoint, backend: &Endpoint) -> Option<u32> {
+        self.replies
+            .get(backend)
+            .filter(|t| t.vip == *vip)
+            .map(|t| t.backend_id)
+    }
+
+    /// The next generation of a slot: one more than it ever had.
+    fn next_generation(&self, id: u32) -> u32 {
+        self.backends
+            .get(&id)
+            .map_or(1, |b| b.generation.wrapping_add(1))
+    }
+}
+
+/// What the maps should hold besides the VIPs.
+#[derive(Clone, Debug, Default)]
+pub struct Environment {
+    /// The interfaces the program runs on, by ifindex.
+    pub interfaces: BTreeMap<u32, Iface>,
+    /// The kernel's links, routes and neighbours.
+    pub topology: Topology,
+    /// The program's knobs.
+    pub settings: Settings,
+}
+
+impl Environment {
+    /// The environment of interfaces `(ifindex, roles)` in `topology` (which gives
+    /// their MACs).
+    pub fn new(topology: Topology, interfaces: &[(u32, u32)], settings: Settings) -> Self {
+        let interfaces = interfaces
+            .iter()
+            .map(|&(index, roles)| {
+                let mac = topology
+                    .links
+                    .get(&index)
+                    .map(|l| l.mac)
+                    .unwrap_or_default();
+                (
+                    index,
+                    Iface {
+                        roles,
+                        mac,
+                        _pad: [0; 2],
+                    },
+                )
+            })
+            .collect();
+        Self {
+            interfaces,
+            topology,
+            settings,
+        }
+    }
+}
+
+/// The writes that take the maps from one state to another, and what they amount to.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    /// In the order they must be made.
+    pub ops: Vec<Op>,
+    /// What the writes change.
+    pub report: ApplyReport,
+}
+
+/// Plans the writes from `current` to the VIPs of `desired` in `env`; refuses
+/// (writing nothing) what does not fit.
+pub fn plan(
+    current: &MapState,
+    desired: &[PlannedVip],
+    env: &Environment,
+) -> Result<Plan, StateError> {
+    let refuse = |field: &str, message: String| StateError {
+        field: field.into(),
+        message,
+    };
+    if desired.len() > MAX_VIPS as usize {
+        return Err(refuse(
+            "vips",
+            format!("{} VIPs, at most {MAX_VIPS}", desired.len()),
+        ));
+    }
+    let total: usize = desired.iter().map(|p| p.backends.len()).sum();
+    if total > MAX_BACKENDS as usize {
+        return Err(refuse(
+            "vips",
+            format!("{total} backends in all, at most {MAX_BACKENDS}"),
+        ));
+    }
+    if let Some(index) = env.interfaces.keys().find(|&&i| i >= MAX_IFINDEX) {
+        return Err(refuse(
+            "dataplane.interfaces",
+            format!("ifindex {index} is beyond the {MAX_IFINDEX} the program can look up"),
+        ));
+    }
+    let mut b = Builder {
+        sim: current.clone(),
+        plan: Plan::default(),
+    };
+
+    // Ids: what stays keeps its id; what comes takes a free one, or, when none is
+    // free, one that what goes gives back (it goes first, then).
+    let wanted: BTreeSet<Endpoint> = desired.iter().map(|p| p.endpoint).collect();
+    let kept_backend =
+        |p: &PlannedVip, backend: &Endpoint| current.backend_id(&p.endpoint, backend);
+    let mut free_vips: Vec<u32> = (0..MAX_VIPS)
+        .filter(|id| !current.vips.values().any(|v| v.id == *id))
+        .rev()
+        .collect();
+    let mut leaving_vips: Vec<(Endpoint, u32)> = current
+        .vips
+        .iter()
+        .filter(|(ep, _)| !wanted.contains(ep))
+        .map(|(ep, v)| (*ep, v.id))
+        .collect();
+    let active: BTreeSet<u32> = current.replies.values().map(|t| t.backend_id).collect();
+    let mut free_backends: Vec<u32> = (0..MAX_BACKENDS)
+        .filter(|id| !active.contains(id))
+        .rev()
+        .collect();
+    let staying: BTreeSet<u32> = desired
+        .iter()
+        .flat_map(|p| p.backends.iter().filter_map(move |be| kept_backend(p, be)))
+        .collect();
+    let mut leaving_backends: Vec<u32> = active.difference(&staying).copied().collect();
+
+    let mut vip_ids = BTreeMap::new();
+    let mut backend_ids: BTreeMap<(Endpoint, Endpoint), u32> = BTreeMap::new();
+    for p in desired {
+        let id = match current.vip_id(&p.endpoint) {
+            Some(id) => id,
+            None => match free_vips.pop() {
+                Some(id) => id,
+                None => {
+                    let (ep, id) = leaving_vips
+                        .pop()
+                        .expect("counted: what goes frees enough ids");
+                    b.remove_vip(ep);
+                    id
+                }
+            },
+        };
+        vip_ids.insert(p.endpoint, id);
+        for backend in &p.backends {
+            let id = match kept_backend(p, backend) {
+                Some(id) => id,
+                None => match free_backends.pop() {
+                    Some(id) => id,
+                    None => {
+                        let id = leaving_backends
+                            .pop()
+                            .expect("counted: what goes frees enough ids");
+                        b.retire_backend(id);
+                        id
+                    }
+                },
+            };
+            backend_ids.insert((p.endpoint, *backend), id);
+        }
+    }
+
+    // Make: backends, their reply entries, schedules, then the VIP entries.
+    for p in desired {
+        let vip_id = vip_ids[&p.endpoint];
+        let mut ids = Vec::with_capacity(p.backends.len());
+        for backend in &p.backends {
+            let id = backend_ids[&(p.endpoint, *backend)];
+            ids.push(id);
+            let next_hop = Ipv4Addr::from(backend.addr[0].to_ne_bytes());
+            let next_hop = env.topology.next_hop(next_hop).unwrap_or_default();
+            let written = b.sim.backends.get(&id).copied();
+            let kept = kept_backend(p, backend).is_some();
+            let slot = Backend {
+                endpoint: *backend,
+                flags: BACKEND_ACTIVE,
+                generation: match (kept, written) {
+                    (true, Some(w)) => w.generation,
+                    _ => b.sim.next_generation(id),
+                },
+                vip_id,
+                next_hop,
+            };
+            if !kept {
+                b.push(Op::FreshBackendId(id));
+                b.plan.report.backends_added += 1;
+            } else if written.is_some_and(|w| w.next_hop != slot.next_hop) {
+                b.plan.report.next_hops_written += 1;
+            }
+            if written != Some(slot) {
+                b.push(Op::SetBackend(id, slot));
+            }
+            let target = ReplyTarget {
+                vip: p.endpoint,
+                vip_id,
+                backend_id: id,
+            };
+            if b.sim.replies.get(backend) != Some(&target) {
+                b.push(Op::SetReply(*backend, target));
+            }
+        }
+        let schedule: Vec<u32> = p.schedule.iter().map(|&i| ids[i as usize]).collect();
+        let is_new = current.vip_id(&p.endpoint).is_none();
+        if is_new {
+            b.push(Op::FreshVipId(vip_id));
+            b.plan.report.vips_added += 1;
+        }
+        let previous = b.sim.schedules.get(&vip_id).cloned().unwrap_or_default();
+        let changed = schedule
+            .iter()
+            .enumerate()
+            .filter(|(slot, backend)| previous.get(*slot) != Some(backend))
+            .count();
+        if changed > 0 || previous.len() != schedule.len() {
+            b.plan.report.slots_written += changed;
+            b.push(Op::WriteSchedule(vip_id, schedule.clone()));
+        }
+        let info = VipInfo {
+            id: vip_id,
+            schedule_len: schedule.len() as u32,
+            scheduler: match p.spec.scheduler {
+                Scheduler::Rr => SCHED_RR,
+                Scheduler::Maglev => SCHED_MAGLEV,
+            },
+            flags: 0,
+        };
+        if b.sim.vips.get(&p.endpoint) != Some(&info) {
+            b.push(Op::SetVip(p.endpoint, info));
+        }
+    }
+
+    // Break: what is no longer wanted.
+    for (ep, _) in leaving_vips {
+        b.remove_vip(ep);
+    }
+    for id in leaving_backends {
+        b.retire_backend(id);
+    }
+    let target_endpoints: BTreeSet<Endpoint> = backend_ids.keys().map(|(_, be)| *be).collect();
+    let stale_replies: Vec<Endpoint> = b
+        .sim
+        .replies
+        .keys()
+        .filter(|ep| !target_endpoints.contains(ep))
+        .copied()
+        .collect();
+    for ep in stale_replies {
+        b.push(Op::RemoveReply(ep));
+    }
+    b.plan.report.vips_removed = current
+        .vips
+        .keys()
+        .filter(|ep| !wanted.contains(ep))
+        .count();
+    b.plan.report.backends_removed = active.len() - staying.len();
+
+    // The addresses of the VIPs (fragments to them are dropped, others passed).
+    let mut uses: BTreeMap<VipAddr, u32> = BTreeMap::new();
+    for p in desired {
+        *uses
+            .entry(VipAddr {
+                addr: p.endpoint.addr,
+            })
+            .or_default() += 1;
+    }
+    let gone: Vec<VipAddr> = b
+        .sim
+        .vip_addresses
+        .keys()
+        .filter(|a| !uses.contains_key(a))
+        .copied()
+        .collect();
+    for addr in gone {
+        b.push(Op::SetVipAddress(addr, 0));
+    }
+    for (addr, n) in uses {
+        if b.sim.vip_addresses.get(&addr) != Some(&n) {
+            b.push(Op::SetVipAddress(addr, n));
+        }
+    }
+
+    // Where the program runs, the client side's next hops, the knobs.
+    for (&index, iface) in &env.interfaces {
+        if b.sim.interfaces.get(&index) != Some(iface) {
+            b.push(Op::SetInterface(index, *iface));
+        }
+    }
+    let dropped: Vec<u32> = b
+        .sim
+        .interfaces
+        .keys()
+        .filter(|i| !env.interfaces.contains_key(i))
+        .copied()
+        .collect();
+    for index in dropped {
+        b.push(Op::SetInterface(index, Iface::default()));
+    }
+    let client_side: Vec<u32> = env
+        .interfaces
+        .iter()
+        .filter(|(_, i)| i.roles & foobar_lb_common::ROLE_CLIENT != 0)
+        .map(|(&index, _)| index)
+        .collect();
+    let (routes, neighbours) = env.topology.client_side(&client_side);
+    let before = b.plan.ops.len();
+    let stale: Vec<(u32, u32)> = b
+        .sim
+        .routes
+        .keys()
+        .filter(|k| !routes.contains_key(k))
+        .copied()
+        .collect();
+    for key in stale {
+        b.push(Op::RemoveRoute(key));
+    }
+    for (key, route) in routes {
+        if b.sim.routes.get(&key) != Some(&route) {
+            b.push(Op::SetRoute(key, route));
+        }
+    }
+    let stale: Vec<u32> = b
+        .sim
+        .neighbours
+        .keys()
+        .filter(|k| !neighbours.contains_key(k))
+        .copied()
+        .collect();
+    for addr in stale {
+        b.push(Op::RemoveNeighbour(addr));
+    }
+    for (addr, hop) in neighbours {
+        if b.sim.neighbours.get(&addr) != Some(&hop) {
+            b.push(Op::SetNeighbour(addr, hop));
+        }
+    }
+    b.plan.report.client_side_written = b.plan.ops.len() - before;
+    if b.sim.settings != env.settings {
+        b.push(Op::SetSettings(env.settings));
+    }
+    Ok(b.plan)
+}
+
+/// A plan being made, and the state it leads to.
+struct Builder {
+    sim: MapState,
+    plan: Plan,
+}
+
+impl Builder {
+    fn push(&mut self, op: Op) {
+        self.sim.record(&op);
+        self.plan.ops.push(op);
+    }
+
+    fn remove_vip(&mut self, ep: Endpoint) {
+        if self.sim.vips.contains_key(&ep) {
+            self.push(Op::RemoveVip(ep));
+        }
+    }
+
+    /// Takes a slot out of service: its flows, whatever their generation, go back to
+    /// their VIPs' schedules.
+    fn retire_backend(&mut self, id: u32) {
+        let Some(slot) = self.sim.backends.get(&id).copied() else {
+            return;
+        };
+        if slot.flags & BACKEND_ACTIVE == 0 {
+            return;
+        }
+        let retired = Backend {
+            flags: 0,
+            generation: self.sim.next_generation(id),
+            ..slot
+        };
+        self.push(Op::SetBackend(id, retired));
+        if self
+            .sim
+            .replies
+            .get(&slot.endpoint)
+            .is_some_and(|t| t.backend_id == id)
+        {
+            self.push(Op::RemoveReply(slot.endpoint));
+        }
+    }
+}
+
+/// A VIP as applied: its ids and schedule, for status and the simulator.
 #[derive(Clone, Debug)]
 pub struct AppliedVip {
     /// Its index in the per-VIP arrays.
@@ -78,9 +596,10 @@ impl AppliedVip {
 /// The data plane together with what has been written into it.
 pub struct Balancer {
     dataplane: Dataplane,
-    vips: BTreeMap<Endpoint, AppliedVip>,
-    free_vip_ids: VecDeque<u32>,
-    free_backend_ids: VecDeque<u32>,
+    state: MapState,
+    plans: BTreeMap<Endpoint, PlannedVip>,
+    env: Environment,
+    fail_after: Option<usize>,
 }
 
 impl Balancer {
@@ -88,55 +607,43 @@ impl Balancer {
     pub fn new(dataplane: Dataplane) -> Self {
         Self {
             dataplane,
-            vips: BTreeMap::new(),
-            free_vip_ids: (0..MAX_VIPS).collect(),
-            free_backend_ids: (0..MAX_BACKENDS).collect(),
+            state: MapState::default(),
+            plans: BTreeMap::new(),
+            env: Environment::default(),
+            fail_after: None,
         }
     }
 
     /// Takes over a data plane whose maps were reopened from pins: what an earlier
-    /// agent wrote is read back (VIP ids, backend ids, schedules), so the next
-    /// [`Balancer::apply`] writes only what differs and keeps every flow.
+    /// agent wrote is read back, so the next [`Balancer::apply`] writes only what
+    /// differs and keeps every flow.
     pub fn adopt(mut dataplane: Dataplane) -> Result<Self, DataplaneError> {
-        let replies = dataplane.replies()?;
-        let mut vips = BTreeMap::new();
-        for (endpoint, info) in dataplane.vips()? {
-            let mut backends: Vec<(u32, Endpoint)> = replies
+        let state = dataplane.read_state()?;
+        let mut plans = BTreeMap::new();
+        for (endpoint, info) in &state.vips {
+            let mut backends: Vec<(u32, Endpoint)> = state
+                .replies
                 .iter()
-                .filter(|(_, target)| target.vip_id == info.id && target.vip == endpoint)
-                .map(|(backend, target)| (target.backend_id, *backend))
+                .filter(|(_, t)| t.vip_id == info.id && t.vip == *endpoint)
+                .map(|(b, t)| (t.backend_id, *b))
                 .collect();
             backends.sort();
-            let schedule = dataplane.schedule(info.id, info.schedule_len)?;
             let scheduler = if info.scheduler == SCHED_MAGLEV {
                 Scheduler::Maglev
             } else {
                 Scheduler::Rr
             };
-            let plan = PlannedVip::adopted(endpoint, scheduler, &backends);
-            let backend_ids = backends.iter().map(|&(id, _)| id).collect();
-            vips.insert(
-                endpoint,
-                AppliedVip {
-                    id: info.id,
-                    plan,
-                    backend_ids,
-                    schedule,
-                },
+            plans.insert(
+                *endpoint,
+                PlannedVip::adopted(*endpoint, scheduler, &backends),
             );
         }
-        let used_vips: std::collections::BTreeSet<u32> = vips.values().map(|v| v.id).collect();
-        let used_backends: std::collections::BTreeSet<u32> = vips
-            .values()
-            .flat_map(|v| v.backend_ids.iter().copied())
-            .collect();
         Ok(Self {
             dataplane,
-            vips,
-            free_vip_ids: (0..MAX_VIPS).filter(|id| !used_vips.contains(id)).collect(),
-            free_backend_ids: (0..MAX_BACKENDS)
-                .filter(|id| !used_backends.contains(id))
-                .collect(),
+            state,
+            plans,
+            env: Environment::default(),
+            fail_after: None,
         })
     }
 
@@ -145,192 +652,138 @@ impl Balancer {
         &mut self.dataplane
     }
 
+    /// What has been written.
+    pub fn state(&self) -> &MapState {
+        &self.state
+    }
+
+    /// Makes the next apply fail after `writes` writes (tests of recovery).
+    pub fn inject_failure_after(&mut self, writes: usize) {
+        self.fail_after = Some(writes);
+    }
+
     /// The VIPs as applied.
-    pub fn vips(&self) -> impl Iterator<Item = &AppliedVip> {
-        self.vips.values()
+    pub fn vips(&self) -> impl Iterator<Item = AppliedVip> + '_ {
+        self.plans.keys().filter_map(|ep| self.vip(ep))
     }
 
     /// One applied VIP.
-    pub fn vip(&self, endpoint: &Endpoint) -> Option<&AppliedVip> {
-        self.vips.get(endpoint)
+    pub fn vip(&self, endpoint: &Endpoint) -> Option<AppliedVip> {
+        let plan = self.plans.get(endpoint)?;
+        let id = self.state.vip_id(endpoint)?;
+        let backend_ids = plan
+            .backends
+            .iter()
+            .map(|b| self.state.backend_id(endpoint, b))
+            .collect::<Option<Vec<u32>>>()?;
+        Some(AppliedVip {
+            id,
+            plan: plan.clone(),
+            backend_ids,
+            schedule: self.state.schedules.get(&id).cloned().unwrap_or_default(),
+        })
     }
 
-    /// Makes the maps match `desired`, or changes nothing if it is invalid.
+    /// Makes the maps match `desired` in the current environment, or changes nothing
+    /// if it is invalid.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<ApplyReport, ApplyError> {
         let plans = desired.plan()?;
-        // Refuse before writing anything if the new backends do not fit beside the old.
-        let needed = plans
-            .iter()
-            .flat_map(|p| p.backends.iter().map(move |b| (p, b)))
-            .filter(|(p, b)| {
-                self.vips
-                    .get(&p.endpoint)
-                    .and_then(|o| o.backend_id(b))
-                    .is_none()
-            })
-            .count();
-        if needed > self.free_backend_ids.len() {
-            return Err(StateError {
-                field: "vips".into(),
-                message: format!(
-                    "{needed} new backends but {} free slots while the old ones drain; apply the change in two steps",
-                    self.free_backend_ids.len()
-                ),
-            }
-            .into());
-        }
-        let mut report = ApplyReport::default();
-        let mut free_vips = self.free_vip_ids.clone();
-        let mut free_backends = self.free_backend_ids.clone();
-        // Ids retired now only become reusable after this apply.
-        let mut retired_vips = Vec::new();
-        let mut retired_backends = Vec::new();
-
-        let mut next: BTreeMap<Endpoint, AppliedVip> = BTreeMap::new();
-        for plan in plans {
-            let old = self.vips.get(&plan.endpoint);
-            let id = match old {
-                Some(old) => old.id,
-                None => {
-                    // plan() bounds the VIP count, and ids of VIPs kept are not free.
-                    let id = free_vips
-                        .pop_front()
-                        .expect("VIP count is bounded by plan()");
-                    self.dataplane.reset_vip_stats(id)?;
-                    self.dataplane.set_rr_cursor(id, 0)?;
-                    report.vips_added += 1;
-                    id
-                }
-            };
-            let mut backend_ids = Vec::with_capacity(plan.backends.len());
-            for backend in &plan.backends {
-                let kept = old.and_then(|old| old.backend_id(backend));
-                let backend_id = match kept {
-                    Some(backend_id) => backend_id,
-                    None => {
-                        let backend_id = free_backends.pop_front().expect("counted above");
-                        self.dataplane.reset_backend_stats(backend_id)?;
-                        self.dataplane.set_backend(
-                            backend_id,
-                            &Backend {
-                                endpoint: *backend,
-                                flags: BACKEND_ACTIVE,
-                            },
-                        )?;
-                        self.dataplane.set_reply(
-                            backend,
-                            &ReplyTarget {
-                                vip: plan.endpoint,
-                                vip_id: id,
-                                backend_id,
-                            },
-                        )?;
-                        report.backends_added += 1;
-                        backend_id
-                    }
-                };
-                backend_ids.push(backend_id);
-            }
-            let schedule: Vec<u32> = plan
-                .schedule
-                .iter()
-                .map(|&i| backend_ids[i as usize])
-                .collect();
-            let previous = old.map(|o| o.schedule.as_slice()).unwrap_or(&[]);
-            report.slots_written += self.dataplane.write_schedule(id, &schedule, previous)?;
-            let info = VipInfo {
-                id,
-                schedule_len: schedule.len() as u32,
-                scheduler: match plan.spec.scheduler {
-                    Scheduler::Rr => SCHED_RR,
-                    Scheduler::Maglev => SCHED_MAGLEV,
-                },
-                flags: 0,
-            };
-            self.dataplane.set_vip(&plan.endpoint, &info)?;
-            next.insert(
-                plan.endpoint,
-                AppliedVip {
-                    id,
-                    plan,
-                    backend_ids,
-                    schedule,
-                },
-            );
-        }
-
-        // Retire what is no longer wanted: VIPs first, then backends. A backend
-        // endpoint that moved to another VIP keeps the reply entry written for it above.
-        let wanted: std::collections::BTreeSet<&Endpoint> =
-            next.values().flat_map(|v| &v.plan.backends).collect();
-        for (endpoint, old) in &self.vips {
-            let kept = next.get(endpoint);
-            if kept.is_none() {
-                self.dataplane.remove_vip(endpoint)?;
-                retired_vips.push(old.id);
-                report.vips_removed += 1;
-            }
-            for (backend, &backend_id) in old.plan.backends.iter().zip(&old.backend_ids) {
-                if kept.and_then(|k| k.backend_id(backend)).is_none() {
-                    self.dataplane
-                        .set_backend(backend_id, &Backend::default())?;
-                    if !wanted.contains(backend) {
-                        self.dataplane.remove_reply(backend)?;
-                    }
-                    retired_backends.push(backend_id);
-                    report.backends_removed += 1;
-                }
-            }
-        }
-        if !retired_backends.is_empty() {
-            report.flows_purged = self.dataplane.remove_flows_of(&retired_backends)?;
-        }
-        self.write_vip_addresses(&next)?;
-
-        free_vips.extend(retired_vips);
-        free_backends.extend(retired_backends);
-        self.free_vip_ids = free_vips;
-        self.free_backend_ids = free_backends;
-        self.vips = next;
-        Ok(report)
+        self.apply_plans(plans)
     }
 
-    /// Rewrites the VIP address use counts that changed (fragments to a VIP address
-    /// are dropped, others passed).
-    fn write_vip_addresses(
-        &mut self,
-        next: &BTreeMap<Endpoint, AppliedVip>,
-    ) -> Result<(), DataplaneError> {
-        let uses = |vips: &BTreeMap<Endpoint, AppliedVip>| {
-            let mut uses: BTreeMap<VipAddr, u32> = BTreeMap::new();
-            for ep in vips.keys() {
-                *uses.entry(VipAddr { addr: ep.addr }).or_default() += 1;
-            }
-            uses
-        };
-        let (before, after) = (uses(&self.vips), uses(next));
-        for (addr, &n) in &after {
-            if before.get(addr) != Some(&n) {
-                self.dataplane.set_vip_address_uses(addr, n)?;
-            }
-        }
-        for addr in before.keys().filter(|a| !after.contains_key(a)) {
-            self.dataplane.set_vip_address_uses(addr, 0)?;
-        }
-        Ok(())
+    /// Changes the environment (interfaces, topology, settings) and writes what it
+    /// changes for the VIPs applied last.
+    pub fn set_environment(&mut self, env: Environment) -> Result<ApplyReport, ApplyError> {
+        self.env = env;
+        let plans: Vec<PlannedVip> = self.plans.values().cloned().collect();
+        self.apply_plans(plans)
     }
 
-    /// Removes the flows pinned to one backend of a VIP (a down backend with
-    /// `on_backend_down = "reset"`); returns how many.
-    pub fn purge_flows(
+    /// Sets the environment the next [`Balancer::apply`] plans for, writing nothing
+    /// now (the agent's start: one plan for everything).
+    pub fn stage_environment(&mut self, env: Environment) {
+        self.env = env;
+    }
+
+    /// The environment the maps were last planned for.
+    pub fn environment(&self) -> &Environment {
+        &self.env
+    }
+
+    fn apply_plans(&mut self, plans: Vec<PlannedVip>) -> Result<ApplyReport, ApplyError> {
+        let planned = plan(&self.state, &plans, &self.env)?;
+        for op in &planned.ops {
+            if let Some(n) = self.fail_after.as_mut() {
+                if *n == 0 {
+                    self.fail_after = None;
+                    return Err(ApplyError::Injected);
+                }
+                *n -= 1;
+            }
+            self.execute(op)?;
+            self.state.record(op);
+        }
+        self.fail_after = None;
+        self.plans = plans.into_iter().map(|p| (p.endpoint, p)).collect();
+        Ok(planned.report)
+    }
+
+    fn execute(&mut self, op: &Op) -> Result<(), DataplaneError> {
+        let dp = &mut self.dataplane;
+        match op {
+            Op::FreshVipId(id) => {
+                dp.reset_vip_stats(*id)?;
+                dp.set_rr_cursor(*id, 0)
+            }
+            Op::FreshBackendId(id) => dp.reset_backend_stats(*id),
+            Op::SetBackend(id, b) => dp.set_backend(*id, b),
+            Op::SetReply(ep, t) => dp.set_reply(ep, t),
+            Op::RemoveReply(ep) => dp.remove_reply(ep),
+            Op::WriteSchedule(id, slots) => {
+                let previous = self
+                    .state
+                    .schedules
+                    .get(id)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
+                dp.write_schedule(*id, slots, previous).map(|_| ())
+            }
+            Op::SetVip(ep, info) => dp.set_vip(ep, info),
+            Op::RemoveVip(ep) => dp.remove_vip(ep),
+            Op::SetVipAddress(addr, n) => dp.set_vip_address_uses(addr, *n),
+            Op::SetInterface(index, iface) => dp.set_interface(*index, iface),
+            Op::SetRoute((len, addr), route) => dp.set_route(*len, *addr, route),
+            Op::RemoveRoute((len, addr)) => dp.remove_route(*len, *addr),
+            Op::SetNeighbour(addr, hop) => dp.set_neighbour(*addr, hop),
+            Op::RemoveNeighbour(addr) => dp.remove_neighbour(*addr),
+            Op::SetSettings(settings) => dp.set_settings(settings),
+        }
+    }
+
+    /// Sends the flows of one backend of a VIP back to the schedule (a down backend
+    /// with `on_backend_down = "reset"`): its slot's generation moves on. Returns
+    /// whether there was such a backend.
+    pub fn reset_flows(
         &mut self,
         vip: &Endpoint,
         backend: &Endpoint,
-    ) -> Result<usize, DataplaneError> {
-        let Some(id) = self.vips.get(vip).and_then(|v| v.backend_id(backend)) else {
-            return Ok(0);
+    ) -> Result<bool, DataplaneError> {
+        let Some(id) = self.state.backend_id(vip, backend) else {
+            return Ok(false);
         };
-        self.dataplane.remove_flows_of(&[id])
+        let Some(slot) = self.state.backends.get(&id).copied() else {
+            return Ok(false);
+        };
+        let op = Op::SetBackend(
+            id,
+            Backend {
+                generation: self.state.next_generation(id),
+                ..slot
+            },
+        );
+        self.execute(&op)?;
+        self.state.record(&op);
+        Ok(true)
     }
 
     /// The simulator: which backend a new flow from `client:port` to `vip` would get,
@@ -341,7 +794,7 @@ impl Balancer {
         client: Ipv4Addr,
         client_port: u16,
     ) -> Result<Option<Endpoint>, DataplaneError> {
-        let Some(applied) = self.vips.get(vip) else {
+        let Some(applied) = self.vip(vip) else {
             return Ok(None);
         };
         let len = applied.schedule.len() as u32;
@@ -356,7 +809,126 @@ impl Balancer {
             // The next ring slot is wherever the shared cursor stands now.
             Scheduler::Rr => self.dataplane.rr_cursor(applied.id)? % len,
         };
-        let applied = &self.vips[vip];
         Ok(applied.endpoint_of(applied.schedule[slot as usize]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{BackendSpec, Protocol, VipSpec};
+
+    fn vip(n: u8, backends: &[u8]) -> VipSpec {
+        VipSpec {
+            name: format!("v{n}"),
+            address: Ipv4Addr::new(10, 0, 0, n).into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            scheduler: Scheduler::Rr,
+            maglev_table_size: crate::schedule::DEFAULT_MAGLEV_SIZE,
+            backends: backends
+                .iter()
+                .map(|&b| BackendSpec {
+                    address: Ipv4Addr::new(10, 1, n, b).into(),
+                    port: 8080,
+                    weight: 1,
+                })
+                .collect(),
+            health_check: None,
+            on_backend_down: Default::default(),
+        }
+    }
+
+    fn planned(vips: Vec<VipSpec>) -> Vec<PlannedVip> {
+        DesiredState { vips }.plan().unwrap()
+    }
+
+    /// Plans and "executes" (records) the writes.
+    fn step(state: &mut MapState, vips: Vec<VipSpec>) -> Plan {
+        let plan = plan(state, &planned(vips), &Environment::default()).unwrap();
+        for op in &plan.ops {
+            state.record(op);
+        }
+        plan
+    }
+
+    #[test]
+    fn a_swap_that_does_not_fit_side_by_side_removes_first() {
+        let mut state = MapState::default();
+        step(&mut state, (1..=40).map(|n| vip(n, &[1, 2])).collect());
+        assert_eq!(state.vips.len(), 40);
+        let plan = step(&mut state, (101..=140).map(|n| vip(n, &[1])).collect());
+        assert_eq!(state.vips.len(), 40);
+        assert!(
+            state
+                .vips
+                .keys()
+                .all(|ep| ep.addr[0].to_ne_bytes()[3] > 100)
+        );
+        assert_eq!((plan.report.vips_added, plan.report.vips_removed), (40, 40));
+        // Never more than 64 VIP entries at once, and every VIP entry written after
+        // its schedule and backends.
+        let mut live = MapState::default();
+        let mut most = 0;
+        let mut replay = MapState::default();
+        step(&mut replay, (1..=40).map(|n| vip(n, &[1, 2])).collect());
+        live.clone_from(&replay);
+        for op in &plan.ops {
+            live.record(op);
+            most = most.max(live.vips.len());
+            if let Op::SetVip(_, info) = op {
+                let schedule = &live.schedules[&info.id];
+                assert_eq!(schedule.len() as u32, info.schedule_len);
+                for id in schedule {
+                    assert_eq!(live.backends[id].flags, BACKEND_ACTIVE);
+                }
+            }
+        }
+        assert!(most <= MAX_VIPS as usize, "{most}");
+        // The ids freed were reused only after their VIPs were removed; the slots
+        // reused have a new generation.
+        for b in state
+            .backends
+            .values()
+            .filter(|b| b.flags == BACKEND_ACTIVE)
+        {
+            assert!(b.generation >= 1);
+        }
+    }
+
+    #[test]
+    fn reused_slots_get_a_new_generation() {
+        let mut state = MapState::default();
+        step(&mut state, vec![vip(1, &[1])]);
+        let first = state.backends[&0];
+        step(&mut state, vec![vip(1, &[2])]);
+        // The new backend took a never-used slot; the old one is retired.
+        assert_eq!(state.backends[&0].flags, 0);
+        assert!(state.backends[&0].generation > first.generation);
+        step(
+            &mut state,
+            vec![vip(1, &[2]), vip(2, &(1..=255).collect::<Vec<_>>())],
+        );
+        assert!(state.backends.values().filter(|b| b.flags != 0).count() == 256);
+    }
+
+    #[test]
+    fn a_plan_that_changes_nothing_writes_nothing() {
+        let mut state = MapState::default();
+        step(&mut state, vec![vip(1, &[1, 2, 3])]);
+        let again = step(&mut state, vec![vip(1, &[1, 2, 3])]);
+        assert!(again.ops.is_empty(), "{:?}", again.ops);
+    }
+
+    #[test]
+    fn refuses_what_cannot_fit_at_all() {
+        let state = MapState::default();
+        let too_many: Vec<VipSpec> = (0..65).map(|n| vip(n, &[])).collect();
+        let plans: Vec<PlannedVip> = too_many
+            .iter()
+            .map(|v| planned(vec![v.clone()]).remove(0))
+            .collect();
+        let refused = plan(&state, &plans, &Environment::default()).unwrap_err();
+        assert_eq!(refused.field, "vips");
     }
 }

@@ -222,7 +222,11 @@ pub fn changed(c: &Changed) -> String {
         (c.maps.backends_added, "backends added"),
         (c.maps.backends_removed, "backends removed"),
         (c.maps.slots_written, "schedule slots written"),
-        (c.maps.flows_purged, "flows purged"),
+        (c.maps.next_hops_written, "next hops written"),
+        (
+            c.maps.client_side_written,
+            "client-side routes and neighbours written",
+        ),
     ] {
         if n > 0 {
             parts.push(format!("{n} {what}"));

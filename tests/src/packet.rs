@@ -20,6 +20,8 @@ pub enum Tcp {
     Ack,
     /// A reset.
     Rst,
+    /// A FIN with its ACK (closing).
+    Fin,
 }
 
 /// What a test frame carries.
@@ -126,6 +128,7 @@ impl Frame {
                     Tcp::SynAck => tcp.syn().ack(1),
                     Tcp::Ack => tcp.ack(1),
                     Tcp::Rst => tcp.rst(),
+                    Tcp::Fin => tcp.fin().ack(1),
                 };
                 tcp.write(&mut out, &self.payload).expect("write");
             }

@@ -7,10 +7,11 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use foobar_lb::{
     dataplane::{Dataplane, LoadOptions},
-    reconcile::Balancer,
+    reconcile::{Balancer, Environment},
     state::{BackendSpec, DesiredState, Protocol, Scheduler, VipSpec},
+    topology::Topology,
 };
-use foobar_lb_common::{Counters, Reason, reason::xdp_action};
+use foobar_lb_common::{Counters, ROLE_BACKEND, ROLE_CLIENT, Reason, Settings, reason::xdp_action};
 
 use crate::netns::{Entered, Netns, ifindex};
 
@@ -72,6 +73,8 @@ pub enum Side {
     Client,
     /// From backends (`lbb`).
     Backend,
+    /// From an interface the agent gave no role (`lbx`).
+    Other,
 }
 
 /// The result of one packet through the program.
@@ -99,6 +102,11 @@ pub struct PacketLab {
 impl PacketLab {
     /// An empty balancer (no VIP) in a fresh namespace.
     pub fn new() -> Self {
+        Self::with_flow_capacity(foobar_lb_common::DEFAULT_FLOW_CAPACITY)
+    }
+
+    /// The same with a flow table of `flow_capacity` entries.
+    pub fn with_flow_capacity(flow_capacity: u32) -> Self {
         let ns = Netns::new("pkt");
         for (inside, peer, addr, lb_mac) in [
             ("lbc", "lbc-peer", "10.0.0.1/24", LB_CLIENT_MAC),
@@ -148,17 +156,47 @@ impl PacketLab {
         ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
 
         let entered = ns.enter();
-        let mut dataplane = Dataplane::load(&LoadOptions::default()).expect("load the data plane");
+        let mut dataplane = Dataplane::load(&LoadOptions {
+            flow_capacity,
+            ..LoadOptions::default()
+        })
+        .expect("load the data plane");
         let (client_if, backend_if) = (ifindex("lbc"), ifindex("lbb"));
         dataplane.add_tx_port(client_if).expect("tx port");
         dataplane.add_tx_port(backend_if).expect("tx port");
-        Self {
+        let mut lab = Self {
             balancer: Balancer::new(dataplane),
             client_if,
             backend_if,
             _entered: entered,
             ns,
-        }
+        };
+        lab.set_settings(Settings::default());
+        lab
+    }
+
+    /// Writes the interfaces (`lbc` client side, `lbb` backend side), the next hops
+    /// read from the namespace's routes and neighbours, and `settings`, as the agent
+    /// does.
+    pub fn set_settings(&mut self, settings: Settings) {
+        let topology = Topology::read_blocking().expect("read the routing tables");
+        let env = Environment::new(
+            topology,
+            &[
+                (self.client_if, ROLE_CLIENT),
+                (self.backend_if, ROLE_BACKEND),
+            ],
+            settings,
+        );
+        self.balancer
+            .set_environment(env)
+            .expect("write the environment");
+    }
+
+    /// Reads the namespace's routes and neighbours again (after a test changed them).
+    pub fn reread_topology(&mut self) {
+        let settings = self.balancer.environment().settings;
+        self.set_settings(settings);
     }
 
     /// A balancer with one TCP VIP `VIP:80` over backends of the given weights.
@@ -196,6 +234,7 @@ impl PacketLab {
         let ifindex = match side {
             Side::Client => self.client_if,
             Side::Backend => self.backend_if,
+            Side::Other => ifindex("lbx"),
         };
         let ctx = XdpMd {
             data: 0,

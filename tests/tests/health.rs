@@ -9,15 +9,13 @@ use std::{
 use tests::{
     e2e::{json, one_at_a_time, tally, vip},
     http::{connect, get, get_once},
-    lab::{
-        LB_CLIENT_IF, LB_SERVER_IF, Lab, LabSpec, VIP, VIP_PORT, WEB_PORT, wait_until, web_addr,
-    },
+    lab::{DATAPLANE_INTERFACES, Lab, LabSpec, VIP, VIP_PORT, WEB_PORT, wait_until, web_addr},
 };
 
 /// Checks every 200 ms, 100 ms timeout, up after 2 successes, down after 2 failures.
 fn config(kind: &str, on_down: &str) -> String {
     format!(
-        "[dataplane]\ninterfaces = [\"{LB_CLIENT_IF}\", \"{LB_SERVER_IF}\"]\nxdp_mode = \"native\"\n\n\
+        "[dataplane]\ninterfaces = {DATAPLANE_INTERFACES}\nxdp_mode = \"native\"\n\n\
          [[vips]]\nname = \"www\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\non_backend_down = \"{on_down}\"\n\
          backends = [\n  {{ address = \"{}\", port = {WEB_PORT} }},\n  {{ address = \"{}\", port = {WEB_PORT} }},\n]\n\
          [vips.health_check]\ntype = \"{kind}\"\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n",
@@ -203,7 +201,7 @@ fn https_checks_speak_tls_to_the_backend() {
         .spawn()
         .expect("openssl s_server");
     lab.write_config(&format!(
-        "[dataplane]\ninterfaces = [\"{LB_CLIENT_IF}\", \"{LB_SERVER_IF}\"]\n\n\
+        "[dataplane]\ninterfaces = {DATAPLANE_INTERFACES}\n\n\
          [[vips]]\nname = \"www\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\n\
          backends = [\n  {{ address = \"{}\", port = 8443 }},\n  {{ address = \"{}\", port = {WEB_PORT} }},\n]\n\
          [vips.health_check]\ntype = \"https\"\npath = \"/\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 1\nfall = 2\n",

@@ -14,7 +14,7 @@ use std::{path::Path, process::Child};
 
 use anyhow::{Context, Result, bail};
 use foobar_lab::{
-    lab::{LB_CLIENT_IF, LB_SERVER_IF, Lab, LabSpec, terminate, web_addr},
+    lab::{DATAPLANE_INTERFACES, Lab, LabSpec, terminate, web_addr},
     netns::unique_name,
     process::spawn_logged,
     stack::{APP_PORT, SITE, balancer_config, resolving_command, vip_section},
@@ -47,10 +47,9 @@ pub fn run(duration: u32, connections: u32, rounds: u32) -> Result<()> {
         ha: false,
         stack: true,
     });
-    let interfaces = format!("[\"{LB_CLIENT_IF}\", \"{LB_SERVER_IF}\"]");
     lab.write_config(&format!(
         "{}{}{}",
-        balancer_config(&interfaces, lab.webs.len()),
+        balancer_config(DATAPLANE_INTERFACES, lab.webs.len()),
         vip_section("nginx", NGINX_HTTP, "http", lab.webs.len()),
         vip_section("nginx-tls", NGINX_HTTPS, "https", lab.webs.len()),
     ));
