@@ -36,14 +36,7 @@ pub fn balance(ctx: &XdpContext, events: &mut Events) -> Result<Verdict, Verdict
     };
     let pkt = parse::parse(ctx, iface)?;
     if iface.roles & ROLE_CLIENT != 0 {
-        let key = FlowKey {
-            src: pkt.src,
-            dst: pkt.dst,
-            sport: pkt.sport,
-            dport: pkt.dport,
-            proto: pkt.proto,
-            _pad: [0; 3],
-        };
+        let key = FlowKey::new(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
         if let Some(flow) = FLOWS.get_ptr_mut(key) {
             return established(ctx, &pkt, &key, unsafe { &mut *flow }, events);
         }

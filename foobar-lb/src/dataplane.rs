@@ -34,6 +34,14 @@ pub static PROGRAM_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/foobar-lb"));
 /// The benchmark's floor program (parse nothing, XDP_TX).
 pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
+/// The packet benchmark's generator (`pktgen`), servers (`sink`) and forward-only
+/// control (`forward`); see `foobar-lb-ebpf/src/bin`.
+pub static PKTGEN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pktgen"));
+/// See [`PKTGEN_OBJECT`].
+pub static SINK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sink"));
+/// See [`PKTGEN_OBJECT`].
+pub static FORWARD_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forward"));
 /// Name of the balancing program in [`PROGRAM_OBJECT`].
 pub const PROGRAM_NAME: &str = "foobar_lb";
 

@@ -645,14 +645,13 @@ fn a_round_robin_flow_the_table_lost_is_placed_by_its_hash_not_the_cursor() {
         let lost = forwarded(&mut lab, &ack(4000)).dst;
         seen.insert(lost);
         // Forget it again, as an eviction would.
-        let key = foobar_lb_common::FlowKey {
-            src: u32::from_ne_bytes(CLIENT.octets()),
-            dst: u32::from_ne_bytes(VIP.octets()),
-            sport: 4000u16.to_be(),
-            dport: 80u16.to_be(),
-            proto: 6,
-            _pad: [0; 3],
-        };
+        let key = foobar_lb_common::FlowKey::new(
+            u32::from_ne_bytes(CLIENT.octets()),
+            u32::from_ne_bytes(VIP.octets()),
+            4000u16.to_be(),
+            80u16.to_be(),
+            6,
+        );
         lab.balancer.dataplane().remove_flow(&key).unwrap();
     }
     assert_eq!(seen.len(), 1, "{seen:?}");

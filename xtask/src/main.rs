@@ -72,6 +72,13 @@ enum Bench {
         #[arg(long, default_value_t = 1_000_000)]
         repeat: u32,
     },
+    /// packets/s through foobar-lb, nftables DNAT and a forward-only XDP control, from
+    /// an XDP packet generator on real veths, as JSON lines.
+    Packets {
+        /// Frames each setup is sent (nftables gets a quarter: it is slower).
+        #[arg(long, default_value_t = 20_000_000)]
+        frames: u32,
+    },
     /// requests/s and latency through foobar-lb, nftables DNAT, HAProxy (mode tcp)
     /// and straight to a server, with wrk on the lab, as JSON lines.
     Lab {
@@ -130,6 +137,14 @@ fn main() -> Result<()> {
             require_root("the benchmark loads BPF programs")?;
             cargo(&NODE_BINS)?;
             run(Command::new("target/debug/bench-dataplane").arg(repeat.to_string()))
+        }
+        Task::Bench {
+            which: Bench::Packets { frames },
+        } => {
+            setup::ensure()?;
+            require_root("the benchmark creates network namespaces and attaches XDP programs")?;
+            cargo(&["build", "--release", "--bins"])?;
+            run(Command::new("target/release/bench-packets").arg(frames.to_string()))
         }
         Task::Bench {
             which: Bench::Lab {

@@ -131,14 +131,13 @@ fn main() -> ExitCode {
     }
     let flow = |sport: u16, flags| {
         (
-            FlowKey {
-                src: u32::from_ne_bytes(CLIENT.octets()),
-                dst: maglev_vip.addr[0],
-                sport: sport.to_be(),
-                dport: maglev_vip.port,
-                proto: maglev_vip.proto,
-                _pad: [0; 3],
-            },
+            FlowKey::new(
+                u32::from_ne_bytes(CLIENT.octets()),
+                maglev_vip.addr[0],
+                sport.to_be(),
+                maglev_vip.port,
+                maglev_vip.proto,
+            ),
             FlowState {
                 backend_id: 0,
                 generation: 1,
