@@ -35,6 +35,8 @@ const PACKAGES: &[&str] = &[
     "libnss3-tools",
     // dig, to check the lab's DNS answers.
     "bind9-dnsutils",
+    // Floods of SYNs and ACKs from random sources.
+    "hping3",
 ];
 
 /// Where bpf-linker finds the nightly's libLLVM; it keeps an rpath to it, so it must
