@@ -13,7 +13,7 @@ use std::{
     time::Instant,
 };
 
-use foobar_lb_common::{Reason, Settings, TrafficStats, reason::xdp_action};
+use foobar_lb_common::{NEXT_HOP_VALID, Reason, Settings, TrafficStats, reason::xdp_action};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -773,6 +773,7 @@ impl Agent {
                     } else {
                         slots as f64 / applied.schedule.len() as f64
                     },
+                    next_hop: self.next_hop_of(id),
                     traffic: self.traffic(Subject::Backend(id), stats, active_flows(&stats)),
                 });
             }
@@ -866,6 +867,23 @@ impl Agent {
             vips,
             backends,
         })
+    }
+}
+
+impl Agent {
+    /// A backend slot's next hop as written, for people.
+    fn next_hop_of(&self, id: u32) -> Option<String> {
+        let hop = self.balancer.state().backends.get(&id)?.next_hop;
+        if hop.flags & NEXT_HOP_VALID == 0 {
+            return None;
+        }
+        let interface = self
+            .topology
+            .links
+            .get(&hop.ifindex)
+            .map_or_else(|| hop.ifindex.to_string(), |l| l.name.clone());
+        let mac: Vec<String> = hop.dmac.iter().map(|b| format!("{b:02x}")).collect();
+        Some(format!("{interface} {}", mac.join(":")))
     }
 }
 

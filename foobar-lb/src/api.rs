@@ -212,6 +212,11 @@ pub struct BackendStatus {
     pub health_transitions: u64,
     /// Share of the VIP's schedule slots, 0 to 1.
     pub share: f64,
+    /// Where the data plane sends its packets, `<interface> <MAC>`, as resolved from
+    /// the kernel's routes and neighbours; `None`: not resolved (the kernel's FIB is
+    /// asked per packet until it is).
+    #[serde(default)]
+    pub next_hop: Option<String>,
     /// Its traffic.
     pub traffic: Traffic,
 }

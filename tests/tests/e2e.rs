@@ -380,3 +380,45 @@ fn the_programs_debug_log_reaches_the_agents_log() {
         .unwrap();
     assert!(no_backend >= 1, "{stats}");
 }
+
+#[test]
+fn next_hops_follow_the_kernels_neighbours() {
+    let _turn = one_at_a_time();
+    let lab = lab_with("nexthop", 2, None);
+    let next_hop = |lab: &foobar_lab::lab::Lab| -> Option<String> {
+        let status = json(lab, &["status"]);
+        status["vips"][0]["backends"][0]["next_hop"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    // The health of the lab's start resolved web1 (the kernel's ARP), and the agent
+    // wrote what the kernel knows.
+    tests::lab::wait_until(Duration::from_secs(5), "web1's next hop", || {
+        next_hop(&lab).is_some()
+    });
+    let before = next_hop(&lab).unwrap();
+    assert!(before.starts_with("eth-servers "), "{before}");
+
+    // web1 gets a new MAC; the balancer's kernel forgets the old one.
+    let moved = "02:aa:bb:cc:dd:11";
+    lab.webs[0].ip(&["link", "set", "eth0", "address", moved]);
+    lab.lb().ip(&[
+        "neigh",
+        "flush",
+        "dev",
+        "eth-servers",
+        "to",
+        &web_addr(0).to_string(),
+    ]);
+    // Every request still answered: while the agent knows no next hop, packets go to
+    // the kernel, which resolves the new MAC; then the agent writes it.
+    let answers: Vec<String> = (0..20).map(|_| lab.get().expect("an answer")).collect();
+    assert_eq!(tally(answers).len(), 2, "both servers answered");
+    tests::lab::wait_until(Duration::from_secs(5), "the new MAC in web1's slot", || {
+        next_hop(&lab).as_deref() == Some(&format!("eth-servers {moved}"))
+    });
+    assert_ne!(before, format!("eth-servers {moved}"));
+    for _ in 0..10 {
+        assert!(lab.get().is_some());
+    }
+}

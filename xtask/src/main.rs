@@ -79,6 +79,9 @@ enum Bench {
         #[arg(long, default_value_t = 20_000_000)]
         frames: u32,
     },
+    /// How the agent answers while the data plane is big: `status` with a million
+    /// flows in the table, a reload that swaps 40 VIPs for 40 others; as JSON lines.
+    Agent,
     /// requests/s and latency through foobar-lb, nftables DNAT, HAProxy (mode tcp)
     /// and straight to a server, with wrk on the lab, as JSON lines.
     Lab {
@@ -137,6 +140,14 @@ fn main() -> Result<()> {
             require_root("the benchmark loads BPF programs")?;
             cargo(&NODE_BINS)?;
             run(Command::new("target/debug/bench-dataplane").arg(repeat.to_string()))
+        }
+        Task::Bench {
+            which: Bench::Agent,
+        } => {
+            setup::ensure()?;
+            require_root("the benchmark creates network namespaces and attaches XDP programs")?;
+            build_release_bins()?;
+            run(&mut Command::new("target/release/bench-agent"))
         }
         Task::Bench {
             which: Bench::Packets { frames },
