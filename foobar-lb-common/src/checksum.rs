@@ -26,6 +26,43 @@ pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// New checksum after a 128-bit field (an IPv6 address, four words) changed.
+#[inline(always)]
+pub const fn replace16(check: u16, old: [u32; 4], new: [u32; 4]) -> u16 {
+    let mut sum = !check as u32;
+    let mut i = 0;
+    while i < 4 {
+        sum = fold(sum) as u32;
+        sum += (!old[i] >> 16) + (!old[i] & 0xffff) + (new[i] >> 16) + (new[i] & 0xffff);
+        i += 1;
+    }
+    !fold(sum)
+}
+
+/// [`replace16`] for UDP (0 stays "no checksum", a computed 0 becomes 0xffff).
+#[inline(always)]
+pub const fn udp_replace16(check: u16, old: [u32; 4], new: [u32; 4]) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match replace16(check, old, new) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// The one's-complement sum of 16-bit words, unfolded (add more, then `!fold`).
+#[inline(always)]
+pub const fn sum_words(words: &[u16]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < words.len() {
+        sum += words[i] as u32;
+        i += 1;
+    }
+    sum
+}
+
 /// The same for UDP, where 0 means "no checksum": it stays 0, and a computed 0 is
 /// sent as 0xffff (RFC 768).
 #[inline(always)]
@@ -91,6 +128,35 @@ mod tests {
             assert!(
                 got == want || (got ^ want) == 0xffff && (got == 0 || want == 0),
                 "{new:#x}: {got:#x} vs {want:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn replace16_matches_a_full_recompute() {
+        let mut words = [0u16; 12];
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = 0x1111u16.wrapping_mul(i as u16 + 3) ^ 0xa5a5;
+        }
+        let check = full(&words);
+        let word = |w: &[u16; 12], i: usize| (w[2 + 2 * i] as u32) << 16 | w[3 + 2 * i] as u32;
+        let old = [0, 1, 2, 3].map(|i| word(&words, i));
+        for new in [
+            [0u32; 4],
+            [u32::MAX; 4],
+            [0x2001_0db8, 0, 0, 1],
+            [7, 0xffff, 0x10000, 9],
+        ] {
+            let mut changed = words;
+            for i in 0..4 {
+                changed[2 + 2 * i] = (new[i] >> 16) as u16;
+                changed[3 + 2 * i] = new[i] as u16;
+            }
+            let got = replace16(check, old, new);
+            let want = full(&changed);
+            assert!(
+                got == want || (got ^ want) == 0xffff && (got == 0 || want == 0),
+                "{new:x?}: {got:#x} vs {want:#x}"
             );
         }
     }

@@ -8,13 +8,33 @@ use core::mem::size_of;
 
 /// `Endpoint::family` of an IPv4 endpoint.
 pub const FAMILY_IPV4: u8 = 4;
-/// `Endpoint::family` of an IPv6 endpoint (types are ready; the data plane is IPv4 now).
+/// `Endpoint::family` of an IPv6 endpoint.
 pub const FAMILY_IPV6: u8 = 6;
 
 /// IP protocol number of TCP.
 pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP.
 pub const PROTO_UDP: u8 = 17;
+/// IP protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
+/// IP protocol number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+/// IP protocol number of IPv4 in IP (IPIP).
+pub const PROTO_IPIP: u8 = 4;
+/// IP protocol number of IPv6 in IP.
+pub const PROTO_IPV6: u8 = 41;
+
+/// Forwarding mode ([`VipInfo::forwarding`], [`Backend::forwarding`]): the destination
+/// becomes the backend; its replies pass the balancer, which restores the VIP.
+pub const FORWARD_NAT: u32 = 0;
+/// Both addresses are rewritten: the client's becomes the balancer's own (a port it
+/// allocates), so replies come back to the balancer whatever the backends' routes.
+pub const FORWARD_FULLNAT: u32 = 1;
+/// Direct server return: the packet is encapsulated in IP (IPIP or IPv6-in-IPv6) to
+/// the backend, which answers the client itself.
+pub const FORWARD_DSR_IPIP: u32 = 2;
+/// Direct server return in GUE (UDP, variant 1: the inner IP header follows the UDP one).
+pub const FORWARD_DSR_GUE: u32 = 3;
 
 /// Most VIPs a data plane holds.
 pub const MAX_VIPS: u32 = 64;
@@ -33,8 +53,12 @@ pub const MAX_IFINDEX: u32 = 4096;
 /// Most client-side routes mirrored into [`map_names::ROUTES`].
 pub const MAX_ROUTES: u32 = 4096;
 /// Most neighbours (next hops on the client side) mirrored into
-/// [`map_names::NEIGHBOURS`].
+/// [`map_names::NEIGHBOURS`] (and as many into `NEIGHBOURS6`).
 pub const MAX_NEIGHBOURS: u32 = 65_536;
+/// How many source ports a full-NAT flow tries before it gives up.
+pub const FULLNAT_PORT_TRIES: u32 = 8;
+/// The UDP port GUE is sent to unless configured otherwise (Katran's).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
 
 /// Map names, as the agent looks them up in the loaded object.
 pub mod map_names {
@@ -50,17 +74,33 @@ pub mod map_names {
     pub const RR_CURSORS: &str = "RR_CURSORS";
     /// [`crate::FlowKey`] → [`crate::FlowState`], LRU with per-CPU LRU lists.
     pub const FLOWS: &str = "FLOWS";
+    /// [`crate::FlowKey6`] → [`crate::FlowState`]: IPv6 flows.
+    pub const FLOWS6: &str = "FLOWS6";
+    /// Full NAT's reverse entries: the backend-side [`crate::FlowKey`] of a flow (backend
+    /// to the balancer's address and allocated port) → [`crate::NatTarget`].
+    pub const NAT_FLOWS: &str = "NAT_FLOWS";
+    /// The same for IPv6 ([`crate::FlowKey6`]).
+    pub const NAT_FLOWS6: &str = "NAT_FLOWS6";
     /// ifindex → [`crate::Iface`]: the interfaces the program runs on, their MAC and role.
     pub const INTERFACES: &str = "INTERFACES";
     /// Client-side destinations (an LPM trie keyed by prefix length and IPv4 address,
     /// network order) → [`crate::Route`].
     pub const ROUTES: &str = "ROUTES";
+    /// The same for IPv6 (`[u32; 4]` addresses).
+    pub const ROUTES6: &str = "ROUTES6";
     /// Next-hop address → [`crate::NextHop`]: the client side's resolved neighbours.
     pub const NEIGHBOURS: &str = "NEIGHBOURS";
+    /// The same for IPv6 (`[u32; 4]` addresses).
+    pub const NEIGHBOURS6: &str = "NEIGHBOURS6";
+    /// [`crate::VipAddr`] → `u32` reference count: addresses of NAT-mode backends, whose
+    /// reply fragments must not pass untranslated.
+    pub const BACKEND_ADDRS: &str = "BACKEND_ADDRS";
     /// One [`crate::Settings`].
     pub const SETTINGS: &str = "SETTINGS";
-    /// Per-CPU [`crate::FloodWindow`]: this CPU's new flows in the current second.
+    /// Per-CPU [`crate::RateWindow`]: this CPU's new flows in the current second.
     pub const FLOOD: &str = "FLOOD";
+    /// Per-CPU [`crate::RateWindow`]: this CPU's ICMP answers in the current second.
+    pub const ICMP_RATE: &str = "ICMP_RATE";
     /// Backend [`crate::Endpoint`] → [`crate::ReplyTarget`]: how to rewrite replies.
     pub const REPLIES: &str = "REPLIES";
     /// ifindex → ifindex: the interfaces packets may be redirected to.
@@ -72,13 +112,20 @@ pub mod map_names {
     /// Per-CPU [`crate::TrafficStats`] per backend id.
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Every map, for pinning.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 23] = [
         VIPS,
         VIP_ADDRS,
         BACKENDS,
         SCHEDULES,
         RR_CURSORS,
         FLOWS,
+        FLOWS6,
+        NAT_FLOWS,
+        NAT_FLOWS6,
+        ROUTES6,
+        NEIGHBOURS6,
+        BACKEND_ADDRS,
+        ICMP_RATE,
         REPLIES,
         TX_PORTS,
         COUNTERS,
@@ -109,12 +156,24 @@ const _: () = assert!(size_of::<Endpoint>() == 20);
 
 impl Endpoint {
     /// An IPv4 endpoint; `addr` and `port` in network order, as read from a packet.
+    #[inline(always)]
     pub const fn ipv4(addr: u32, port: u16, proto: u8) -> Self {
         Self {
             addr: [addr, 0, 0, 0],
             port,
             proto,
             family: FAMILY_IPV4,
+        }
+    }
+
+    /// An IPv6 endpoint; the address as four network-order words.
+    #[inline(always)]
+    pub const fn ipv6(addr: [u32; 4], port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            family: FAMILY_IPV6,
         }
     }
 }
@@ -143,8 +202,8 @@ pub struct VipInfo {
     pub schedule_len: u32,
     /// [`SCHED_RR`] or [`SCHED_MAGLEV`].
     pub scheduler: u32,
-    /// Reserved for per-VIP flags.
-    pub flags: u32,
+    /// [`FORWARD_NAT`], [`FORWARD_FULLNAT`], [`FORWARD_DSR_IPIP`] or [`FORWARD_DSR_GUE`].
+    pub forwarding: u32,
 }
 const _: () = assert!(size_of::<VipInfo>() == 16);
 
@@ -188,10 +247,17 @@ pub struct Backend {
     pub generation: u32,
     /// The VIP it serves (for the VIP's counters on the established path).
     pub vip_id: u32,
+    /// The VIP's forwarding mode, [`FORWARD_NAT`] ..., here so that a packet of a known
+    /// flow needs no VIP lookup.
+    pub forwarding: u32,
     /// How to reach it, resolved by the agent.
     pub next_hop: NextHop,
+    /// The balancer's address the packets leave from: the client's replacement in full
+    /// NAT, the outer source of GUE; for IPIP the base of the outer sources (the flow
+    /// hash fills the bits of `Settings::ipip_spread_*`).
+    pub source: [u32; 4],
 }
-const _: () = assert!(size_of::<Backend>() == 52);
+const _: () = assert!(size_of::<Backend>() == 72);
 
 /// The client-to-VIP 5-tuple of an IPv4 flow.
 #[repr(C)]
@@ -231,12 +297,49 @@ impl FlowKey {
     }
 }
 
+/// The client-to-VIP 5-tuple of an IPv6 flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    /// Client address, four network-order words.
+    pub src: [u32; 4],
+    /// VIP address.
+    pub dst: [u32; 4],
+    /// Client port, network order.
+    pub sport: u16,
+    /// VIP port, network order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Explicit padding, always zero, as in [`FlowKey`].
+    pub _pad1: u8,
+    /// See `_pad1`.
+    pub _pad2: u16,
+}
+const _: () = assert!(size_of::<FlowKey6>() == 40);
+
+impl FlowKey6 {
+    /// The key of an IPv6 flow.
+    #[inline(always)]
+    pub const fn new(src: [u32; 4], dst: [u32; 4], sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+            _pad1: 0,
+            _pad2: 0,
+        }
+    }
+}
+
 /// `FlowState::flags`: a packet other than the SYN has been seen. A SYN on an
 /// established entry opens a new connection on a reused 5-tuple (scheduled afresh);
 /// on an entry that is not, it is a retransmission and keeps its backend.
-pub const FLOW_ESTABLISHED: u32 = 1;
+pub const FLOW_ESTABLISHED: u16 = 1;
 /// `FlowState::flags`: the client sent a FIN or RST (counted once, as a closed flow).
-pub const FLOW_CLOSING: u32 = 2;
+pub const FLOW_CLOSING: u16 = 2;
 
 /// Where a flow goes.
 #[repr(C)]
@@ -247,11 +350,32 @@ pub struct FlowState {
     /// The slot's [`Backend::generation`] when the flow was scheduled.
     pub generation: u32,
     /// [`FLOW_ESTABLISHED`], [`FLOW_CLOSING`].
-    pub flags: u32,
+    pub flags: u16,
+    /// Full NAT: the source port allocated to the flow (network order); 0 otherwise.
+    pub nat_port: u16,
     /// Explicit padding.
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<FlowState>() == 16);
+
+/// Where a full-NAT reply goes back to: the flow as the client sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatTarget {
+    /// The client's address (IPv4 in word 0).
+    pub client: [u32; 4],
+    /// The VIP's address.
+    pub vip: [u32; 4],
+    /// The client's port, network order.
+    pub client_port: u16,
+    /// The VIP's port, network order.
+    pub vip_port: u16,
+    /// For the VIP's reply counters.
+    pub vip_id: u32,
+    /// For the backend's reply counters.
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<NatTarget>() == 44);
 
 /// `Iface::roles`: VIP traffic from clients arrives here.
 pub const ROLE_CLIENT: u32 = 1;
@@ -286,10 +410,10 @@ pub const ROUTE_KERNEL: u32 = 4;
 pub struct Route {
     /// [`ROUTE_LOCAL`], [`ROUTE_LINK`] or [`ROUTE_GATEWAY`].
     pub kind: u32,
-    /// The gateway for [`ROUTE_GATEWAY`] (network order).
-    pub gateway: u32,
+    /// The gateway for [`ROUTE_GATEWAY`] (network order; IPv4 in word 0).
+    pub gateway: [u32; 4],
 }
-const _: () = assert!(size_of::<Route>() == 8);
+const _: () = assert!(size_of::<Route>() == 20);
 
 /// Knobs of the data plane.
 #[repr(C)]
@@ -298,23 +422,37 @@ pub struct Settings {
     /// New flows per second on one CPU above which Maglev VIPs stop inserting new
     /// flows (their answer does not need the table); 0: never.
     pub flood_threshold: u32,
+    /// ICMP messages the balancer sends per second on one CPU (echo replies, "too
+    /// big" errors); more are dropped.
+    pub icmp_rate: u32,
+    /// First source port of full NAT (host order).
+    pub fullnat_port_min: u16,
+    /// How many ports from `fullnat_port_min` full NAT allocates; 0: none.
+    pub fullnat_port_count: u16,
+    /// The UDP port GUE is sent to (network order).
+    pub gue_port: u16,
     /// Explicit padding.
-    pub _pad: u32,
+    pub _pad: u16,
+    /// The bits of an IPIP outer IPv4 source that the flow hash fills (network order).
+    pub ipip_spread_v4: u32,
+    /// The same for the last word of an IPv6 outer source.
+    pub ipip_spread_v6: u32,
 }
-const _: () = assert!(size_of::<Settings>() == 8);
+const _: () = assert!(size_of::<Settings>() == 24);
 
-/// One CPU's count of new flows in the current one-second window.
+/// One CPU's count of events (new flows, ICMP answers) in the current one-second window.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FloodWindow {
+pub struct RateWindow {
     /// When the window started (`bpf_ktime_get_ns`).
     pub started_ns: u64,
-    /// New flows in it.
-    pub new_flows: u64,
+    /// Events in it.
+    pub count: u64,
 }
-const _: () = assert!(size_of::<FloodWindow>() == 16);
+const _: () = assert!(size_of::<RateWindow>() == 16);
 
-/// How to rewrite a reply that a backend sends to a client.
+/// What a packet from a backend endpoint is: how to rewrite a NAT reply to its client,
+/// or, for a full-NAT backend, that its replies are found in `NAT_FLOWS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReplyTarget {
@@ -324,8 +462,10 @@ pub struct ReplyTarget {
     pub vip_id: u32,
     /// For the backend's reply counters.
     pub backend_id: u32,
+    /// [`FORWARD_NAT`] or [`FORWARD_FULLNAT`].
+    pub forwarding: u32,
 }
-const _: () = assert!(size_of::<ReplyTarget>() == 28);
+const _: () = assert!(size_of::<ReplyTarget>() == 32);
 
 /// Traffic counters of a VIP or a backend (per CPU in the kernel).
 #[repr(C)]
@@ -402,6 +542,8 @@ mod pod {
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
+    unsafe impl aya::Pod for super::NatTarget {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::ReplyTarget {}
     unsafe impl aya::Pod for super::TrafficStats {}
@@ -410,5 +552,5 @@ mod pod {
     unsafe impl aya::Pod for super::Iface {}
     unsafe impl aya::Pod for super::Route {}
     unsafe impl aya::Pod for super::Settings {}
-    unsafe impl aya::Pod for super::FloodWindow {}
+    unsafe impl aya::Pod for super::RateWindow {}
 }

@@ -12,8 +12,8 @@ use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams,
         xdp_action::{XDP_PASS, XDP_TX},
     },
     helpers::generated::bpf_fib_lookup,
@@ -23,11 +23,11 @@ use foobar_lb_common::{NEXT_HOP_VALID, NextHop, Reason};
 use network_types::eth::EthHdr;
 
 use crate::{
-    Events, TX_PORTS, Verdict,
+    Events, SCRATCH, Status, TX_PORTS, Verdict,
+    family::Family,
     parse::{Packet, ptr_at},
 };
 
-const AF_INET: u8 = 2;
 const _: () = assert!(size_of::<FibParams>() == 64);
 
 /// A next hop the agent resolved, if it may be used.
@@ -36,64 +36,118 @@ pub fn valid(hop: &NextHop) -> Option<&NextHop> {
     (hop.flags & NEXT_HOP_VALID != 0).then_some(hop)
 }
 
-/// Asks the kernel's FIB for the next hop of `src` → `dst`. The error is the verdict
-/// when it is not to be sent on by us: next hop unresolved, too big for the route's
-/// MTU, or "not forwarded" (`PassLocal`), which the kernel answers both for its own
-/// addresses and for no route at all.
+/// Asks the kernel's FIB for the next hop of a packet of `(protocol, dst, src)`. The
+/// error is the verdict when it is not to be sent on by us: next hop unresolved, or
+/// "not forwarded" (`PassLocal`), which the kernel answers both for its own addresses
+/// and for no route at all. The size is checked by the caller against the MTU
+/// returned.
 #[inline(always)]
-pub fn ask_fib(
+pub fn ask_fib<F: Family>(
     ctx: &XdpContext,
-    pkt: &Packet,
-    dst: u32,
-    src: u32,
+    route: &(u8, F::Addr, F::Addr),
     events: &mut Events,
 ) -> Result<NextHop, Verdict> {
+    // Written when the lookup goes on (left uninitialised: zeroing it calls memset).
+    let mut hop = MaybeUninit::<NextHop>::uninit();
+    lookup_fib::<F>(ctx, route, events, &mut hop).check()?;
+    Ok(unsafe { hop.assume_init() })
+}
+
+/// [`ask_fib`], not inlined: it is the slow path.
+#[inline(never)]
+fn lookup_fib<F: Family>(
+    ctx: &XdpContext,
+    route: &(u8, F::Addr, F::Addr),
+    events: &mut Events,
+    hop: &mut MaybeUninit<NextHop>,
+) -> Status {
+    match fib::<F>(ctx, route, events) {
+        Ok(found) => {
+            hop.write(found);
+            Status::GO_ON
+        }
+        Err(v) => Status::verdict(v),
+    }
+}
+
+#[inline(always)]
+fn fib<F: Family>(
+    ctx: &XdpContext,
+    route: &(u8, F::Addr, F::Addr),
+    events: &mut Events,
+) -> Result<NextHop, Verdict> {
+    let &(proto, dst, src) = route;
     events.note(Reason::NextHopFib);
-    let mut params = MaybeUninit::<FibParams>::uninit();
-    let fib = params.as_mut_ptr();
-    // Eight word stores: zeroing with `mem::zeroed` compiles to a byte-by-byte memset
-    // loop (20-36 ns), and the helper reads fields we do not set. Volatile, so LLVM
-    // does not turn them back into a memset.
+    // The parameters live in the scratch map (64 bytes the stack has not to spare).
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(Verdict::of(Reason::DropNoRoute));
+    };
+    let fib: *mut FibParams = unsafe { &mut (*scratch).fib };
+    // Eight word stores: the helper reads fields we do not set. Volatile, so LLVM
+    // does not turn them into a memset call. A zero length skips the FIB's own MTU
+    // check: it reports the route's MTU instead.
     let words = fib.cast::<u64>();
     for i in 0..8 {
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
     let rc = unsafe {
-        (*fib).family = AF_INET;
-        (*fib).l4_protocol = pkt.proto;
+        (*fib).family = F::AF;
+        (*fib).l4_protocol = proto;
         (*fib).ifindex = (*ctx.ctx).ingress_ifindex;
-        (*fib).__bindgen_anon_1.tot_len = pkt.tot_len;
-        (*fib).__bindgen_anon_2.tos = pkt.tos;
-        (*fib).__bindgen_anon_3.ipv4_src = src;
-        (*fib).__bindgen_anon_4.ipv4_dst = dst;
+        let (src, dst) = (F::words(src), F::words(dst));
+        if F::HEADER_LEN == 20 {
+            (*fib).__bindgen_anon_3.ipv4_src = src[0];
+            (*fib).__bindgen_anon_4.ipv4_dst = dst[0];
+        } else {
+            (*fib).__bindgen_anon_3.ipv6_src = src;
+            (*fib).__bindgen_anon_4.ipv6_dst = dst;
+        }
         bpf_fib_lookup(ctx.ctx.cast(), fib, size_of::<FibParams>() as i32, 0)
     };
     let fib = unsafe { &*fib };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             ifindex: fib.ifindex,
-            // The lookup checked the size against the route's MTU already.
-            mtu: u16::MAX,
+            mtu: match unsafe { fib.__bindgen_anon_1.mtu_result } {
+                0 => u16::MAX,
+                mtu => mtu,
+            },
             flags: NEXT_HOP_VALID,
             smac: fib.smac,
             dmac: fib.dmac,
         }),
         // The kernel forwards the rewritten packet itself and resolves the neighbour.
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(Verdict::of(Reason::PassNoNeighbour)),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Verdict::of(Reason::PassTooBig)),
         BPF_FIB_LKUP_RET_NOT_FWDED => Err(Verdict::of(Reason::PassLocal)),
         _ => Err(Verdict::of(Reason::DropNoRoute)),
     }
 }
 
-/// Sends a packet to `hop`: XDP_TX back out of the interface it came in on, or a
-/// redirect. Too big for the egress MTU, or an egress we may not redirect to: the
-/// kernel gets it (MACs untouched, so its stack takes it).
+/// Whether a packet fits its next hop once `overhead` bytes (an outer header) are added.
+pub enum Fit {
+    Fits,
+    /// Too big, but IPv4 without DF and unchanged in size: the kernel may fragment it.
+    Fragment,
+    /// Too big: the sender must be told this MTU (what fits before the overhead).
+    TooBig(u16),
+}
+
 #[inline(always)]
-pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Verdict {
-    if pkt.tot_len > hop.mtu {
-        return Verdict::of(Reason::PassTooBig);
+pub fn fit<F: Family>(pkt: &Packet<F>, overhead: u16, hop: &NextHop) -> Fit {
+    if pkt.ip_len as u32 + overhead as u32 <= hop.mtu as u32 {
+        Fit::Fits
+    } else if overhead == 0 && !pkt.dont_fragment {
+        Fit::Fragment
+    } else {
+        Fit::TooBig(hop.mtu.saturating_sub(overhead))
     }
+}
+
+/// Sends a frame to `hop`: XDP_TX back out of the interface it came in on, or a
+/// redirect; an egress we may not redirect to leaves it to the kernel (MACs
+/// untouched, so its stack takes it).
+#[inline(always)]
+pub fn send(ctx: &XdpContext, hop: &NextHop) -> Verdict {
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     let (action, reason) = if hop.ifindex == ingress {
         (XDP_TX, Reason::Tx)
@@ -110,5 +164,8 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Verdict {
         (*eth).dst_addr = hop.dmac;
         (*eth).src_addr = hop.smac;
     }
-    Verdict { action, reason }
+    Verdict {
+        action,
+        reason: reason as u32,
+    }
 }

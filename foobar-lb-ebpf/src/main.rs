@@ -1,10 +1,12 @@
 //! The foobar-lb XDP data plane.
 //!
 //! One program, `foobar_lb`, attached to the balancer's client-side and backend-side
-//! interfaces. A client packet of a known flow goes straight to its backend (one flow
-//! lookup, one backend slot); a new one is scheduled by its VIP; a backend's reply
-//! gets its source rewritten back to the VIP; anything else passes to the kernel
-//! untouched. Every decision that can be made ahead of time (the schedules, which
+//! interfaces, for IPv4 and IPv6. A client packet of a known flow goes straight to its
+//! backend (one flow lookup, one backend slot); a new one is scheduled by its VIP; it
+//! leaves by the VIP's forwarding mode: NAT, full NAT, or encapsulated for direct
+//! server return. A NAT backend's reply gets the VIP back as its source (and full NAT's
+//! the client as its destination); ICMP about VIP flows is steered and translated;
+//! anything else passes to the kernel untouched. Every decision that can be made ahead of time (the schedules, which
 //! endpoints are backends, where each backend's next hop is and what MAC it has, the
 //! client side's routes and neighbours) is made by the agent and written into the
 //! maps below.
@@ -16,9 +18,13 @@
     reason = "atomic fetch-add for the round-robin cursor"
 )]
 
+mod encap;
+mod family;
 mod forward;
+mod icmp;
 mod nat;
 mod parse;
+mod rate;
 mod steer;
 
 use aya_ebpf::{
@@ -28,9 +34,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use foobar_lb_common::{
-    Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint, FloodWindow, FlowKey, FlowState, Iface,
-    MAX_BACKENDS, MAX_IFINDEX, MAX_NEIGHBOURS, MAX_ROUTES, MAX_TX_PORTS, MAX_VIPS, NextHop, Reason,
-    ReplyTarget, Route, SCHEDULE_STRIDE, Settings, TrafficStats, VipAddr, VipInfo,
+    Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint, FlowKey, FlowKey6, FlowState, Iface,
+    MAX_BACKENDS, MAX_IFINDEX, MAX_NEIGHBOURS, MAX_ROUTES, MAX_TX_PORTS, MAX_VIPS, NatTarget,
+    NextHop, RateWindow, Reason, ReplyTarget, Route, SCHEDULE_STRIDE, Settings, TrafficStats,
+    VipAddr, VipInfo,
     reason::{EVENT_COUNT, FIRST_EVENT},
 };
 
@@ -51,17 +58,46 @@ static RR_CURSORS: Array<u32> = Array::with_max_entries(MAX_VIPS, 0);
 static FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, BPF_F_NO_COMMON_LRU);
 #[map]
+static FLOWS6: LruHashMap<FlowKey6, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, BPF_F_NO_COMMON_LRU);
+/// Full NAT's reverse entries; one LRU list for all CPUs, as a flow's two directions
+/// may be handled by different CPUs.
+#[map]
+static NAT_FLOWS: LruHashMap<FlowKey, NatTarget> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+#[map]
+static NAT_FLOWS6: LruHashMap<FlowKey6, NatTarget> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+#[map]
 static REPLIES: HashMap<Endpoint, ReplyTarget> = HashMap::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static BACKEND_ADDRS: HashMap<VipAddr, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static ROUTES: LpmTrie<u32, Route> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
 #[map]
+static ROUTES6: LpmTrie<[u32; 4], Route> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
+#[map]
 static NEIGHBOURS: HashMap<u32, NextHop> = HashMap::with_max_entries(MAX_NEIGHBOURS, 0);
+#[map]
+static NEIGHBOURS6: HashMap<[u32; 4], NextHop> = HashMap::with_max_entries(MAX_NEIGHBOURS, 0);
 #[map]
 static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map]
-static FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
+static FLOOD: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static ICMP_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
+/// Room the program uses instead of its stack: the call chain shares 512 bytes.
+pub struct Scratch {
+    v4: parse::Packet<family::V4>,
+    v6: parse::Packet<family::V6>,
+    quoted4: icmp::Quoted<family::V4>,
+    quoted6: icmp::Quoted<family::V6>,
+    fib: aya_ebpf::bindings::bpf_fib_lookup,
+}
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -73,7 +109,8 @@ static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(
 #[derive(Clone, Copy)]
 pub struct Verdict {
     action: u32,
-    reason: Reason,
+    /// A [`Reason`], as its number (it may have crossed a function boundary packed).
+    reason: u32,
 }
 
 impl Verdict {
@@ -84,7 +121,65 @@ impl Verdict {
             Some(action) => action,
             None => aya_ebpf::bindings::xdp_action::XDP_PASS,
         };
-        Self { action, reason }
+        Self {
+            action,
+            reason: reason as u32,
+        }
+    }
+
+    /// Whether this is the verdict of `reason`.
+    #[inline(always)]
+    pub fn is(&self, reason: Reason) -> bool {
+        self.reason == reason as u32
+    }
+}
+
+/// What a function that is not inlined returns: one register. (An aggregate would be
+/// returned through memory, leaving a stale value in r0 that the verifier may refuse
+/// as a pointer into the callee's stack.) Zero means go on; [`Status::NOT_OURS`] that
+/// the packet was not the function's to handle; anything else is a verdict, packed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Status(u64);
+
+impl Status {
+    /// Done, go on.
+    pub const GO_ON: Status = Status(0);
+    /// Not this function's packet.
+    pub const NOT_OURS: Status = Status(1);
+    const VERDICT: u64 = 1 << 63;
+
+    /// A verdict.
+    #[inline(always)]
+    pub const fn verdict(v: Verdict) -> Status {
+        Status(Self::VERDICT | (v.action as u64) << 32 | v.reason as u64)
+    }
+
+    /// The status of a result.
+    #[inline(always)]
+    pub fn of(result: Result<(), Verdict>) -> Status {
+        match result {
+            Ok(()) => Status::GO_ON,
+            Err(v) => Status::verdict(v),
+        }
+    }
+
+    /// The verdict, if it is one.
+    #[inline(always)]
+    pub fn into_verdict(self) -> Option<Verdict> {
+        (self.0 & Self::VERDICT != 0).then_some(Verdict {
+            action: (self.0 >> 32) as u32 & 0xff,
+            reason: self.0 as u32,
+        })
+    }
+
+    /// `Err` with the verdict, `Ok` otherwise (go on, or not ours).
+    #[inline(always)]
+    pub fn check(self) -> Result<Status, Verdict> {
+        match self.into_verdict() {
+            Some(v) => Err(v),
+            None => Ok(self),
+        }
     }
 }
 
@@ -103,13 +198,19 @@ impl Events {
 
 /// Counts a packet's outcome and events: one lookup of this CPU's counters.
 #[inline(always)]
-fn count(outcome: Reason, events: Events) {
+fn count(outcome: u32, events: Events) {
     // Index 0 always exists; the verifier wants the check.
     let Some(c) = COUNTERS.get_ptr_mut(0) else {
         return;
     };
     let c = unsafe { &mut *c };
-    c.by_reason[outcome as usize] += 1;
+    // A verdict made in another function reaches here through memory, where the
+    // verifier loses its bounds; the compiler knows them (an enum) and would drop a
+    // plain check. The volatile read keeps the check, and the check tells the verifier.
+    let index = unsafe { core::ptr::read_volatile(&outcome) } as usize;
+    if let Some(counter) = c.by_reason.get_mut(index) {
+        *counter += 1;
+    }
     if events.0 != 0 {
         for i in 0..EVENT_COUNT {
             if events.0 & (1 << i) != 0 {

@@ -1,79 +1,59 @@
 //! Address and port rewrites with incremental checksum updates (RFC 1624).
 
 use aya_ebpf::programs::XdpContext;
-use foobar_lb_common::{PROTO_UDP, Reason, checksum};
-use network_types::ip::Ipv4Hdr;
+use foobar_lb_common::Reason;
 
 use crate::{
     Verdict,
+    family::Family,
     parse::{L4, Packet, ptr_at},
 };
 
-/// Client → VIP becomes client → backend.
-#[inline(always)]
-pub fn rewrite_destination(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    l4: &L4,
-    addr: u32,
-    port: u16,
-) -> Result<(), Verdict> {
-    // Destination address at byte 16 of the IPv4 header, destination port at byte 2 of L4.
-    rewrite(ctx, pkt, l4, 16, pkt.dst, addr, 2, pkt.dport, port)
+/// Which end of a packet a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Source,
+    Destination,
 }
 
-/// Backend → client becomes VIP → client.
+/// Rewrites one end's address and port of a TCP/UDP packet, from what the packet
+/// holds now (`old`, as parsed) to `new`: the address, the port, the IPv4 header
+/// checksum and the transport checksum (whose pseudo-header covers the address).
 #[inline(always)]
-pub fn rewrite_source(
+pub fn rewrite<F: Family>(
     ctx: &XdpContext,
-    pkt: &Packet,
+    pkt: &Packet<F>,
     l4: &L4,
-    addr: u32,
-    port: u16,
-) -> Result<(), Verdict> {
-    rewrite(ctx, pkt, l4, 12, pkt.src, addr, 0, pkt.sport, port)
-}
-
-#[expect(clippy::too_many_arguments, reason = "one rewrite, both directions")]
-#[inline(always)]
-fn rewrite(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    l4: &L4,
-    addr_at: usize,
-    old_addr: u32,
-    new_addr: u32,
-    port_at: usize,
-    old_port: u16,
-    new_port: u16,
+    end: End,
+    old: (F::Addr, u16),
+    new: (F::Addr, u16),
 ) -> Result<(), Verdict> {
     let truncated = Verdict::of(Reason::DropTruncatedL4);
+    let (addr_at, port_at) = match end {
+        End::Source => (F::SRC_AT, 0),
+        End::Destination => (F::DST_AT, 2),
+    };
     // Parsing checked these; the verifier needs each pointer checked where it is made.
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Verdict::of(Reason::DropTruncatedIpv4))?;
-    let addr: *mut u32 = ptr_at(ctx, pkt.l3 + addr_at).ok_or(truncated)?;
+    let addr: *mut F::Addr = ptr_at(ctx, pkt.l3 + addr_at).ok_or(truncated)?;
     let port: *mut u16 = ptr_at(ctx, pkt.l4 + port_at).ok_or(truncated)?;
-    let check: *mut u16 = ptr_at(ctx, l4.check).ok_or(truncated)?;
+    let check: *mut u16 = ptr_at(ctx, l4.check as usize).ok_or(truncated)?;
+    F::header_checksum(ctx, pkt.l3, old.0, new.0)?;
     unsafe {
-        let ip_check = u16::from_ne_bytes((*ip).check);
-        (*ip).check = checksum::replace4(ip_check, old_addr, new_addr).to_ne_bytes();
-        addr.write_unaligned(new_addr);
-        port.write_unaligned(new_port);
-        // The L4 checksum covers the pseudo-header's address and the port.
-        let l4_check = check.read_unaligned();
-        let l4_check = if pkt.proto == PROTO_UDP {
-            checksum::udp_replace2(
-                checksum::udp_replace4(l4_check, old_addr, new_addr),
-                old_port,
-                new_port,
-            )
-        } else {
-            checksum::replace2(
-                checksum::replace4(l4_check, old_addr, new_addr),
-                old_port,
-                new_port,
-            )
-        };
-        check.write_unaligned(l4_check);
+        addr.write_unaligned(new.0);
+        port.write_unaligned(new.1);
+        let sum = F::replace_addr(check.read_unaligned(), old.0, new.0, l4.udp);
+        check.write_unaligned(replace_port(sum, old.1, new.1, l4.udp));
     }
     Ok(())
+}
+
+/// A transport checksum after a port changed.
+#[inline(always)]
+fn replace_port(check: u16, old: u16, new: u16, udp: bool) -> u16 {
+    use foobar_lb_common::checksum::{replace2, udp_replace2};
+    if udp {
+        udp_replace2(check, old, new)
+    } else {
+        replace2(check, old, new)
+    }
 }

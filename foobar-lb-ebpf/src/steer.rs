@@ -1,29 +1,40 @@
-//! Steering: which backend a client packet goes to, and which VIP a reply comes from.
+//! Steering: which backend a client packet goes to and how it gets there, and what a
+//! packet from a backend becomes.
 //!
 //! On a client-side interface the flow table is asked first: a packet of a known flow
 //! needs only its entry and the backend slot it names (no VIP lookup, no schedule).
 //! The slot's generation tells whether the flow's backend is still the one it was
-//! scheduled onto. A miss goes to the VIP's schedule. On a backend-side interface, a
-//! packet from a backend endpoint is a reply, rewritten to come from its VIP.
+//! scheduled onto; the slot also carries the VIP's forwarding mode. A miss goes to
+//! the VIP's schedule. On a backend-side interface, a packet from a backend endpoint
+//! is a reply: NAT restores the VIP as its source, full NAT finds its client in the
+//! reverse table. DSR backends answer clients themselves.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    mem::MaybeUninit,
+};
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns, maps::PerCpuArray, maps::lpm_trie::Key, programs::XdpContext,
+    bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32, maps::PerCpuArray,
+    programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use foobar_lb_common::{
-    BACKEND_ACTIVE, Backend, Endpoint, FLOW_CLOSING, FLOW_ESTABLISHED, FlowKey, FlowState,
-    PROTO_UDP, ROLE_BACKEND, ROLE_CLIENT, ROUTE_GATEWAY, ROUTE_LOCAL, Reason, ReplyTarget,
-    SCHED_MAGLEV, TrafficStats, VipInfo, hash::flow_hash_v4, schedule_index,
+    BACKEND_ACTIVE, Backend, FLOW_CLOSING, FLOW_ESTABLISHED, FORWARD_DSR_GUE, FORWARD_DSR_IPIP,
+    FORWARD_FULLNAT, FULLNAT_PORT_TRIES, FlowState, NatTarget, NextHop, PROTO_TCP, PROTO_UDP,
+    ROLE_BACKEND, ROLE_CLIENT, ROUTE_GATEWAY, ROUTE_LOCAL, Reason, SCHED_MAGLEV, TrafficStats,
+    VipAddr, VipInfo, schedule_index,
 };
 
 use crate::{
-    BACKEND_STATS, BACKENDS, Events, FLOOD, FLOWS, INTERFACES, NEIGHBOURS, REPLIES, ROUTES,
-    RR_CURSORS, SCHEDULES, SETTINGS, VIP_STATS, VIPS, Verdict,
-    forward::{self, ask_fib, valid},
-    nat,
+    BACKEND_ADDRS, BACKEND_STATS, BACKENDS, Events, FLOOD, INTERFACES, REPLIES, RR_CURSORS,
+    SCHEDULES, SCRATCH, SETTINGS, Scratch, Status, VIP_ADDRS, VIP_STATS, VIPS, Verdict, encap,
+    family::{Family, V4, V6},
+    forward::{self, Fit, ask_fib, valid},
+    icmp,
+    nat::{self, End},
     parse::{self, L4, Packet},
+    rate,
 };
 
 /// The whole decision for one frame.
@@ -34,63 +45,283 @@ pub fn balance(ctx: &XdpContext, events: &mut Events) -> Result<Verdict, Verdict
         Some(iface) if iface.roles != 0 => iface,
         _ => return Err(Verdict::of(Reason::PassNotOurInterface)),
     };
-    let pkt = parse::parse(ctx, iface)?;
-    if iface.roles & ROLE_CLIENT != 0 {
-        let key = FlowKey::new(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
-        if let Some(flow) = FLOWS.get_ptr_mut(key) {
-            return established(ctx, &pkt, &key, unsafe { &mut *flow }, events);
-        }
-        if let Some(vip) = unsafe { VIPS.get(Endpoint::ipv4(pkt.dst, pkt.dport, pkt.proto)) } {
-            let l4 = parse::l4(ctx, &pkt)?;
-            if !opens(&pkt, &l4) {
-                events.note(Reason::FlowMissNonSyn);
+    let (ether_type, l3) = parse::ethernet(ctx, &iface.mac)?;
+    // Index 0 always exists; the verifier wants the check.
+    let scratch = SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(Verdict::of(Reason::DropNoRoom))?;
+    let scratch = unsafe { &mut *scratch };
+    match ether_type {
+        V4::ETHER_TYPE => family::<V4>(ctx, iface.roles, l3, scratch, events),
+        V6::ETHER_TYPE => family::<V6>(ctx, iface.roles, l3, scratch, events),
+        _ => Err(Verdict::of(Reason::PassNotIp)),
+    }
+}
+
+/// An IP packet of family `F` at `l3`, arrived on an interface with `roles`. Parsing,
+/// ICMP, client packets and backend packets are functions of their own, each with
+/// its own stack frame: the verifier allows 512 bytes for the deepest chain of
+/// calls, and IPv6 inlined whole would not fit.
+#[inline(always)]
+fn family<F: Family>(
+    ctx: &XdpContext,
+    roles: u32,
+    l3: usize,
+    scratch: &mut Scratch,
+    events: &mut Events,
+) -> Result<Verdict, Verdict> {
+    let pkt = F::packet(scratch);
+    parse_ip(ctx, l3, pkt).check()?;
+    if pkt.fragment {
+        return Err(fragment(roles, pkt));
+    }
+    if pkt.proto == F::ICMP {
+        return match icmp::handle(ctx, roles, pkt, events)? {
+            icmp::Outcome::Done(verdict) => Ok(verdict),
+            icmp::Outcome::Encapsulate(id) => {
+                let choice = Choice::new(id, 0, &L4::NONE, Traffic::Forward { closed: false });
+                verdict_of(deliver(ctx, pkt, &choice, events))
             }
-            return new_flow(ctx, &pkt, &l4, &key, vip, events);
+        };
+    }
+    if pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
+        return Err(Verdict::of(Reason::PassNotTcpUdp));
+    }
+    if roles & ROLE_CLIENT != 0 {
+        // Written by `choose` when it goes on (left uninitialised: zeroing it would
+        // call memset).
+        let mut choice = MaybeUninit::<Choice>::uninit();
+        if choose(ctx, pkt, events, &mut choice).check()? == Status::GO_ON {
+            let choice = unsafe { choice.assume_init_ref() };
+            return verdict_of(deliver(ctx, pkt, choice, events));
         }
     }
-    if let Some(target) = unsafe { REPLIES.get(Endpoint::ipv4(pkt.src, pkt.sport, pkt.proto)) } {
-        // Replies come from the backend side; one from a client is forged.
-        if iface.roles & ROLE_BACKEND == 0 {
-            return Err(Verdict::of(Reason::DropForgedReply));
+    verdict_of(from_backend(ctx, roles, pkt, events))
+}
+
+/// The verdict a function that always gives one gave.
+#[inline(always)]
+fn verdict_of(status: Status) -> Result<Verdict, Verdict> {
+    status.into_verdict().ok_or(Verdict::of(Reason::DropNoRoom))
+}
+
+#[inline(never)]
+fn parse_ip<F: Family>(ctx: &XdpContext, l3: usize, pkt: &mut Packet<F>) -> Status {
+    Status::of(F::parse(ctx, l3, pkt))
+}
+
+/// Where a client packet goes: its backend slot, full NAT's source port, what it
+/// counts as, and its checked transport header.
+/// (Integers only: a struct of small fields and flags, zeroed, would call memset.)
+pub struct Choice {
+    id: u32,
+    nat_port: u16,
+    /// Offset of the transport checksum.
+    check: u16,
+    /// [`Choice::UDP`], [`Choice::NEW_FLOW`], [`Choice::CLOSED`].
+    flags: u32,
+}
+
+impl Choice {
+    const UDP: u32 = 1;
+    const NEW_FLOW: u32 = 2;
+    const CLOSED: u32 = 4;
+
+    #[inline(always)]
+    fn new(id: u32, nat_port: u16, l4: &L4, traffic: Traffic) -> Self {
+        let (new_flow, closed) = match traffic {
+            Traffic::NewFlow { closed } => (true, closed),
+            Traffic::Forward { closed } => (false, closed),
+            Traffic::Reply => (false, false),
+        };
+        Self {
+            id,
+            nat_port,
+            check: l4.check,
+            flags: if l4.udp { Self::UDP } else { 0 }
+                | if new_flow { Self::NEW_FLOW } else { 0 }
+                | if closed { Self::CLOSED } else { 0 },
         }
-        return to_client(ctx, &pkt, target, events);
     }
-    Err(Verdict::of(Reason::PassNotVip))
+
+    /// What the rewrite needs of the transport header.
+    #[inline(always)]
+    fn l4(&self) -> L4 {
+        L4 {
+            check: self.check,
+            syn: false,
+            closing: false,
+            udp: self.flags & Self::UDP != 0,
+        }
+    }
+
+    #[inline(always)]
+    fn traffic(&self) -> Traffic {
+        let closed = self.flags & Self::CLOSED != 0;
+        if self.flags & Self::NEW_FLOW != 0 {
+            Traffic::NewFlow { closed }
+        } else {
+            Traffic::Forward { closed }
+        }
+    }
+}
+
+/// A TCP/UDP packet from the client side: which backend, if it is for a VIP: the
+/// flow table's answer, or its VIP's schedule. Choosing and delivering are functions
+/// of their own, called one after the other, so their stack frames do not add up.
+#[inline(never)]
+fn choose<F: Family>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    events: &mut Events,
+    out: &mut MaybeUninit<Choice>,
+) -> Status {
+    match choose_backend(ctx, pkt, events) {
+        Ok(Some(choice)) => {
+            out.write(choice);
+            Status::GO_ON
+        }
+        Ok(None) => Status::NOT_OURS,
+        Err(v) => Status::verdict(v),
+    }
+}
+
+#[inline(always)]
+fn choose_backend<F: Family>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    events: &mut Events,
+) -> Result<Option<Choice>, Verdict> {
+    let key = F::key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
+    let known = F::flows().get_ptr_mut(key);
+    if let Some(flow) = known {
+        let l4 = parse::l4(ctx, pkt)?;
+        if let Some((id, nat_port, traffic)) = established(ctx, &l4, unsafe { &mut *flow }, events)
+        {
+            return Ok(Some(Choice::new(id, nat_port, &l4, traffic)));
+        }
+    }
+    // A miss, or a known flow that needs a backend again: its VIP's schedule.
+    let Some(vip) = (unsafe { VIPS.get(F::endpoint(pkt.dst, pkt.dport, pkt.proto)) }) else {
+        return Ok(None);
+    };
+    let l4 = parse::l4(ctx, pkt)?;
+    if known.is_none() && !opens(pkt, &l4) {
+        events.note(Reason::FlowMissNonSyn);
+    }
+    let (id, nat_port) = new_flow(ctx, pkt, &l4, &key, vip, events)?;
+    let traffic = Traffic::NewFlow { closed: l4.closing };
+    Ok(Some(Choice::new(id, nat_port, &l4, traffic)))
+}
+
+/// Sends a client packet to the backend chosen.
+#[inline(never)]
+fn deliver<F: Family>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    choice: &Choice,
+    events: &mut Events,
+) -> Status {
+    let verdict = match BACKENDS.get(choice.id) {
+        Some(backend) => forward_to(ctx, pkt, choice, backend, events),
+        None => Err(Verdict::of(Reason::DropNoBackend)),
+    };
+    match verdict {
+        Ok(v) | Err(v) => Status::verdict(v),
+    }
+}
+
+/// A TCP/UDP packet not for a VIP: a reply, if it comes from a backend endpoint.
+#[inline(never)]
+fn from_backend<F: Family>(
+    ctx: &XdpContext,
+    roles: u32,
+    pkt: &Packet<F>,
+    events: &mut Events,
+) -> Status {
+    match reply_of(ctx, roles, pkt, events) {
+        Ok(v) | Err(v) => Status::verdict(v),
+    }
+}
+
+#[inline(always)]
+fn reply_of<F: Family>(
+    ctx: &XdpContext,
+    roles: u32,
+    pkt: &Packet<F>,
+    events: &mut Events,
+) -> Result<Verdict, Verdict> {
+    let Some(target) = (unsafe { REPLIES.get(F::endpoint(pkt.src, pkt.sport, pkt.proto)) }) else {
+        return Err(Verdict::of(Reason::PassNotVip));
+    };
+    // Replies come from the backend side; one from a client is forged.
+    if roles & ROLE_BACKEND == 0 {
+        return Err(Verdict::of(Reason::DropForgedReply));
+    }
+    let l4 = parse::l4(ctx, pkt)?;
+    let to = if target.forwarding == FORWARD_FULLNAT {
+        fullnat_reply(pkt)?
+    } else {
+        Reply {
+            new_source: (F::from_words(&target.vip.addr), target.vip.port),
+            new_destination: None,
+            vip_id: target.vip_id,
+            backend_id: target.backend_id,
+        }
+    };
+    reply(ctx, pkt, &l4, &to, events)
+}
+
+/// A fragment: only the first has ports, so none can be steered or translated.
+#[inline(always)]
+fn fragment<F: Family>(roles: u32, pkt: &Packet<F>) -> Verdict {
+    let to = VipAddr {
+        addr: F::words(pkt.dst),
+    };
+    if unsafe { VIP_ADDRS.get(to) }.is_some() {
+        return Verdict::of(Reason::DropFragment);
+    }
+    let from = VipAddr {
+        addr: F::words(pkt.src),
+    };
+    if roles & ROLE_BACKEND != 0 && unsafe { BACKEND_ADDRS.get(from) }.is_some() {
+        return Verdict::of(Reason::DropReplyFragment);
+    }
+    Verdict::of(Reason::PassFragment)
 }
 
 /// Whether a packet may start a flow: a TCP SYN, or any UDP datagram.
 #[inline(always)]
-fn opens(pkt: &Packet, l4: &L4) -> bool {
+fn opens<F: Family>(pkt: &Packet<F>, l4: &L4) -> bool {
     l4.syn || pkt.proto == PROTO_UDP
 }
 
-/// A packet of a known flow.
+/// A packet of a known flow: its backend, or `None` when it must be scheduled again
+/// (the backend is gone, or a SYN opens a new connection on the flow's 5-tuple).
 #[inline(always)]
 fn established(
     ctx: &XdpContext,
-    pkt: &Packet,
-    key: &FlowKey,
+    l4: &L4,
     flow: &mut FlowState,
     events: &mut Events,
-) -> Result<Verdict, Verdict> {
-    let l4 = parse::l4(ctx, pkt)?;
-    let backend = match BACKENDS.get(flow.backend_id) {
-        Some(b) if b.flags & BACKEND_ACTIVE != 0 && b.generation == flow.generation => b,
+) -> Option<(u32, u16, Traffic)> {
+    match BACKENDS.get(flow.backend_id) {
+        Some(b) if b.flags & BACKEND_ACTIVE != 0 && b.generation == flow.generation => {}
         _ => {
             events.note(Reason::FlowBackendGone);
             debug!(
                 ctx,
                 "flow's backend {} is gone: scheduling it again", flow.backend_id
             );
-            return reschedule(ctx, pkt, &l4, key, events);
+            return None;
         }
-    };
+    }
     if l4.syn {
         // A SYN on an established 5-tuple opens a new connection; before that, it is
         // the same SYN again (a retransmission), which must reach the same backend.
         if flow.flags & FLOW_ESTABLISHED != 0 {
             events.note(Reason::FlowReused);
-            return reschedule(ctx, pkt, &l4, key, events);
+            return None;
         }
         events.note(Reason::SynRetransmit);
     } else if flow.flags & FLOW_ESTABLISHED == 0 {
@@ -100,42 +331,19 @@ fn established(
     if closed {
         flow.flags |= FLOW_CLOSING;
     }
-    forward_to(
-        ctx,
-        pkt,
-        &l4,
-        flow.backend_id,
-        backend,
-        Traffic::Forward { closed },
-        events,
-    )
+    Some((flow.backend_id, flow.nat_port, Traffic::Forward { closed }))
 }
 
-/// A known flow that needs a backend again: back to its VIP's schedule.
+/// A client packet without a (usable) flow: schedule it and remember it.
 #[inline(always)]
-fn reschedule(
+fn new_flow<F: Family>(
     ctx: &XdpContext,
-    pkt: &Packet,
+    pkt: &Packet<F>,
     l4: &L4,
-    key: &FlowKey,
-    events: &mut Events,
-) -> Result<Verdict, Verdict> {
-    match unsafe { VIPS.get(Endpoint::ipv4(pkt.dst, pkt.dport, pkt.proto)) } {
-        Some(vip) => new_flow(ctx, pkt, l4, key, vip, events),
-        None => Err(Verdict::of(Reason::PassNotVip)),
-    }
-}
-
-/// A client packet without a (usable) flow: schedule it, remember it, forward it.
-#[inline(always)]
-fn new_flow(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    l4: &L4,
-    key: &FlowKey,
+    key: &F::Key,
     vip: &VipInfo,
     events: &mut Events,
-) -> Result<Verdict, Verdict> {
+) -> Result<(u32, u16), Verdict> {
     let opening = opens(pkt, l4);
     let Some(id) = schedule(vip, pkt, opening) else {
         debug!(
@@ -149,10 +357,20 @@ fn new_flow(
         _ => return Err(Verdict::of(Reason::DropNoBackend)),
     };
     events.note(Reason::FlowNew);
+    let fullnat = vip.forwarding == FORWARD_FULLNAT;
+    let nat_port = if fullnat {
+        match allocate_port(pkt, id, backend) {
+            0 => return Err(Verdict::of(Reason::DropNoNatPort)),
+            port => port as u16,
+        }
+    } else {
+        0
+    };
     // During a flood of new flows, a Maglev VIP's flows are not remembered: the hash
     // gives them the same backend on every packet, and the table keeps its
-    // established flows. Round robin needs the table to keep a flow where it went.
-    if flooding() && vip.scheduler == SCHED_MAGLEV {
+    // established flows. Round robin needs the table to keep a flow where it went,
+    // and full NAT its source port.
+    if flooding() && vip.scheduler == SCHED_MAGLEV && !fullnat {
         events.note(Reason::FlowInsertSkipped);
     } else {
         let flags = if l4.syn { 0 } else { FLOW_ESTABLISHED };
@@ -160,79 +378,231 @@ fn new_flow(
             backend_id: id,
             generation: backend.generation,
             flags: flags | if l4.closing { FLOW_CLOSING } else { 0 },
+            nat_port,
             _pad: 0,
         };
-        if FLOWS.insert(key, state, 0).is_err() {
+        if F::flows().insert(key, state, 0).is_err() {
             events.note(Reason::FlowInsertFailed);
         }
     }
-    forward_to(
+    Ok((id, nat_port))
+}
+
+/// Full NAT: a source port toward `backend` that no other flow uses, claimed in the
+/// reverse table (an insert that fails if the entry exists, atomic across CPUs).
+/// Returns the port (network order), or 0 when none is free.
+#[inline(never)]
+fn allocate_port<F: Family>(pkt: &Packet<F>, id: u32, backend: &Backend) -> u32 {
+    let Some(settings) = SETTINGS.get(0) else {
+        return 0;
+    };
+    let count = settings.fullnat_port_count as u32;
+    if count == 0 {
+        return 0;
+    }
+    let source = F::from_words(&backend.source);
+    let backend_addr = F::from_words(&backend.endpoint.addr);
+    let target = NatTarget {
+        client: F::words(pkt.src),
+        vip: F::words(pkt.dst),
+        client_port: pkt.sport,
+        vip_port: pkt.dport,
+        vip_id: backend.vip_id,
+        backend_id: id,
+    };
+    let start = unsafe { bpf_get_prandom_u32() };
+    for i in 0..FULLNAT_PORT_TRIES {
+        let port = (settings.fullnat_port_min as u32 + start.wrapping_add(i) % count) as u16;
+        let port = port.to_be();
+        // The reply's 5-tuple: backend → the balancer's address and this port.
+        let key = F::key(backend_addr, source, backend.endpoint.port, port, pkt.proto);
+        if F::nat_flows()
+            .insert(key, target, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            return port as u32;
+        }
+    }
+    0
+}
+
+/// Sends a client packet to its backend, in the VIP's forwarding mode. A packet too
+/// big for the way is answered with ICMP before anything in it changes.
+#[inline(always)]
+fn forward_to<F: Family>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    choice: &Choice,
+    backend: &Backend,
+    events: &mut Events,
+) -> Result<Verdict, Verdict> {
+    let l4 = &choice.l4();
+    // A next hop the kernel has not resolved yet: the packet is made for its backend
+    // all the same, and the kernel resolves the neighbour and sends it on.
+    let hop = match backend_hop::<F>(ctx, pkt.proto, backend, pkt.src, events) {
+        Ok(hop) => Some(hop),
+        Err(v) if v.is(Reason::PassNoNeighbour) => None,
+        Err(v) => return Err(v),
+    };
+    let fit = |overhead: usize| match &hop {
+        Some(hop) => forward::fit(pkt, overhead as u16, hop),
+        None => Fit::Fits,
+    };
+    let mut fragment = false;
+    match backend.forwarding {
+        FORWARD_DSR_IPIP | FORWARD_DSR_GUE => {
+            let gue = backend.forwarding == FORWARD_DSR_GUE;
+            if let Fit::TooBig(mtu) = fit(encap::overhead::<F>(gue)) {
+                return Ok(icmp::too_big(ctx, pkt, mtu));
+            }
+            encap::encapsulate(ctx, pkt, backend, gue).check()?;
+            events.note(if gue {
+                Reason::EncapGue
+            } else {
+                Reason::EncapIpip
+            });
+        }
+        mode => {
+            match fit(0) {
+                Fit::TooBig(mtu) => return Ok(icmp::too_big(ctx, pkt, mtu)),
+                Fit::Fragment => fragment = true,
+                Fit::Fits => {}
+            }
+            if mode == FORWARD_FULLNAT {
+                let source = F::from_words(&backend.source);
+                nat::rewrite(
+                    ctx,
+                    pkt,
+                    l4,
+                    End::Source,
+                    (pkt.src, pkt.sport),
+                    (source, choice.nat_port),
+                )?;
+                events.note(Reason::FullNat);
+            }
+            let addr = F::from_words(&backend.endpoint.addr);
+            nat::rewrite(
+                ctx,
+                pkt,
+                l4,
+                End::Destination,
+                (pkt.dst, pkt.dport),
+                (addr, backend.endpoint.port),
+            )?;
+        }
+    }
+    account(&VIP_STATS, backend.vip_id, pkt.frame_len, choice.traffic());
+    account(&BACKEND_STATS, choice.id, pkt.frame_len, choice.traffic());
+    Ok(match hop {
+        // IPv4 without DF: the kernel fragments it on the way out.
+        Some(_) if fragment => Verdict::of(Reason::PassTooBig),
+        Some(hop) => forward::send(ctx, &hop),
+        None => Verdict::of(Reason::PassNoNeighbour),
+    })
+}
+
+/// The next hop toward a backend: cached in its slot, or the kernel's FIB.
+#[inline(always)]
+pub fn backend_hop<F: Family>(
+    ctx: &XdpContext,
+    proto: u8,
+    backend: &Backend,
+    src: F::Addr,
+    events: &mut Events,
+) -> Result<NextHop, Verdict> {
+    if let Some(hop) = valid(&backend.next_hop) {
+        return Ok(*hop);
+    }
+    let addr = F::from_words(&backend.endpoint.addr);
+    // A backend the kernel would not forward to has nowhere to go.
+    ask_fib::<F>(ctx, &(proto, addr, src), events).map_err(|v| {
+        if v.is(Reason::PassLocal) {
+            Verdict::of(Reason::DropNoRoute)
+        } else {
+            v
+        }
+    })
+}
+
+/// A full-NAT backend's reply, to the balancer's address and port: the flow it belongs
+/// to says which client and VIP. Anything else from such a backend to the balancer
+/// (a health check's answer) is the kernel's.
+#[inline(always)]
+fn fullnat_reply<F: Family>(pkt: &Packet<F>) -> Result<Reply<F>, Verdict> {
+    let key = F::key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
+    let Some(nat) = F::nat_flows().get_ptr(key) else {
+        return Err(Verdict::of(Reason::PassLocal));
+    };
+    let nat = unsafe { &*nat };
+    Ok(Reply {
+        new_source: (F::from_words(&nat.vip), nat.vip_port),
+        new_destination: Some((F::from_words(&nat.client), nat.client_port)),
+        vip_id: nat.vip_id,
+        backend_id: nat.backend_id,
+    })
+}
+
+/// How a reply is rewritten.
+struct Reply<F: Family> {
+    /// The VIP.
+    new_source: (F::Addr, u16),
+    /// The client, for full NAT (NAT replies are addressed to it already).
+    new_destination: Option<(F::Addr, u16)>,
+    vip_id: u32,
+    backend_id: u32,
+}
+
+/// Rewrites a backend's reply for its client and sends it.
+#[inline(always)]
+fn reply<F: Family>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    l4: &L4,
+    to: &Reply<F>,
+    events: &mut Events,
+) -> Result<Verdict, Verdict> {
+    let client = match to.new_destination {
+        Some((addr, _)) => addr,
+        None => pkt.dst,
+    };
+    // Routed before the rewrite: a backend answering the balancer itself (a health
+    // check) must reach the local stack untouched.
+    let hop = match client_hop::<F>(ctx, pkt.proto, client, to.new_source.0, events) {
+        Err(local) if local.is(Reason::PassLocal) => return Err(local),
+        other => other,
+    };
+    let mut fragment = false;
+    if let Ok(hop) = &hop {
+        match forward::fit(pkt, 0, hop) {
+            Fit::TooBig(mtu) => return Ok(icmp::too_big(ctx, pkt, mtu)),
+            Fit::Fragment => fragment = true,
+            Fit::Fits => {}
+        }
+    }
+    nat::rewrite(
         ctx,
         pkt,
         l4,
-        id,
-        backend,
-        Traffic::NewFlow { closed: l4.closing },
-        events,
-    )
-}
-
-/// Rewrites a client packet for `backend` and sends it there.
-#[inline(always)]
-fn forward_to(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    l4: &L4,
-    id: u32,
-    backend: &Backend,
-    traffic: Traffic,
-    events: &mut Events,
-) -> Result<Verdict, Verdict> {
-    let addr = backend.endpoint.addr[0];
-    nat::rewrite_destination(ctx, pkt, l4, addr, backend.endpoint.port)?;
-    account(&VIP_STATS, backend.vip_id, pkt.frame_len, traffic);
-    account(&BACKEND_STATS, id, pkt.frame_len, traffic);
-    let hop = match valid(&backend.next_hop) {
-        Some(hop) => *hop,
-        // A rewritten packet the kernel would not forward has nowhere to go.
-        None => ask_fib(ctx, pkt, addr, pkt.src, events).map_err(|v| {
-            if v.reason == Reason::PassLocal {
-                Verdict::of(Reason::DropNoRoute)
-            } else {
-                v
-            }
-        })?,
-    };
-    Ok(forward::send(ctx, pkt, &hop))
-}
-
-/// A backend's reply to a client: rewrite its source to the VIP and forward it.
-#[inline(always)]
-fn to_client(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    target: &ReplyTarget,
-    events: &mut Events,
-) -> Result<Verdict, Verdict> {
-    let l4 = parse::l4(ctx, pkt)?;
-    let (vip_addr, vip_port) = (target.vip.addr[0], target.vip.port);
-    // Routed before the rewrite (only the source changes): a backend answering the
-    // balancer itself (a health check) must reach the local stack untouched.
-    let hop = match client_hop(ctx, pkt, vip_addr, events) {
-        Err(local) if local.reason == Reason::PassLocal => return Err(local),
-        other => other,
-    };
-    nat::rewrite_source(ctx, pkt, &l4, vip_addr, vip_port)?;
+        End::Source,
+        (pkt.src, pkt.sport),
+        to.new_source,
+    )?;
+    if let Some(destination) = to.new_destination {
+        nat::rewrite(
+            ctx,
+            pkt,
+            l4,
+            End::Destination,
+            (pkt.dst, pkt.dport),
+            destination,
+        )?;
+    }
     events.note(Reason::Reply);
-    account(&VIP_STATS, target.vip_id, pkt.frame_len, Traffic::Reply);
-    account(
-        &BACKEND_STATS,
-        target.backend_id,
-        pkt.frame_len,
-        Traffic::Reply,
-    );
+    account(&VIP_STATS, to.vip_id, pkt.frame_len, Traffic::Reply);
+    account(&BACKEND_STATS, to.backend_id, pkt.frame_len, Traffic::Reply);
     Ok(match hop {
-        Ok(hop) => forward::send(ctx, pkt, &hop),
+        Ok(_) if fragment => Verdict::of(Reason::PassTooBig),
+        Ok(hop) => forward::send(ctx, &hop),
         Err(verdict) => verdict,
     })
 }
@@ -242,29 +612,30 @@ fn to_client(
 /// whether it is this machine or behind a gateway, whose neighbour entry serves every
 /// client behind it. Anything unknown goes to the kernel's FIB.
 #[inline(always)]
-fn client_hop(
+pub fn client_hop<F: Family>(
     ctx: &XdpContext,
-    pkt: &Packet,
-    vip_addr: u32,
+    proto: u8,
+    dst: F::Addr,
+    src: F::Addr,
     events: &mut Events,
-) -> Result<foobar_lb_common::NextHop, Verdict> {
-    if let Some(hop) = unsafe { NEIGHBOURS.get(pkt.dst) }.and_then(valid) {
+) -> Result<NextHop, Verdict> {
+    if let Some(hop) = F::neighbour(dst).and_then(valid) {
         return Ok(*hop);
     }
-    if let Some(route) = ROUTES.get(Key::new(32, pkt.dst)) {
+    if let Some(route) = F::route(dst) {
         if route.kind == ROUTE_LOCAL {
             return Err(Verdict::of(Reason::PassLocal));
         }
         let next = if route.kind == ROUTE_GATEWAY {
-            route.gateway
+            F::from_words(&route.gateway)
         } else {
-            pkt.dst
+            dst
         };
-        if let Some(hop) = unsafe { NEIGHBOURS.get(next) }.and_then(valid) {
+        if let Some(hop) = F::neighbour(next).and_then(valid) {
             return Ok(*hop);
         }
     }
-    ask_fib(ctx, pkt, pkt.dst, vip_addr, events)
+    ask_fib::<F>(ctx, &(proto, dst, src), events)
 }
 
 /// Picks a backend for a new flow: one array index, whatever the scheduler. Round
@@ -272,13 +643,13 @@ fn client_hop(
 /// (a flow the table lost) is placed by its hash, so its backend does not depend on
 /// how many flows came before.
 #[inline(always)]
-fn schedule(vip: &VipInfo, pkt: &Packet, opening: bool) -> Option<u32> {
+fn schedule<F: Family>(vip: &VipInfo, pkt: &Packet<F>, opening: bool) -> Option<u32> {
     let len = vip.schedule_len;
     if len == 0 {
         return None;
     }
     let slot = if vip.scheduler == SCHED_MAGLEV || !opening {
-        flow_hash_v4(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto) % len
+        F::hash(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto) % len
     } else {
         // One cursor per VIP shared by all CPUs, so consecutive new flows take
         // consecutive ring slots whatever CPU they arrive on.
@@ -293,21 +664,10 @@ fn schedule(vip: &VipInfo, pkt: &Packet, opening: bool) -> Option<u32> {
 /// the current one-second window.
 #[inline(always)]
 fn flooding() -> bool {
-    let threshold = match SETTINGS.get(0) {
-        Some(s) if s.flood_threshold != 0 => s.flood_threshold as u64,
-        _ => return false,
-    };
-    let Some(window) = FLOOD.get_ptr_mut(0) else {
-        return false;
-    };
-    let window = unsafe { &mut *window };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.wrapping_sub(window.started_ns) > 1_000_000_000 {
-        window.started_ns = now;
-        window.new_flows = 0;
+    match SETTINGS.get(0) {
+        Some(s) if s.flood_threshold != 0 => rate::over(&FLOOD, s.flood_threshold),
+        _ => false,
     }
-    window.new_flows += 1;
-    window.new_flows > threshold
 }
 
 /// Atomically takes the next value of a shared cursor.

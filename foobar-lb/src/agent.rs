@@ -13,7 +13,7 @@ use std::{
     time::Instant,
 };
 
-use foobar_lb_common::{NEXT_HOP_VALID, Reason, Settings, TrafficStats, reason::xdp_action};
+use foobar_lb_common::{NEXT_HOP_VALID, Reason, TrafficStats, reason::xdp_action};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -132,6 +132,7 @@ impl Agent {
     /// the VIPs, then attaches: a program never sees a half-written state.
     pub fn start(options: &AgentOptions) -> Result<Agent, AgentError> {
         let config = Config::load(&options.config)?;
+        warn_if_full_nat_ports_are_the_kernels(&config);
         let dataplane = Dataplane::load(&LoadOptions {
             flow_capacity: config.dataplane.flow_capacity,
             pin_dir: options.pin_dir.clone(),
@@ -333,8 +334,7 @@ impl Agent {
             } => {
                 let i = self.find_vip(&vip)?;
                 let spec = &self.desired.vips[i];
-                let ep = endpoint(spec.address, spec.port, spec.protocol)
-                    .expect("running VIPs are valid");
+                let ep = endpoint(spec.address, spec.port, spec.protocol);
                 let scheduler = spec.scheduler;
                 let backend = self
                     .balancer
@@ -533,9 +533,10 @@ impl Agent {
             return;
         }
         let on_down = vip.on_backend_down;
-        let endpoints = endpoint(vip.address, vip.port, vip.protocol)
-            .ok()
-            .zip(endpoint(key.1.ip(), key.1.port(), vip.protocol).ok());
+        let endpoints = Some((
+            endpoint(vip.address, vip.port, vip.protocol),
+            endpoint(key.1.ip(), key.1.port(), vip.protocol),
+        ));
         let health = self.health.entry(key.clone()).or_default();
         let Some(up) = health.record(&result, check.rise, check.fall) else {
             return;
@@ -596,15 +597,10 @@ impl Agent {
                 interfaces.push((ifindex(entry.name())?, entry.role().bits()));
             }
         }
-        let settings = Settings {
-            flood_threshold: self.config.dataplane.flood_threshold,
-            _pad: 0,
-        };
-        Ok(Environment::new(
-            self.topology.clone(),
-            &interfaces,
-            settings,
-        ))
+        let dp = &self.config.dataplane;
+        let mut env = Environment::new(self.topology.clone(), &interfaces, dp.settings());
+        env.ipip_sources = (Some(dp.ipip_source.into()), Some(dp.ipip6_source.into()));
+        Ok(env)
     }
 
     /// Index of a VIP by name or `address:port`.
@@ -711,8 +707,7 @@ impl Agent {
             .vips
             .iter()
             .map(|spec| {
-                let ep = endpoint(spec.address, spec.port, spec.protocol)
-                    .expect("running VIPs are valid");
+                let ep = endpoint(spec.address, spec.port, spec.protocol);
                 let applied = self.balancer.vip(&ep).expect("running VIPs are applied");
                 (spec.clone(), applied.clone())
             })
@@ -729,7 +724,7 @@ impl Agent {
             let vip_stats = dp.vip_stats(applied.id).map_err(dataplane_error)?;
             let mut backends = Vec::new();
             for b in &spec.backends {
-                let bep = endpoint(b.address, b.port, spec.protocol).expect("valid");
+                let bep = endpoint(b.address, b.port, spec.protocol);
                 let id = applied.backend_id(&bep).expect("applied");
                 let stats = self
                     .balancer
@@ -963,4 +958,33 @@ fn ifindex(name: &str) -> Result<u32, AgentError> {
         )));
     }
     Ok(index)
+}
+
+/// Full NAT's source ports must not be ones the kernel hands out to the balancer's
+/// own connections (health checks), or their answers could be taken for a flow's.
+fn warn_if_full_nat_ports_are_the_kernels(config: &Config) {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let mut ports = text
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u16>().ok());
+    let (Some(first), Some(last)) = (ports.next(), ports.next()) else {
+        return;
+    };
+    let kernels = crate::config::PortRange { first, last };
+    let ours = config.dataplane.fullnat_ports;
+    let full_nat = config
+        .vips
+        .iter()
+        .any(|v| v.forwarding == crate::state::Forwarding::Fullnat);
+    if full_nat && ours.overlaps(&kernels) {
+        warn!(
+            fullnat_ports = %String::from(ours),
+            ip_local_port_range = %String::from(kernels),
+            "full NAT's source ports overlap the kernel's ephemeral ports: set \
+             dataplane.fullnat_ports clear of them, or reserve them with \
+             net.ipv4.ip_local_reserved_ports"
+        );
+    }
 }

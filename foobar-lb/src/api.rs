@@ -8,7 +8,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
@@ -87,7 +87,7 @@ pub enum Request {
         /// Name or `address:port` of the VIP.
         vip: String,
         /// Client address.
-        client: Ipv4Addr,
+        client: IpAddr,
         /// Client port.
         client_port: u16,
     },

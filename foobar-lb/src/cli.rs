@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     agent::OnExit,
     api::{DEFAULT_SOCKET, Request},
-    state::{BackendSpec, MAX_WEIGHT, Protocol, Scheduler, VipSpec},
+    state::{BackendSpec, Forwarding, MAX_WEIGHT, Protocol, Scheduler, VipSpec},
 };
 
 /// Default pin directory on bpffs.
@@ -82,9 +82,19 @@ pub enum Command {
     Explain {
         /// VIP name or address:port.
         vip: String,
-        /// Client address:port (IPv4).
-        client: std::net::SocketAddrV4,
+        /// Client address:port.
+        client: std::net::SocketAddr,
     },
+    /// On a DSR backend: take the balancer's encapsulation (IPIP, IPv6 in IP, GUE)
+    /// off packets for the VIPs, in XDP, and put the VIPs on the loopback. Runs in
+    /// the foreground until SIGTERM or SIGINT, then detaches, takes the VIPs off the
+    /// loopback again and prints its counters as JSON.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb decap --interface eth0 --vip 203.0.113.10
+    ///   sudo foobar-lb decap --interface eth0 --vip 203.0.113.10 --vip 2001:db8::10 --gue-port 6080
+    #[command(verbatim_doc_comment)]
+    Decap(DecapArgs),
     /// Re-read the configuration file and apply it whole; a bad file changes nothing.
     ///
     /// Examples:
@@ -106,6 +116,38 @@ pub enum Command {
     ///   foobar-lb man > /usr/local/share/man/man8/foobar-lb.8
     #[command(verbatim_doc_comment)]
     Man,
+}
+
+/// Options of `decap`.
+#[derive(Debug, Args)]
+pub struct DecapArgs {
+    /// Interface the encapsulated packets arrive on. Repeatable.
+    #[arg(long = "interface", required = true)]
+    pub interfaces: Vec<String>,
+    /// A VIP this backend serves: its packets are decapsulated, and it is put on the
+    /// loopback. Repeatable.
+    #[arg(long = "vip", required = true)]
+    pub vips: Vec<std::net::IpAddr>,
+    /// The UDP port of GUE (the balancer's `dataplane.gue_port`); 0: IPIP only.
+    #[arg(long, default_value_t = foobar_lb_common::DEFAULT_GUE_PORT)]
+    pub gue_port: u16,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: XdpModeArg,
+    /// Leave the loopback and ARP settings alone (they are configured elsewhere).
+    #[arg(long)]
+    pub no_loopback: bool,
+}
+
+/// `--xdp-mode` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum XdpModeArg {
+    /// Native where the driver has it, generic otherwise.
+    Auto,
+    /// Native only.
+    Native,
+    /// Generic (skb) XDP.
+    Generic,
 }
 
 /// Options of `run`.
@@ -139,6 +181,7 @@ pub enum VipCommand {
     /// Examples:
     ///   sudo foobar-lb vip add www 10.0.0.100:80 --backend 10.1.0.11:8080 --backend 10.1.0.12:8080@2
     ///   sudo foobar-lb vip add dns 10.0.0.100:53 --protocol udp --scheduler maglev
+    ///   sudo foobar-lb vip add db [fd00::200]:3306 --forwarding fullnat --backend [fd00:1::11]:3306
     #[command(verbatim_doc_comment)]
     Add {
         /// A name for people.
@@ -154,6 +197,9 @@ pub enum VipCommand {
         /// Maglev table size, a prime.
         #[arg(long, default_value_t = crate::schedule::DEFAULT_MAGLEV_SIZE)]
         maglev_table_size: u32,
+        /// How packets reach the backends: nat, fullnat, dsr-ipip or dsr-gue.
+        #[arg(long, value_enum, default_value = "nat")]
+        forwarding: ForwardingArg,
         /// A backend as address:port, optionally @weight (default 1). Repeatable.
         #[arg(long = "backend", value_name = "ADDRESS:PORT[@WEIGHT]")]
         backends: Vec<BackendArg>,
@@ -273,6 +319,19 @@ pub enum SchedulerArg {
     Maglev,
 }
 
+/// `--forwarding` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ForwardingArg {
+    /// The destination becomes the backend; replies route back through the balancer.
+    Nat,
+    /// Both addresses rewritten: backends need no route back through the balancer.
+    Fullnat,
+    /// Direct server return in IPIP: backends run `foobar-lb decap`.
+    DsrIpip,
+    /// Direct server return in GUE (UDP).
+    DsrGue,
+}
+
 /// A `--backend ADDRESS:PORT[@WEIGHT]` value.
 #[derive(Clone, Debug)]
 pub struct BackendArg(pub BackendSpec);
@@ -307,7 +366,9 @@ impl Command {
     /// The control request of a client command; `None` for the local ones.
     pub fn request(&self) -> Option<Request> {
         Some(match self {
-            Command::Run(_) | Command::Completions { .. } | Command::Man => return None,
+            Command::Run(_) | Command::Decap(_) | Command::Completions { .. } | Command::Man => {
+                return None;
+            }
             Command::Status
             | Command::Vip(VipCommand::List)
             | Command::Backend(BackendCommand::List { .. }) => Request::Status,
@@ -315,7 +376,7 @@ impl Command {
             Command::Reload => Request::Reload,
             Command::Explain { vip, client } => Request::Explain {
                 vip: vip.clone(),
-                client: *client.ip(),
+                client: client.ip(),
                 client_port: client.port(),
             },
             Command::Vip(VipCommand::Add {
@@ -324,6 +385,7 @@ impl Command {
                 protocol,
                 scheduler,
                 maglev_table_size,
+                forwarding,
                 backends,
             }) => Request::VipAdd {
                 vip: VipSpec {
@@ -337,6 +399,12 @@ impl Command {
                     scheduler: match scheduler {
                         SchedulerArg::Rr => Scheduler::Rr,
                         SchedulerArg::Maglev => Scheduler::Maglev,
+                    },
+                    forwarding: match forwarding {
+                        ForwardingArg::Nat => Forwarding::Nat,
+                        ForwardingArg::Fullnat => Forwarding::Fullnat,
+                        ForwardingArg::DsrIpip => Forwarding::DsrIpip,
+                        ForwardingArg::DsrGue => Forwarding::DsrGue,
                     },
                     maglev_table_size: *maglev_table_size,
                     backends: backends.iter().map(|b| b.0.clone()).collect(),

@@ -7,12 +7,18 @@
 //!   { name = "eth1", role = "backend" },  # the backends' replies
 //! ]                               # a bare name ("eth0") takes both roles
 //! xdp_mode = "auto"               # native | generic | auto
+//! fullnat_ports = "10000-32767"   # full NAT's source ports (keep clear of the kernel's)
+//! ipip_source = "172.16.0.0/16"   # IPIP outer sources; the flow hash fills the host bits
+//! ipip6_source = "100::/64"
+//! gue_port = 6080
+//! icmp_rate = 1000                # ICMP answers per second per CPU
 //!
 //! [[vips]]
 //! name = "www"
 //! address = "203.0.113.10"
 //! port = 80
 //! scheduler = "rr"                # rr | maglev
+//! forwarding = "nat"              # nat | fullnat | dsr-ipip | dsr-gue
 //! backends = [
 //!   { address = "10.1.0.11", port = 8080, weight = 1 },
 //!   { address = "10.1.0.12", port = 8080, weight = 1 },
@@ -31,7 +37,10 @@ use std::{
 };
 
 use aya::programs::XdpMode;
-use foobar_lb_common::{DEFAULT_FLOW_CAPACITY, MAX_TX_PORTS, ROLE_BACKEND, ROLE_CLIENT};
+use foobar_lb_common::{
+    DEFAULT_FLOW_CAPACITY, DEFAULT_GUE_PORT, MAX_TX_PORTS, ROLE_BACKEND, ROLE_CLIENT, Settings,
+};
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -79,6 +88,78 @@ fn default_flood_threshold() -> u32 {
 /// New flows per second on one CPU above which Maglev VIPs stop remembering new flows
 /// (Katran's default).
 pub const DEFAULT_FLOOD_THRESHOLD: u32 = 125_000;
+
+/// ICMP messages the data plane sends per second on one CPU.
+pub const DEFAULT_ICMP_RATE: u32 = 1000;
+
+fn default_icmp_rate() -> u32 {
+    DEFAULT_ICMP_RATE
+}
+
+fn default_gue_port() -> u16 {
+    DEFAULT_GUE_PORT
+}
+
+fn default_fullnat_ports() -> PortRange {
+    PortRange {
+        first: 10_000,
+        last: 32_767,
+    }
+}
+
+fn default_ipip_source() -> Ipv4Net {
+    "172.16.0.0/16".parse().expect("a prefix")
+}
+
+fn default_ipip6_source() -> Ipv6Net {
+    // The discard-only prefix (RFC 6666), as Katran uses.
+    "100::/64".parse().expect("a prefix")
+}
+
+/// A range of ports, written `"first-last"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange {
+    /// The first port.
+    pub first: u16,
+    /// The last port, included.
+    pub last: u16,
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not a port range like \"10000-32767\"");
+        let (first, last) = text.split_once('-').ok_or_else(bad)?;
+        let first: u16 = first.trim().parse().map_err(|_| bad())?;
+        let last: u16 = last.trim().parse().map_err(|_| bad())?;
+        if first == 0 || first > last {
+            return Err(format!(
+                "{text:?}: the first port must be 1 or more and not above the last"
+            ));
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(range: PortRange) -> String {
+        format!("{}-{}", range.first, range.last)
+    }
+}
+
+impl PortRange {
+    /// How many ports it holds.
+    pub fn count(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    /// Whether it shares a port with `other`.
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
 
 /// What arrives on an interface.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,9 +238,60 @@ pub struct DataplaneConfig {
     /// established flows out of the table; 0: never.
     #[serde(default = "default_flood_threshold")]
     pub flood_threshold: u32,
+    /// ICMP messages (echo replies, "too big") sent per second per CPU; more are dropped.
+    #[serde(default = "default_icmp_rate")]
+    pub icmp_rate: u32,
+    /// The source ports full NAT allocates, per backend and balancer address; keep
+    /// them out of the kernel's own `ip_local_port_range`.
+    #[serde(default = "default_fullnat_ports")]
+    pub fullnat_ports: PortRange,
+    /// IPIP outer IPv4 sources: this prefix, its host bits taken from the flow hash
+    /// so that backends' receive-side scaling spreads flows (a /32: one source).
+    #[serde(default = "default_ipip_source")]
+    pub ipip_source: Ipv4Net,
+    /// The same for IPv6 in IPv6 (the last 32 bits at most vary).
+    #[serde(default = "default_ipip6_source")]
+    pub ipip6_source: Ipv6Net,
+    /// The UDP port GUE packets are sent to (the backends' `foobar-lb decap` port).
+    #[serde(default = "default_gue_port")]
+    pub gue_port: u16,
+}
+
+impl Default for DataplaneConfig {
+    /// Every default, and no interface.
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            xdp_mode: XdpModeSetting::default(),
+            flow_capacity: default_flow_capacity(),
+            flood_threshold: default_flood_threshold(),
+            icmp_rate: default_icmp_rate(),
+            fullnat_ports: default_fullnat_ports(),
+            ipip_source: default_ipip_source(),
+            ipip6_source: default_ipip6_source(),
+            gue_port: default_gue_port(),
+        }
+    }
 }
 
 impl DataplaneConfig {
+    /// The data plane's knobs.
+    pub fn settings(&self) -> Settings {
+        let v4_spread = u32::from_ne_bytes(self.ipip_source.hostmask().octets());
+        let v6_host = self.ipip6_source.hostmask().octets();
+        let v6_spread = u32::from_ne_bytes([v6_host[12], v6_host[13], v6_host[14], v6_host[15]]);
+        Settings {
+            flood_threshold: self.flood_threshold,
+            icmp_rate: self.icmp_rate,
+            fullnat_port_min: self.fullnat_ports.first,
+            fullnat_port_count: self.fullnat_ports.count().min(u16::MAX as u32) as u16,
+            gue_port: self.gue_port.to_be(),
+            _pad: 0,
+            ipip_spread_v4: v4_spread,
+            ipip_spread_v6: v6_spread,
+        }
+    }
+
     /// The interfaces' names.
     pub fn interface_names(&self) -> Vec<String> {
         self.interfaces
@@ -297,6 +429,9 @@ impl Config {
                 return Err(bad(&field, format!("{name:?} is listed twice")));
             }
         }
+        if dp.gue_port == 0 {
+            return Err(bad("dataplane.gue_port", "must be 1-65535".into()));
+        }
         if !(MIN_FLOW_CAPACITY..=MAX_FLOW_CAPACITY).contains(&dp.flow_capacity) {
             return Err(bad(
                 "dataplane.flow_capacity",
@@ -348,6 +483,14 @@ pub(crate) mod tests {
     fn parses_with_defaults() {
         let config = Config::parse(GOOD).unwrap();
         assert_eq!(config.dataplane.xdp_mode, XdpModeSetting::Auto);
+        let settings = config.dataplane.settings();
+        assert_eq!(
+            (settings.fullnat_port_min, settings.fullnat_port_count),
+            (10_000, 22_768)
+        );
+        assert_eq!(settings.ipip_spread_v4.to_ne_bytes(), [0, 0, 255, 255]);
+        assert_eq!(settings.ipip_spread_v6, u32::MAX);
+        assert_eq!(u16::from_be(settings.gue_port), 6080);
         assert_eq!(config.dataplane.flow_capacity, DEFAULT_FLOW_CAPACITY);
         assert_eq!(config.vips[0].backends[0].weight, 1);
     }
@@ -377,6 +520,12 @@ pub(crate) mod tests {
             field(&GOOD.replace("8080", "0")),
             "vips[0].backends[0].port"
         );
+        let err = Config::parse(&GOOD.replace(
+            r#"interfaces = ["lbc", "lbb"]"#,
+            "interfaces = [\"lbc\"]\nfullnat_ports = \"3000-2000\"",
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("3000-2000"), "{err}");
     }
 
     #[test]

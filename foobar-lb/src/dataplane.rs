@@ -21,13 +21,16 @@ use aya::{
     },
     util::nr_cpus,
 };
-use foobar_lb_common::{
-    Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint, FlowKey, FlowState, Iface, MAX_BACKENDS,
-    MAX_IFINDEX, NextHop, ReplyTarget, Route, Settings, TrafficStats, VipAddr, VipInfo,
-    map_names as names, schedule_index,
-};
+use std::net::IpAddr;
 
-use crate::{batch, pin, reconcile::MapState};
+use foobar_lb_common::{
+    Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint, FAMILY_IPV4, FAMILY_IPV6, FlowKey,
+    FlowState, Iface, MAX_BACKENDS, MAX_IFINDEX, NextHop, ReplyTarget, Route, Settings,
+    TrafficStats, VipAddr, VipInfo, map_names as names, schedule_index,
+};
+use ipnet::IpNet;
+
+use crate::{batch, pin, reconcile::MapState, state::address_of, topology::words};
 
 /// The XDP program object, built by `build.rs`.
 pub static PROGRAM_OBJECT: &[u8] =
@@ -164,6 +167,9 @@ impl Dataplane {
         };
         loader
             .map_max_entries(names::FLOWS, options.flow_capacity)
+            .map_max_entries(names::FLOWS6, options.flow_capacity)
+            .map_max_entries(names::NAT_FLOWS, options.flow_capacity)
+            .map_max_entries(names::NAT_FLOWS6, options.flow_capacity)
             .override_global("AYA_LOG_LEVEL", &log_level, false);
         let mut resumed = false;
         if let Some(dir) = &options.pin_dir {
@@ -298,6 +304,11 @@ impl Dataplane {
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(map_err(names::VIP_ADDRS))?;
+        let addresses: HashMap<_, VipAddr, u32> = map!(self, HashMap, names::BACKEND_ADDRS);
+        state.backend_addresses = addresses
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::BACKEND_ADDRS))?;
         let settings: Array<_, Settings> = map!(self, Array, names::SETTINGS);
         state.settings = settings.get(&0, 0).map_err(map_err(names::SETTINGS))?;
         for info in state.vips.values() {
@@ -351,6 +362,17 @@ impl Dataplane {
             m.remove(addr).map_err(map_err(names::VIP_ADDRS))
         } else {
             m.insert(addr, uses, 0).map_err(map_err(names::VIP_ADDRS))
+        }
+    }
+
+    /// Sets how many NAT backends use an address (0 removes it).
+    pub fn set_backend_address_uses(&mut self, addr: &VipAddr, uses: u32) -> Result<()> {
+        let mut m: HashMap<_, VipAddr, u32> = map!(self, HashMap, names::BACKEND_ADDRS);
+        if uses == 0 {
+            m.remove(addr).map_err(map_err(names::BACKEND_ADDRS))
+        } else {
+            m.insert(addr, uses, 0)
+                .map_err(map_err(names::BACKEND_ADDRS))
         }
     }
 
@@ -470,52 +492,110 @@ impl Dataplane {
         m.set(0, settings, 0).map_err(map_err(names::SETTINGS))
     }
 
-    /// Adds or changes a client-side route (`addr` in network order).
-    pub fn set_route(&mut self, prefix_len: u32, addr: u32, route: &Route) -> Result<()> {
-        let mut m: LpmTrie<_, u32, Route> = map!(self, LpmTrie, names::ROUTES);
-        m.insert(&LpmKey::new(prefix_len, addr), route, 0)
-            .map_err(map_err(names::ROUTES))
+    /// Adds or changes a client-side route.
+    pub fn set_route(&mut self, prefix: &IpNet, route: &Route) -> Result<()> {
+        match prefix {
+            IpNet::V4(net) => {
+                let mut m: LpmTrie<_, u32, Route> = map!(self, LpmTrie, names::ROUTES);
+                let key = LpmKey::new(net.prefix_len().into(), words(net.addr().into())[0]);
+                m.insert(&key, route, 0).map_err(map_err(names::ROUTES))
+            }
+            IpNet::V6(net) => {
+                let mut m: LpmTrie<_, [u32; 4], Route> = map!(self, LpmTrie, names::ROUTES6);
+                let key = LpmKey::new(net.prefix_len().into(), words(net.addr().into()));
+                m.insert(&key, route, 0).map_err(map_err(names::ROUTES6))
+            }
+        }
     }
 
     /// Removes a client-side route.
-    pub fn remove_route(&mut self, prefix_len: u32, addr: u32) -> Result<()> {
-        let mut m: LpmTrie<_, u32, Route> = map!(self, LpmTrie, names::ROUTES);
-        match m.remove(&LpmKey::new(prefix_len, addr)) {
+    pub fn remove_route(&mut self, prefix: &IpNet) -> Result<()> {
+        let removed = match prefix {
+            IpNet::V4(net) => {
+                let mut m: LpmTrie<_, u32, Route> = map!(self, LpmTrie, names::ROUTES);
+                m.remove(&LpmKey::new(
+                    net.prefix_len().into(),
+                    words(net.addr().into())[0],
+                ))
+            }
+            IpNet::V6(net) => {
+                let mut m: LpmTrie<_, [u32; 4], Route> = map!(self, LpmTrie, names::ROUTES6);
+                m.remove(&LpmKey::new(
+                    net.prefix_len().into(),
+                    words(net.addr().into()),
+                ))
+            }
+        };
+        match removed {
             Err(MapError::KeyNotFound) => Ok(()),
             other => other.map_err(map_err(names::ROUTES)),
         }
     }
 
-    /// Every client-side route: (prefix length, address) → route.
-    pub fn routes(&mut self) -> Result<Vec<((u32, u32), Route)>> {
+    /// Every client-side route, both families.
+    pub fn routes(&mut self) -> Result<Vec<(IpNet, Route)>> {
+        let mut routes = Vec::new();
         let m: LpmTrie<_, u32, Route> = map!(self, LpmTrie, names::ROUTES);
-        m.iter()
-            .map(|entry| entry.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(map_err(names::ROUTES))
+        for entry in m.iter() {
+            let (k, v) = entry.map_err(map_err(names::ROUTES))?;
+            let addr = address_of(&[k.data(), 0, 0, 0], FAMILY_IPV4);
+            if let Ok(net) = IpNet::new(addr, k.prefix_len() as u8) {
+                routes.push((net, v));
+            }
+        }
+        let m: LpmTrie<_, [u32; 4], Route> = map!(self, LpmTrie, names::ROUTES6);
+        for entry in m.iter() {
+            let (k, v) = entry.map_err(map_err(names::ROUTES6))?;
+            let addr = address_of(&k.data(), FAMILY_IPV6);
+            if let Ok(net) = IpNet::new(addr, k.prefix_len() as u8) {
+                routes.push((net, v));
+            }
+        }
+        Ok(routes)
     }
 
-    /// Adds or changes a client-side next hop (`addr` in network order).
-    pub fn set_neighbour(&mut self, addr: u32, hop: &NextHop) -> Result<()> {
-        let mut m: HashMap<_, u32, NextHop> = map!(self, HashMap, names::NEIGHBOURS);
-        m.insert(addr, hop, 0).map_err(map_err(names::NEIGHBOURS))
+    /// Adds or changes a client-side next hop.
+    pub fn set_neighbour(&mut self, addr: &IpAddr, hop: &NextHop) -> Result<()> {
+        let key = words(*addr);
+        if addr.is_ipv4() {
+            let mut m: HashMap<_, u32, NextHop> = map!(self, HashMap, names::NEIGHBOURS);
+            m.insert(key[0], hop, 0).map_err(map_err(names::NEIGHBOURS))
+        } else {
+            let mut m: HashMap<_, [u32; 4], NextHop> = map!(self, HashMap, names::NEIGHBOURS6);
+            m.insert(key, hop, 0).map_err(map_err(names::NEIGHBOURS6))
+        }
     }
 
     /// Removes a client-side next hop.
-    pub fn remove_neighbour(&mut self, addr: u32) -> Result<()> {
-        let mut m: HashMap<_, u32, NextHop> = map!(self, HashMap, names::NEIGHBOURS);
-        match m.remove(&addr) {
+    pub fn remove_neighbour(&mut self, addr: &IpAddr) -> Result<()> {
+        let key = words(*addr);
+        let removed = if addr.is_ipv4() {
+            let mut m: HashMap<_, u32, NextHop> = map!(self, HashMap, names::NEIGHBOURS);
+            m.remove(&key[0])
+        } else {
+            let mut m: HashMap<_, [u32; 4], NextHop> = map!(self, HashMap, names::NEIGHBOURS6);
+            m.remove(&key)
+        };
+        match removed {
             Err(MapError::KeyNotFound) => Ok(()),
             other => other.map_err(map_err(names::NEIGHBOURS)),
         }
     }
 
-    /// Every client-side next hop.
-    pub fn neighbours(&mut self) -> Result<Vec<(u32, NextHop)>> {
+    /// Every client-side next hop, both families.
+    pub fn neighbours(&mut self) -> Result<Vec<(IpAddr, NextHop)>> {
+        let mut all = Vec::new();
         let m: HashMap<_, u32, NextHop> = map!(self, HashMap, names::NEIGHBOURS);
-        m.iter()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(map_err(names::NEIGHBOURS))
+        for entry in m.iter() {
+            let (k, v) = entry.map_err(map_err(names::NEIGHBOURS))?;
+            all.push((address_of(&[k, 0, 0, 0], FAMILY_IPV4), v));
+        }
+        let m: HashMap<_, [u32; 4], NextHop> = map!(self, HashMap, names::NEIGHBOURS6);
+        for entry in m.iter() {
+            let (k, v) = entry.map_err(map_err(names::NEIGHBOURS6))?;
+            all.push((address_of(&k, FAMILY_IPV6), v));
+        }
+        Ok(all)
     }
 
     /// A backend slot as written.

@@ -10,8 +10,10 @@ use clap::{CommandFactory, Parser};
 use foobar_lb::{
     agent::AgentOptions,
     api::{self, Reply},
-    cli::{BackendCommand, Cli, Command, Output, RunArgs, VipCommand},
+    cli::{BackendCommand, Cli, Command, DecapArgs, Output, RunArgs, VipCommand, XdpModeArg},
+    config::XdpModeSetting,
     daemon::{self, RunOptions},
+    decap::{self, DecapOptions},
     render,
 };
 
@@ -30,6 +32,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     match &cli.command {
         Command::Run(args) => return run(args, &cli),
+        Command::Decap(args) => return run_decap(args),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "foobar-lb", &mut stdout);
             return Ok(());
@@ -106,13 +109,17 @@ mod erased {
     }
 }
 
-fn run(args: &RunArgs, cli: &Cli) -> anyhow::Result<()> {
+fn require_root(command: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
-            "foobar-lb run needs root: it loads BPF programs and attaches them to interfaces; try sudo"
+            "foobar-lb {command} needs root: it loads BPF programs and attaches them to interfaces; try sudo"
         );
     }
+    Ok(())
+}
+
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -120,6 +127,22 @@ fn run(args: &RunArgs, cli: &Cli) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// Until SIGTERM or SIGINT.
+async fn until_stopped() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn run(args: &RunArgs, cli: &Cli) -> anyhow::Result<()> {
+    require_root("run")?;
+    init_logging();
     let options = RunOptions {
         agent: AgentOptions {
             config: args.config.clone(),
@@ -135,17 +158,33 @@ fn run(args: &RunArgs, cli: &Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(async {
-        let shutdown = async {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        };
-        daemon::run(options, shutdown).await
-    })?;
+    runtime.block_on(daemon::run(options, until_stopped()))?;
+    Ok(())
+}
+
+fn run_decap(args: &DecapArgs) -> anyhow::Result<()> {
+    require_root("decap")?;
+    init_logging();
+    let options = DecapOptions {
+        interfaces: args.interfaces.clone(),
+        vips: args.vips.clone(),
+        gue_port: args.gue_port,
+        xdp_mode: match args.xdp_mode {
+            XdpModeArg::Auto => XdpModeSetting::Auto,
+            XdpModeArg::Native => XdpModeSetting::Native,
+            XdpModeArg::Generic => XdpModeSetting::Generic,
+        }
+        .mode(),
+        configure_loopback: !args.no_loopback,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let counters = runtime.block_on(decap::run(options, until_stopped()))?;
+    println!(
+        "{}",
+        serde_json::to_string(&decap::counters_json(&counters))?
+    );
     Ok(())
 }

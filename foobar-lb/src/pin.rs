@@ -14,9 +14,10 @@ use std::{
 
 use aya::maps::MapInfo;
 use foobar_lb_common::{
-    Backend, Counters, Endpoint, FloodWindow, FlowKey, FlowState, Iface, MAX_BACKENDS, MAX_IFINDEX,
-    MAX_NEIGHBOURS, MAX_ROUTES, MAX_TX_PORTS, MAX_VIPS, NextHop, ReplyTarget, Route,
-    SCHEDULE_STRIDE, Settings, TrafficStats, VipAddr, VipInfo, map_names as names,
+    Backend, Counters, Endpoint, FlowKey, FlowKey6, FlowState, Iface, MAX_BACKENDS, MAX_IFINDEX,
+    MAX_NEIGHBOURS, MAX_ROUTES, MAX_TX_PORTS, MAX_VIPS, NatTarget, NextHop, RateWindow,
+    ReplyTarget, Route, SCHEDULE_STRIDE, Settings, TrafficStats, VipAddr, VipInfo,
+    map_names as names,
 };
 
 /// The magic number `statfs` reports for bpffs.
@@ -164,6 +165,22 @@ fn expected_layout(name: &str, flow_capacity: u32) -> (usize, Option<usize>, u32
             Some(size_of::<FlowState>()),
             flow_capacity,
         ),
+        names::FLOWS6 => (
+            size_of::<FlowKey6>(),
+            Some(size_of::<FlowState>()),
+            flow_capacity,
+        ),
+        names::NAT_FLOWS => (
+            size_of::<FlowKey>(),
+            Some(size_of::<NatTarget>()),
+            flow_capacity,
+        ),
+        names::NAT_FLOWS6 => (
+            size_of::<FlowKey6>(),
+            Some(size_of::<NatTarget>()),
+            flow_capacity,
+        ),
+        names::BACKEND_ADDRS => (size_of::<VipAddr>(), Some(4), MAX_BACKENDS),
         names::REPLIES => (
             size_of::<Endpoint>(),
             Some(size_of::<ReplyTarget>()),
@@ -177,9 +194,11 @@ fn expected_layout(name: &str, flow_capacity: u32) -> (usize, Option<usize>, u32
         names::INTERFACES => (4, Some(size_of::<Iface>()), MAX_IFINDEX),
         // The trie's key: prefix length and address.
         names::ROUTES => (8, Some(size_of::<Route>()), MAX_ROUTES),
+        names::ROUTES6 => (20, Some(size_of::<Route>()), MAX_ROUTES),
         names::NEIGHBOURS => (4, Some(size_of::<NextHop>()), MAX_NEIGHBOURS),
+        names::NEIGHBOURS6 => (16, Some(size_of::<NextHop>()), MAX_NEIGHBOURS),
         names::SETTINGS => (4, Some(size_of::<Settings>()), 1),
-        names::FLOOD => (4, Some(size_of::<FloodWindow>()), 1),
+        names::FLOOD | names::ICMP_RATE => (4, Some(size_of::<RateWindow>()), 1),
         _ => unreachable!("map {name} has no expected layout"),
     }
 }

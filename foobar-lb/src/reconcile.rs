@@ -18,18 +18,20 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use foobar_lb_common::{
-    BACKEND_ACTIVE, Backend, Endpoint, Iface, MAX_BACKENDS, MAX_IFINDEX, MAX_VIPS, NextHop,
-    ReplyTarget, Route, SCHED_MAGLEV, SCHED_RR, Settings, VipAddr, VipInfo, hash::flow_hash_v4,
+    BACKEND_ACTIVE, Backend, Endpoint, FAMILY_IPV6, Iface, MAX_BACKENDS, MAX_IFINDEX, MAX_VIPS,
+    NextHop, ReplyTarget, Route, SCHED_MAGLEV, SCHED_RR, Settings, VipAddr, VipInfo,
+    hash::{flow_hash_v4, flow_hash_v6},
 };
+use ipnet::IpNet;
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
-    state::{DesiredState, PlannedVip, Scheduler, StateError},
-    topology::Topology,
+    state::{DesiredState, Forwarding, PlannedVip, Scheduler, StateError, address_of},
+    topology::{Topology, words},
 };
 
 /// Why a change was not applied.
@@ -78,12 +80,14 @@ pub struct MapState {
     pub schedules: BTreeMap<u32, Vec<u32>>,
     /// `VIP_ADDRS`.
     pub vip_addresses: BTreeMap<VipAddr, u32>,
+    /// `BACKEND_ADDRS`: NAT backends' addresses.
+    pub backend_addresses: BTreeMap<VipAddr, u32>,
     /// `INTERFACES`, the ones with a role.
     pub interfaces: BTreeMap<u32, Iface>,
-    /// `ROUTES`: (prefix length, address) → route.
-    pub routes: BTreeMap<(u32, u32), Route>,
-    /// `NEIGHBOURS`.
-    pub neighbours: BTreeMap<u32, NextHop>,
+    /// `ROUTES` and `ROUTES6`.
+    pub routes: BTreeMap<IpNet, Route>,
+    /// `NEIGHBOURS` and `NEIGHBOURS6`.
+    pub neighbours: BTreeMap<IpAddr, NextHop>,
     /// `SETTINGS`.
     pub settings: Settings,
 }
@@ -109,16 +113,18 @@ pub enum Op {
     RemoveVip(Endpoint),
     /// Sets how many VIPs use an address (0 removes it).
     SetVipAddress(VipAddr, u32),
+    /// Sets how many NAT backends use an address (0 removes it).
+    SetBackendAddress(VipAddr, u32),
     /// Writes an interface's entry (`roles` 0: not ours any more).
     SetInterface(u32, Iface),
     /// Writes a client-side route.
-    SetRoute((u32, u32), Route),
+    SetRoute(IpNet, Route),
     /// Removes a client-side route.
-    RemoveRoute((u32, u32)),
+    RemoveRoute(IpNet),
     /// Writes a client-side neighbour.
-    SetNeighbour(u32, NextHop),
+    SetNeighbour(IpAddr, NextHop),
     /// Removes a client-side neighbour.
-    RemoveNeighbour(u32),
+    RemoveNeighbour(IpAddr),
     /// Writes the settings.
     SetSettings(Settings),
 }
@@ -154,6 +160,12 @@ impl MapState {
             Op::SetVipAddress(addr, n) => {
                 self.vip_addresses.insert(*addr, *n);
             }
+            Op::SetBackendAddress(addr, 0) => {
+                self.backend_addresses.remove(addr);
+            }
+            Op::SetBackendAddress(addr, n) => {
+                self.backend_addresses.insert(*addr, *n);
+            }
             Op::SetInterface(index, iface) if iface.roles == 0 => {
                 self.interfaces.remove(index);
             }
@@ -183,10 +195,23 @@ impl MapState {
 
     /// The id of a backend of a VIP.
     pub fn backend_id(&self, vip: &Endpoint, backend: &Endpoint) -> Option<u32> {
-        self.replies
-            .get(backend)
-            .filter(|t| t.vip == *vip)
-            .map(|t| t.backend_id)
+        let vip_id = self.vip_id(vip)?;
+        self.backends
+            .iter()
+            .find(|(_, b)| {
+                b.flags & BACKEND_ACTIVE != 0 && b.vip_id == vip_id && b.endpoint == *backend
+            })
+            .map(|(&id, _)| id)
+    }
+
+    /// Every active backend slot by (VIP, backend endpoint).
+    fn backend_ids(&self) -> BTreeMap<(Endpoint, Endpoint), u32> {
+        let vips: BTreeMap<u32, Endpoint> = self.vips.iter().map(|(ep, v)| (v.id, *ep)).collect();
+        self.backends
+            .iter()
+            .filter(|(_, b)| b.flags & BACKEND_ACTIVE != 0)
+            .filter_map(|(&id, b)| Some(((*vips.get(&b.vip_id)?, b.endpoint), id)))
+            .collect()
     }
 
     /// The next generation of a slot: one more than it ever had.
@@ -202,10 +227,13 @@ impl MapState {
 pub struct Environment {
     /// The interfaces the program runs on, by ifindex.
     pub interfaces: BTreeMap<u32, Iface>,
-    /// The kernel's links, routes and neighbours.
+    /// The kernel's links, addresses, routes and neighbours.
     pub topology: Topology,
     /// The program's knobs.
     pub settings: Settings,
+    /// The prefixes IPIP outer sources are taken from (IPv4, IPv6); none: the
+    /// balancer's own address toward the backend.
+    pub ipip_sources: (Option<IpNet>, Option<IpNet>),
 }
 
 impl Environment {
@@ -234,6 +262,23 @@ impl Environment {
             interfaces,
             topology,
             settings,
+            ipip_sources: (None, None),
+        }
+    }
+
+    /// The source a backend's packets leave with: the balancer's own address toward
+    /// it (full NAT, GUE), or for IPIP the base of the configured prefix.
+    fn source(&self, forwarding: Forwarding, backend: &Endpoint) -> Option<[u32; 4]> {
+        let addr = address_of(&backend.addr, backend.family);
+        let prefix = if backend.family == FAMILY_IPV6 {
+            self.ipip_sources.1
+        } else {
+            self.ipip_sources.0
+        };
+        match (forwarding, prefix) {
+            (Forwarding::Nat, _) => Some([0; 4]),
+            (Forwarding::DsrIpip, Some(prefix)) => Some(words(prefix.network())),
+            _ => self.topology.source_for(addr).map(words),
         }
     }
 }
@@ -285,8 +330,9 @@ pub fn plan(
     // Ids: what stays keeps its id; what comes takes a free one, or, when none is
     // free, one that what goes gives back (it goes first, then).
     let wanted: BTreeSet<Endpoint> = desired.iter().map(|p| p.endpoint).collect();
+    let current_ids = current.backend_ids();
     let kept_backend =
-        |p: &PlannedVip, backend: &Endpoint| current.backend_id(&p.endpoint, backend);
+        |p: &PlannedVip, backend: &Endpoint| current_ids.get(&(p.endpoint, *backend)).copied();
     let mut free_vips: Vec<u32> = (0..MAX_VIPS)
         .filter(|id| !current.vips.values().any(|v| v.id == *id))
         .rev()
@@ -297,7 +343,7 @@ pub fn plan(
         .filter(|(ep, _)| !wanted.contains(ep))
         .map(|(ep, v)| (*ep, v.id))
         .collect();
-    let active: BTreeSet<u32> = current.replies.values().map(|t| t.backend_id).collect();
+    let active: BTreeSet<u32> = current_ids.values().copied().collect();
     let mut free_backends: Vec<u32> = (0..MAX_BACKENDS)
         .filter(|id| !active.contains(id))
         .rev()
@@ -346,23 +392,38 @@ pub fn plan(
     // Make: backends, their reply entries, schedules, then the VIP entries.
     for p in desired {
         let vip_id = vip_ids[&p.endpoint];
+        let forwarding = p.spec.forwarding;
         let mut ids = Vec::with_capacity(p.backends.len());
-        for backend in &p.backends {
+        for (i, backend) in p.backends.iter().enumerate() {
             let id = backend_ids[&(p.endpoint, *backend)];
             ids.push(id);
-            let next_hop = Ipv4Addr::from(backend.addr[0].to_ne_bytes());
-            let next_hop = env.topology.next_hop(next_hop).unwrap_or_default();
+            let addr = address_of(&backend.addr, backend.family);
+            let next_hop = env.topology.next_hop(addr).unwrap_or_default();
+            let Some(source) = env.source(forwarding, backend) else {
+                return Err(refuse(
+                    &format!("vips[{}].backends[{i}]", p.spec.name),
+                    format!(
+                        "no address of this machine routes to {addr}, which {} needs as its source",
+                        forwarding.name()
+                    ),
+                ));
+            };
             let written = b.sim.backends.get(&id).copied();
             let kept = kept_backend(p, backend).is_some();
+            // A flow keeps its backend only while the way there stays the same.
+            let same_way =
+                written.is_some_and(|w| w.forwarding == forwarding.code() && w.source == source);
             let slot = Backend {
                 endpoint: *backend,
                 flags: BACKEND_ACTIVE,
-                generation: match (kept, written) {
-                    (true, Some(w)) => w.generation,
+                generation: match written {
+                    Some(w) if kept && same_way => w.generation,
                     _ => b.sim.next_generation(id),
                 },
                 vip_id,
+                forwarding: forwarding.code(),
                 next_hop,
+                source,
             };
             if !kept {
                 b.push(Op::FreshBackendId(id));
@@ -373,13 +434,17 @@ pub fn plan(
             if written != Some(slot) {
                 b.push(Op::SetBackend(id, slot));
             }
-            let target = ReplyTarget {
-                vip: p.endpoint,
-                vip_id,
-                backend_id: id,
-            };
-            if b.sim.replies.get(backend) != Some(&target) {
-                b.push(Op::SetReply(*backend, target));
+            // DSR backends answer clients themselves: no replies to map back.
+            if !forwarding.is_dsr() {
+                let target = ReplyTarget {
+                    vip: p.endpoint,
+                    vip_id,
+                    backend_id: id,
+                    forwarding: forwarding.code(),
+                };
+                if b.sim.replies.get(backend) != Some(&target) {
+                    b.push(Op::SetReply(*backend, target));
+                }
             }
         }
         let schedule: Vec<u32> = p.schedule.iter().map(|&i| ids[i as usize]).collect();
@@ -405,7 +470,7 @@ pub fn plan(
                 Scheduler::Rr => SCHED_RR,
                 Scheduler::Maglev => SCHED_MAGLEV,
             },
-            flags: 0,
+            forwarding: forwarding.code(),
         };
         if b.sim.vips.get(&p.endpoint) != Some(&info) {
             b.push(Op::SetVip(p.endpoint, info));
@@ -419,7 +484,11 @@ pub fn plan(
     for id in leaving_backends {
         b.retire_backend(id);
     }
-    let target_endpoints: BTreeSet<Endpoint> = backend_ids.keys().map(|(_, be)| *be).collect();
+    let target_endpoints: BTreeSet<Endpoint> = desired
+        .iter()
+        .filter(|p| !p.spec.forwarding.is_dsr())
+        .flat_map(|p| p.backends.iter().copied())
+        .collect();
     let stale_replies: Vec<Endpoint> = b
         .sim
         .replies
@@ -461,6 +530,31 @@ pub fn plan(
             b.push(Op::SetVipAddress(addr, n));
         }
     }
+    // The addresses of NAT backends (fragments from them are dropped, not leaked).
+    let mut uses: BTreeMap<VipAddr, u32> = BTreeMap::new();
+    for p in desired
+        .iter()
+        .filter(|p| p.spec.forwarding == Forwarding::Nat)
+    {
+        for backend in &p.backends {
+            *uses.entry(VipAddr { addr: backend.addr }).or_default() += 1;
+        }
+    }
+    let gone: Vec<VipAddr> = b
+        .sim
+        .backend_addresses
+        .keys()
+        .filter(|a| !uses.contains_key(a))
+        .copied()
+        .collect();
+    for addr in gone {
+        b.push(Op::SetBackendAddress(addr, 0));
+    }
+    for (addr, n) in uses {
+        if b.sim.backend_addresses.get(&addr) != Some(&n) {
+            b.push(Op::SetBackendAddress(addr, n));
+        }
+    }
 
     // Where the program runs, the client side's next hops, the knobs.
     for (&index, iface) in &env.interfaces {
@@ -486,7 +580,7 @@ pub fn plan(
         .collect();
     let (routes, neighbours) = env.topology.client_side(&client_side);
     let before = b.plan.ops.len();
-    let stale: Vec<(u32, u32)> = b
+    let stale: Vec<IpNet> = b
         .sim
         .routes
         .keys()
@@ -501,7 +595,7 @@ pub fn plan(
             b.push(Op::SetRoute(key, route));
         }
     }
-    let stale: Vec<u32> = b
+    let stale: Vec<IpAddr> = b
         .sim
         .neighbours
         .keys()
@@ -622,10 +716,10 @@ impl Balancer {
         let mut plans = BTreeMap::new();
         for (endpoint, info) in &state.vips {
             let mut backends: Vec<(u32, Endpoint)> = state
-                .replies
+                .backends
                 .iter()
-                .filter(|(_, t)| t.vip_id == info.id && t.vip == *endpoint)
-                .map(|(b, t)| (t.backend_id, *b))
+                .filter(|(_, b)| b.flags & BACKEND_ACTIVE != 0 && b.vip_id == info.id)
+                .map(|(&id, b)| (id, b.endpoint))
                 .collect();
             backends.sort();
             let scheduler = if info.scheduler == SCHED_MAGLEV {
@@ -633,9 +727,10 @@ impl Balancer {
             } else {
                 Scheduler::Rr
             };
+            let forwarding = Forwarding::from_code(info.forwarding);
             plans.insert(
                 *endpoint,
-                PlannedVip::adopted(*endpoint, scheduler, &backends),
+                PlannedVip::adopted(*endpoint, scheduler, forwarding, &backends),
             );
         }
         Ok(Self {
@@ -751,11 +846,12 @@ impl Balancer {
             Op::SetVip(ep, info) => dp.set_vip(ep, info),
             Op::RemoveVip(ep) => dp.remove_vip(ep),
             Op::SetVipAddress(addr, n) => dp.set_vip_address_uses(addr, *n),
+            Op::SetBackendAddress(addr, n) => dp.set_backend_address_uses(addr, *n),
             Op::SetInterface(index, iface) => dp.set_interface(*index, iface),
-            Op::SetRoute((len, addr), route) => dp.set_route(*len, *addr, route),
-            Op::RemoveRoute((len, addr)) => dp.remove_route(*len, *addr),
-            Op::SetNeighbour(addr, hop) => dp.set_neighbour(*addr, hop),
-            Op::RemoveNeighbour(addr) => dp.remove_neighbour(*addr),
+            Op::SetRoute(prefix, route) => dp.set_route(prefix, route),
+            Op::RemoveRoute(prefix) => dp.remove_route(prefix),
+            Op::SetNeighbour(addr, hop) => dp.set_neighbour(addr, hop),
+            Op::RemoveNeighbour(addr) => dp.remove_neighbour(addr),
             Op::SetSettings(settings) => dp.set_settings(settings),
         }
     }
@@ -791,7 +887,7 @@ impl Balancer {
     pub fn explain(
         &mut self,
         vip: &Endpoint,
-        client: Ipv4Addr,
+        client: IpAddr,
         client_port: u16,
     ) -> Result<Option<Endpoint>, DataplaneError> {
         let Some(applied) = self.vip(vip) else {
@@ -803,8 +899,19 @@ impl Balancer {
         }
         let slot = match applied.plan.spec.scheduler {
             Scheduler::Maglev => {
-                let src = u32::from_ne_bytes(client.octets());
-                flow_hash_v4(src, vip.addr[0], client_port.to_be(), vip.port, vip.proto) % len
+                let src = words(client);
+                let hash = if vip.family == FAMILY_IPV6 {
+                    flow_hash_v6(src, vip.addr, client_port.to_be(), vip.port, vip.proto)
+                } else {
+                    flow_hash_v4(
+                        src[0],
+                        vip.addr[0],
+                        client_port.to_be(),
+                        vip.port,
+                        vip.proto,
+                    )
+                };
+                hash % len
             }
             // The next ring slot is wherever the shared cursor stands now.
             Scheduler::Rr => self.dataplane.rr_cursor(applied.id)? % len,
@@ -821,15 +928,16 @@ mod tests {
     fn vip(n: u8, backends: &[u8]) -> VipSpec {
         VipSpec {
             name: format!("v{n}"),
-            address: Ipv4Addr::new(10, 0, 0, n).into(),
+            address: std::net::Ipv4Addr::new(10, 0, 0, n).into(),
             port: 80,
             protocol: Protocol::Tcp,
             scheduler: Scheduler::Rr,
+            forwarding: Forwarding::Nat,
             maglev_table_size: crate::schedule::DEFAULT_MAGLEV_SIZE,
             backends: backends
                 .iter()
                 .map(|&b| BackendSpec {
-                    address: Ipv4Addr::new(10, 1, n, b).into(),
+                    address: std::net::Ipv4Addr::new(10, 1, n, b).into(),
                     port: 8080,
                     weight: 1,
                 })

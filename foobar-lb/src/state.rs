@@ -3,7 +3,10 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use foobar_lb_common::{Endpoint, MAX_BACKENDS, MAX_VIPS, PROTO_TCP, PROTO_UDP};
+use foobar_lb_common::{
+    Endpoint, FAMILY_IPV6, FORWARD_DSR_GUE, FORWARD_DSR_IPIP, FORWARD_FULLNAT, FORWARD_NAT,
+    MAX_BACKENDS, MAX_VIPS, PROTO_TCP, PROTO_UDP,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -49,6 +52,62 @@ pub enum Scheduler {
     Maglev,
 }
 
+/// How a VIP's packets reach its backends, and its backends' replies the clients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Forwarding {
+    /// The destination becomes the backend; replies must route back through the
+    /// balancer, which restores the VIP (LVS-NAT).
+    #[default]
+    Nat,
+    /// Both addresses are rewritten, the source to the balancer's own: replies come
+    /// back to it whatever the backends' routes (works for clients on the backends'
+    /// own network).
+    Fullnat,
+    /// Direct server return in IPIP (IPv6 in IPv6): the backend decapsulates
+    /// (`foobar-lb decap`) and answers the client itself.
+    DsrIpip,
+    /// Direct server return in GUE (UDP).
+    DsrGue,
+}
+
+impl Forwarding {
+    /// The data plane's constant.
+    pub const fn code(self) -> u32 {
+        match self {
+            Forwarding::Nat => FORWARD_NAT,
+            Forwarding::Fullnat => FORWARD_FULLNAT,
+            Forwarding::DsrIpip => FORWARD_DSR_IPIP,
+            Forwarding::DsrGue => FORWARD_DSR_GUE,
+        }
+    }
+
+    /// From the data plane's constant (a VIP read back from pinned maps).
+    pub const fn from_code(code: u32) -> Self {
+        match code {
+            FORWARD_FULLNAT => Forwarding::Fullnat,
+            FORWARD_DSR_IPIP => Forwarding::DsrIpip,
+            FORWARD_DSR_GUE => Forwarding::DsrGue,
+            _ => Forwarding::Nat,
+        }
+    }
+
+    /// Whether backends answer clients directly (the balancer sees no replies).
+    pub const fn is_dsr(self) -> bool {
+        matches!(self, Forwarding::DsrIpip | Forwarding::DsrGue)
+    }
+
+    /// The name used in the config file and status.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Forwarding::Nat => "nat",
+            Forwarding::Fullnat => "fullnat",
+            Forwarding::DsrIpip => "dsr-ipip",
+            Forwarding::DsrGue => "dsr-gue",
+        }
+    }
+}
+
 /// A backend of a VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +145,9 @@ pub struct VipSpec {
     /// `rr` or `maglev`.
     #[serde(default)]
     pub scheduler: Scheduler,
+    /// `nat`, `fullnat`, `dsr-ipip` or `dsr-gue`.
+    #[serde(default)]
+    pub forwarding: Forwarding,
     /// Maglev table size, a prime; ignored for `rr`.
     #[serde(default = "default_table_size")]
     pub maglev_table_size: u32,
@@ -142,14 +204,20 @@ pub struct PlannedVip {
 impl PlannedVip {
     /// A stand-in plan for a VIP read back from pinned maps: enough to diff against
     /// (endpoints, scheduler); weights and name are unknown until the next apply.
-    pub fn adopted(endpoint: Endpoint, scheduler: Scheduler, backends: &[(u32, Endpoint)]) -> Self {
+    pub fn adopted(
+        endpoint: Endpoint,
+        scheduler: Scheduler,
+        forwarding: Forwarding,
+        backends: &[(u32, Endpoint)],
+    ) -> Self {
         let (address, port, protocol) = socket_of(&endpoint);
         let spec = VipSpec {
-            name: format!("{address}:{port}"),
+            name: format!("{}", std::net::SocketAddr::new(address, port)),
             address,
             port,
             protocol,
             scheduler,
+            forwarding,
             maglev_table_size: DEFAULT_MAGLEV_SIZE,
             backends: backends
                 .iter()
@@ -174,9 +242,22 @@ impl PlannedVip {
     }
 }
 
-/// The address, port and protocol of a data-plane endpoint (IPv4).
+/// The address of a data-plane endpoint's four network-order words.
+pub fn address_of(words: &[u32; 4], family: u8) -> IpAddr {
+    if family == FAMILY_IPV6 {
+        let mut octets = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            octets[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(octets)
+    } else {
+        IpAddr::from(words[0].to_ne_bytes())
+    }
+}
+
+/// The address, port and protocol of a data-plane endpoint.
 pub fn socket_of(endpoint: &Endpoint) -> (IpAddr, u16, Protocol) {
-    let address = IpAddr::from(std::net::Ipv4Addr::from(endpoint.addr[0].to_ne_bytes()));
+    let address = address_of(&endpoint.addr, endpoint.family);
     let protocol = if endpoint.proto == PROTO_UDP {
         Protocol::Udp
     } else {
@@ -185,15 +266,12 @@ pub fn socket_of(endpoint: &Endpoint) -> (IpAddr, u16, Protocol) {
     (address, u16::from_be(endpoint.port), protocol)
 }
 
-/// Converts an address and port to the data plane's form; IPv6 is refused for now.
-pub fn endpoint(address: IpAddr, port: u16, protocol: Protocol) -> Result<Endpoint, &'static str> {
+/// Converts an address and port to the data plane's form.
+pub fn endpoint(address: IpAddr, port: u16, protocol: Protocol) -> Endpoint {
+    let words = crate::topology::words(address);
     match address {
-        IpAddr::V4(v4) => Ok(Endpoint::ipv4(
-            u32::from_ne_bytes(v4.octets()),
-            port.to_be(),
-            protocol.number(),
-        )),
-        IpAddr::V6(_) => Err("IPv6 is not supported by the data plane yet"),
+        IpAddr::V4(_) => Endpoint::ipv4(words[0], port.to_be(), protocol.number()),
+        IpAddr::V6(_) => Endpoint::ipv6(words, port.to_be(), protocol.number()),
     }
 }
 
@@ -207,13 +285,13 @@ fn checked_endpoint(
     if port == 0 {
         return Err(invalid(format!("{at}.port"), "must be 1-65535"));
     }
-    if address.is_unspecified() || address.is_multicast() {
+    if address.is_unspecified() || address.is_multicast() || address.is_loopback() {
         return Err(invalid(
             format!("{at}.address"),
-            "must be a unicast address",
+            "must be a unicast address of the network",
         ));
     }
-    endpoint(address, port, protocol).map_err(|m| invalid(format!("{at}.address"), m))
+    Ok(endpoint(address, port, protocol))
 }
 
 impl DesiredState {
@@ -273,6 +351,30 @@ impl DesiredState {
                 if ep == vip_ep {
                     return Err(invalid(at, "a backend cannot be its own VIP"));
                 }
+                if backend.address.is_ipv4() != vip.address.is_ipv4() {
+                    return Err(invalid(
+                        format!("{at}.address"),
+                        "must be of the VIP's address family",
+                    ));
+                }
+                if vip.forwarding.is_dsr() {
+                    // The packet reaches the backend as the client sent it.
+                    if backend.port != vip.port {
+                        return Err(invalid(
+                            format!("{at}.port"),
+                            format!(
+                                "{} forwards without changing the port: must be the VIP's port {}",
+                                vip.forwarding.name(),
+                                vip.port
+                            ),
+                        ));
+                    }
+                    weighted.push(Weighted {
+                        endpoint: ep,
+                        weight: backend.weight,
+                    });
+                    continue;
+                }
                 // Replies are mapped back to their VIP by the backend endpoint alone.
                 if let Some(other) = backends_seen.insert(ep, at.clone()) {
                     return Err(invalid(
@@ -329,6 +431,7 @@ mod tests {
             port: 80,
             protocol: Protocol::Tcp,
             scheduler: Scheduler::Rr,
+            forwarding: Forwarding::Nat,
             maglev_table_size: DEFAULT_MAGLEV_SIZE,
             backends: backends
                 .iter()
@@ -373,7 +476,14 @@ mod tests {
         s.vips[0].backends[0].port = 80;
         s.vips[0].address = "::1".parse().unwrap();
         assert_eq!(field_of(s.clone()), "vips[0].address");
+        s.vips[0].address = "fd00::100".parse().unwrap();
+        assert_eq!(field_of(s.clone()), "vips[0].backends[0].address");
         s.vips[0].address = "10.0.0.100".parse().unwrap();
+        s.vips[0].forwarding = Forwarding::DsrIpip;
+        s.vips[0].backends[0].port = 81;
+        assert_eq!(field_of(s.clone()), "vips[0].backends[0].port");
+        s.vips[0].backends[0].port = 80;
+        s.vips[0].forwarding = Forwarding::Nat;
         s.vips[0].scheduler = Scheduler::Maglev;
         s.vips[0].maglev_table_size = 1000;
         assert_eq!(field_of(s.clone()), "vips[0].maglev_table_size");
@@ -402,7 +512,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(state.vips[0].scheduler, Scheduler::Rr);
+        assert_eq!(state.vips[0].forwarding, Forwarding::Nat);
         assert_eq!(state.vips[0].backends[0].weight, 1);
+        let dsr: DesiredState = toml::from_str(
+            "[[vips]]\nname='x'\naddress='fd00::100'\nport=80\nforwarding='dsr-gue'\n\
+             backends=[{ address = 'fd00:1::11', port = 80 }]",
+        )
+        .unwrap();
+        assert_eq!(dsr.vips[0].forwarding, Forwarding::DsrGue);
+        let plan = dsr.plan().unwrap();
+        assert_eq!(plan[0].endpoint.family, FAMILY_IPV6);
+        assert_eq!(
+            socket_of(&plan[0].backends[0]).0,
+            "fd00:1::11".parse::<IpAddr>().unwrap()
+        );
         assert!(
             toml::from_str::<DesiredState>(
                 "[[vips]]\nname='x'\naddress='1.2.3.4'\nport=1\ncolour='red'"

@@ -1,10 +1,12 @@
-//! Where packets go, as the kernel knows it: links, routes (the main and local
-//! tables) and neighbours, read over rtnetlink, and what the data plane needs of
-//! them, so that it does not have to ask the kernel's FIB for every packet:
-//! - each backend's next hop (egress, both MACs, MTU), written into its slot;
-//! - the client side's routes and neighbours, written into the `ROUTES` trie and the
-//!   `NEIGHBOURS` map, so a reply finds its next hop with two lookups, and one
-//!   neighbour entry serves every client behind a gateway.
+//! Where packets go, as the kernel knows it: links, addresses, routes (the main and
+//! local tables) and neighbours (ARP and IPv6 neighbour discovery), read over
+//! rtnetlink for both families, and what the data plane needs of them, so that it
+//! does not have to ask the kernel's FIB for every packet:
+//! - each backend's next hop (egress, both MACs, MTU), written into its slot, and
+//!   the balancer's own address toward it (full NAT's and GUE's source);
+//! - the client side's routes and neighbours, written into the `ROUTES`/`ROUTES6`
+//!   tries and the `NEIGHBOURS`/`NEIGHBOURS6` maps, so a reply finds its next hop with
+//!   two lookups, and one neighbour entry serves every client behind a gateway.
 //!
 //! The reading is whole and cheap (a few dumps); [`watch`] re-reads after every
 //! link, address, route or neighbour change the kernel announces. Destinations the
@@ -15,7 +17,7 @@
 use std::{
     collections::BTreeMap,
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
@@ -23,8 +25,9 @@ use foobar_lb_common::{
     NEXT_HOP_VALID, NextHop, ROUTE_GATEWAY, ROUTE_KERNEL, ROUTE_LINK, ROUTE_LOCAL, Route,
 };
 use futures_util::{StreamExt, TryStreamExt};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use rtnetlink::packet_route::{
+    address::{AddressAttribute, AddressHeaderFlags, AddressScope},
     link::{LinkAttribute, LinkFlags},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteType},
@@ -52,7 +55,7 @@ pub enum Via {
     /// On the link of `oif`.
     Link,
     /// Through a gateway.
-    Gateway(Ipv4Addr),
+    Gateway(IpAddr),
     /// Something only the kernel does (blackhole, unreachable, multipath...).
     Kernel,
 }
@@ -61,13 +64,15 @@ pub enum Via {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteEntry {
     /// The destination prefix.
-    pub dst: Ipv4Net,
+    pub dst: IpNet,
     /// The egress interface, if any.
     pub oif: Option<u32>,
     /// What it does.
     pub via: Via,
     /// Lower wins among routes of the same prefix.
     pub metric: u32,
+    /// The source address the kernel prefers for it, if the route names one.
+    pub prefsrc: Option<IpAddr>,
 }
 
 /// The kernel's view, read at one moment.
@@ -75,10 +80,12 @@ pub struct RouteEntry {
 pub struct Topology {
     /// Interfaces by index.
     pub links: BTreeMap<u32, Link>,
-    /// Routes of the main and local tables.
+    /// Each interface's addresses (global scope, usable: not tentative).
+    pub addresses: BTreeMap<u32, Vec<IpAddr>>,
+    /// Routes of the main and local tables, both families.
     pub routes: Vec<RouteEntry>,
     /// Resolved neighbours: (interface, address) → MAC.
-    pub neighbours: BTreeMap<(u32, Ipv4Addr), [u8; 6]>,
+    pub neighbours: BTreeMap<(u32, IpAddr), [u8; 6]>,
 }
 
 /// The main and local routing tables.
@@ -137,22 +144,53 @@ impl Topology {
             );
         }
 
-        let mut routes = handle
+        let mut addresses = handle.address().get().execute();
+        while let Some(address) = addresses.try_next().await.map_err(io::Error::other)? {
+            let header = &address.header;
+            if header.scope != AddressScope::Universe
+                || header
+                    .flags
+                    .intersects(AddressHeaderFlags::Tentative | AddressHeaderFlags::Dadfailed)
+            {
+                continue;
+            }
+            // IPv4's own address is IFA_LOCAL (IFA_ADDRESS is the peer's on a
+            // point-to-point link); IPv6 has only IFA_ADDRESS.
+            let (mut local, mut addr) = (None, None);
+            for attribute in &address.attributes {
+                match attribute {
+                    AddressAttribute::Local(a) => local = Some(*a),
+                    AddressAttribute::Address(a) => addr = Some(*a),
+                    _ => {}
+                }
+            }
+            if let Some(a) = local.or(addr) {
+                topology.addresses.entry(header.index).or_default().push(a);
+            }
+        }
+
+        let v4 = handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute();
+        let v6 = handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute();
+        let mut routes = v4.chain(v6);
         while let Some(route) = routes.try_next().await.map_err(io::Error::other)? {
             let mut table = route.header.table as u32;
-            let (mut dst, mut oif, mut gateway, mut metric, mut multipath) =
-                (Ipv4Addr::UNSPECIFIED, None, None, 0, false);
+            let (mut dst, mut oif, mut gateway, mut metric, mut multipath, mut prefsrc) =
+                (None, None, None, 0, false, None);
             for attribute in &route.attributes {
                 match attribute {
                     RouteAttribute::Table(t) => table = *t,
-                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+                    RouteAttribute::Destination(a) => dst = ip_of(a),
                     RouteAttribute::Oif(i) => oif = Some(*i),
-                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+                    RouteAttribute::Gateway(g) => gateway = ip_of(g),
                     RouteAttribute::Priority(p) => metric = *p,
                     RouteAttribute::MultiPath(_) => multipath = true,
+                    RouteAttribute::PrefSource(a) => prefsrc = ip_of(a),
                     _ => {}
                 }
             }
@@ -170,7 +208,16 @@ impl Topology {
                 },
                 _ => Via::Kernel,
             };
-            let Ok(dst) = Ipv4Net::new(dst, route.header.destination_prefix_length) else {
+            let ipv6 = matches!(
+                route.header.address_family,
+                rtnetlink::packet_route::AddressFamily::Inet6
+            );
+            let dst = dst.unwrap_or(if ipv6 {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            });
+            let Ok(dst) = IpNet::new(dst, route.header.destination_prefix_length) else {
                 continue;
             };
             topology.routes.push(RouteEntry {
@@ -178,6 +225,7 @@ impl Topology {
                 oif,
                 via,
                 metric,
+                prefsrc,
             });
         }
 
@@ -198,7 +246,12 @@ impl Topology {
             let (mut addr, mut mac) = (None, None);
             for attribute in &neighbour.attributes {
                 match attribute {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(*a),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                        addr = Some(IpAddr::V4(*a))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                        addr = Some(IpAddr::V6(*a))
+                    }
                     NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                         mac = Some([l[0], l[1], l[2], l[3], l[4], l[5]])
                     }
@@ -216,11 +269,12 @@ impl Topology {
 
     /// The route the kernel's main table (or local table) picks for `dst`: longest
     /// prefix, then lowest metric; local addresses first, as the kernel's rules do.
-    pub fn route(&self, dst: Ipv4Addr) -> Option<&RouteEntry> {
+    pub fn route(&self, dst: IpAddr) -> Option<&RouteEntry> {
+        let full = if dst.is_ipv4() { 32 } else { 128 };
         let local = self
             .routes
             .iter()
-            .find(|r| r.via == Via::Local && r.dst.contains(&dst) && r.dst.prefix_len() == 32);
+            .find(|r| r.via == Via::Local && r.dst.contains(&dst) && r.dst.prefix_len() == full);
         local.or_else(|| {
             self.routes
                 .iter()
@@ -232,7 +286,7 @@ impl Topology {
     /// The next hop of a packet to `dst`, if the kernel's tables resolve it fully: a
     /// route through an interface with a resolved neighbour. `None` leaves it to the
     /// FIB (local, unroutable, unresolved, or something only the kernel does).
-    pub fn next_hop(&self, dst: Ipv4Addr) -> Option<NextHop> {
+    pub fn next_hop(&self, dst: IpAddr) -> Option<NextHop> {
         let route = self.route(dst)?;
         let neighbour = match route.via {
             Via::Link => dst,
@@ -242,8 +296,25 @@ impl Topology {
         self.hop(route.oif?, neighbour)
     }
 
+    /// The address this machine sends from toward `dst`, as the kernel picks it: the
+    /// route's preferred source, else the egress interface's first address of the
+    /// family, else any interface's.
+    pub fn source_for(&self, dst: IpAddr) -> Option<IpAddr> {
+        let route = self.route(dst)?;
+        if let Some(src) = route.prefsrc {
+            return Some(src);
+        }
+        let same_family = |a: &&IpAddr| a.is_ipv4() == dst.is_ipv4();
+        route
+            .oif
+            .and_then(|oif| self.addresses.get(&oif))
+            .and_then(|list| list.iter().find(same_family))
+            .or_else(|| self.addresses.values().flatten().find(same_family))
+            .copied()
+    }
+
     /// The next hop through `oif` to neighbour `addr`, if resolved.
-    fn hop(&self, oif: u32, addr: Ipv4Addr) -> Option<NextHop> {
+    fn hop(&self, oif: u32, addr: IpAddr) -> Option<NextHop> {
         let link = self.links.get(&oif)?;
         let dmac = *self.neighbours.get(&(oif, addr))?;
         Some(NextHop {
@@ -255,37 +326,34 @@ impl Topology {
         })
     }
 
-    /// What the data plane mirrors of the client side: every route (prefix length and
-    /// address in network order → route) and the neighbours on `interfaces` (address
-    /// in network order → next hop).
+    /// What the data plane mirrors of the client side: every route (prefix → route)
+    /// and the neighbours on `interfaces` (address → next hop), both families.
     pub fn client_side(
         &self,
         interfaces: &[u32],
-    ) -> (BTreeMap<(u32, u32), Route>, BTreeMap<u32, NextHop>) {
+    ) -> (BTreeMap<IpNet, Route>, BTreeMap<IpAddr, NextHop>) {
         let mut routes = BTreeMap::new();
-        let mut best_metric: BTreeMap<(u32, u32), u32> = BTreeMap::new();
+        let mut best_metric: BTreeMap<IpNet, u32> = BTreeMap::new();
         for route in &self.routes {
-            let key = (
-                route.dst.prefix_len() as u32,
-                u32::from_ne_bytes(route.dst.addr().octets()),
-            );
+            let key = route.dst;
+            let full = route.dst.prefix_len() == route.dst.max_prefix_len();
             let value = match route.via {
-                Via::Local if route.dst.prefix_len() == 32 => Route {
+                Via::Local if full => Route {
                     kind: ROUTE_LOCAL,
-                    gateway: 0,
+                    gateway: [0; 4],
                 },
                 Via::Local => continue,
                 Via::Link => Route {
                     kind: ROUTE_LINK,
-                    gateway: 0,
+                    gateway: [0; 4],
                 },
                 Via::Gateway(g) => Route {
                     kind: ROUTE_GATEWAY,
-                    gateway: u32::from_ne_bytes(g.octets()),
+                    gateway: words(g),
                 },
                 Via::Kernel => Route {
                     kind: ROUTE_KERNEL,
-                    gateway: 0,
+                    gateway: [0; 4],
                 },
             };
             // Local routes win over others of the same prefix, then the lowest metric.
@@ -303,11 +371,30 @@ impl Topology {
             .neighbours
             .keys()
             .filter(|(oif, _)| interfaces.contains(oif))
-            .filter_map(|&(oif, addr)| {
-                Some((u32::from_ne_bytes(addr.octets()), self.hop(oif, addr)?))
-            })
+            .filter_map(|&(oif, addr)| Some((addr, self.hop(oif, addr)?)))
             .collect();
         (routes, neighbours)
+    }
+}
+
+/// An address as the data plane keeps it: four network-order words, IPv4 in word 0.
+pub fn words(addr: IpAddr) -> [u32; 4] {
+    match addr {
+        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            std::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        }
+    }
+}
+
+fn ip_of(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
     }
 }
 
@@ -322,6 +409,8 @@ pub async fn watch(
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
         MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Ifaddr,
+        MulticastGroup::Ipv6Route,
         MulticastGroup::Neigh,
     ];
     let (connection, handle, mut messages) = rtnetlink::new_multicast_connection(&groups)?;
@@ -346,14 +435,6 @@ pub async fn watch(
     .await;
     task.abort();
     result
-}
-
-/// An IPv4 address of an [`IpAddr`], for callers that have one.
-pub fn ipv4(addr: IpAddr) -> Option<Ipv4Addr> {
-    match addr {
-        IpAddr::V4(v4) => Some(v4),
-        IpAddr::V6(_) => None,
-    }
 }
 
 #[cfg(test)]
@@ -385,6 +466,7 @@ mod tests {
             oif: Some(oif),
             via,
             metric,
+            prefsrc: None,
         };
         t.routes = vec![
             route(
@@ -403,11 +485,19 @@ mod tests {
             route("10.1.0.0/24", 3, Via::Link, 0),
             route("10.1.0.1/32", 3, Via::Local, 0),
             route("10.9.0.0/16", 2, Via::Kernel, 0),
+            route("fd00:1::/64", 3, Via::Link, 256),
+            route("::/0", 2, Via::Gateway("fd00::fe".parse().unwrap()), 1024),
         ];
         t.neighbours
             .insert((2, "10.0.0.254".parse().unwrap()), [0xaa; 6]);
         t.neighbours
             .insert((3, "10.1.0.11".parse().unwrap()), [0xbb; 6]);
+        t.neighbours
+            .insert((3, "fd00:1::11".parse().unwrap()), [0xcc; 6]);
+        t.addresses.insert(
+            3,
+            vec!["10.1.0.1".parse().unwrap(), "fd00:1::1".parse().unwrap()],
+        );
         t
     }
 
@@ -429,22 +519,35 @@ mod tests {
             None,
             "the kernel's"
         );
+        let hop = t.next_hop("fd00:1::11".parse().unwrap()).unwrap();
+        assert_eq!((hop.ifindex, hop.dmac), (3, [0xcc; 6]));
+    }
+
+    #[test]
+    fn picks_the_source_address_of_the_egress_interface_and_family() {
+        let t = topology();
+        assert_eq!(
+            t.source_for("10.1.0.11".parse().unwrap()),
+            Some("10.1.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            t.source_for("fd00:1::11".parse().unwrap()),
+            Some("fd00:1::1".parse().unwrap())
+        );
     }
 
     #[test]
     fn mirrors_the_client_side() {
         let t = topology();
         let (routes, neighbours) = t.client_side(&[2]);
-        let key = |net: &str| {
-            let net: Ipv4Net = net.parse().unwrap();
-            (
-                net.prefix_len() as u32,
-                u32::from_ne_bytes(net.addr().octets()),
-            )
-        };
+        let key = |net: &str| net.parse::<IpNet>().unwrap();
         assert_eq!(
             routes[&key("0.0.0.0/0")].gateway,
-            u32::from_ne_bytes([10, 1, 0, 254])
+            [u32::from_ne_bytes([10, 1, 0, 254]), 0, 0, 0]
+        );
+        assert_eq!(
+            routes[&key("::/0")].gateway,
+            words("fd00::fe".parse().unwrap())
         );
         assert_eq!(routes[&key("10.0.0.0/24")].kind, ROUTE_LINK);
         assert_eq!(routes[&key("10.1.0.1/32")].kind, ROUTE_LOCAL);
@@ -452,7 +555,7 @@ mod tests {
         // Only neighbours on the client-side interfaces.
         assert_eq!(neighbours.len(), 1);
         assert_eq!(
-            neighbours[&u32::from_ne_bytes([10, 0, 0, 254])].dmac,
+            neighbours[&"10.0.0.254".parse::<IpAddr>().unwrap()].dmac,
             [0xaa; 6]
         );
     }

@@ -2,13 +2,13 @@
 //! backend-side veth whose routes and neighbour entries make `bpf_fib_lookup`
 //! answer as on a real two-armed balancer; packets go in through test_run.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use foobar_lb::{
     dataplane::{Dataplane, LoadOptions},
     reconcile::{Balancer, Environment},
-    state::{BackendSpec, DesiredState, Protocol, Scheduler, VipSpec},
+    state::{BackendSpec, DesiredState, Forwarding, Protocol, Scheduler, VipSpec},
     topology::Topology,
 };
 use foobar_lb_common::{Counters, ROLE_BACKEND, ROLE_CLIENT, Reason, Settings, reason::xdp_action};
@@ -47,6 +47,74 @@ pub const SAME_SIDE_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
 pub const OFF_MAP_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5);
 /// The backends' port.
 pub const BACKEND_PORT: u16 = 8080;
+/// The balancer's own address on the backend side (full NAT's and GUE's source).
+pub const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+
+/// The client, IPv6.
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+/// A host behind a router on the client side, IPv6 (routed via `CLIENT6`).
+pub const REMOTE_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 9);
+/// The VIP of IPv6 setups.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+/// The balancer's own IPv6 address on the backend side.
+pub const LB_BACKEND_SIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+/// Backend addresses fd00:1::11 .., each with a neighbour entry (the MACs of
+/// [`backend_mac`]).
+pub fn backend_addr6(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x11 + i as u16)
+}
+
+/// An address family of a test setup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The client.
+    pub fn client(self) -> IpAddr {
+        match self {
+            Family::V4 => CLIENT.into(),
+            Family::V6 => CLIENT6.into(),
+        }
+    }
+    /// A host behind the client-side router.
+    pub fn remote_client(self) -> IpAddr {
+        match self {
+            Family::V4 => REMOTE_CLIENT.into(),
+            Family::V6 => REMOTE_CLIENT6.into(),
+        }
+    }
+    /// The VIP.
+    pub fn vip(self) -> IpAddr {
+        match self {
+            Family::V4 => VIP.into(),
+            Family::V6 => VIP6.into(),
+        }
+    }
+    /// Backend `i`.
+    pub fn backend(self, i: u8) -> IpAddr {
+        match self {
+            Family::V4 => backend_addr(i).into(),
+            Family::V6 => backend_addr6(i).into(),
+        }
+    }
+    /// The balancer's address on the backend side.
+    pub fn lb_backend_side(self) -> IpAddr {
+        match self {
+            Family::V4 => LB_BACKEND_SIDE.into(),
+            Family::V6 => LB_BACKEND_SIDE6.into(),
+        }
+    }
+    /// The IP header's length.
+    pub fn header_len(self) -> usize {
+        match self {
+            Family::V4 => 20,
+            Family::V6 => 40,
+        }
+    }
+}
 
 fn mac(m: [u8; 6]) -> String {
     m.iter()
@@ -108,23 +176,37 @@ impl PacketLab {
     /// The same with a flow table of `flow_capacity` entries.
     pub fn with_flow_capacity(flow_capacity: u32) -> Self {
         let ns = Netns::new("pkt");
-        for (inside, peer, addr, lb_mac) in [
-            ("lbc", "lbc-peer", "10.0.0.1/24", LB_CLIENT_MAC),
-            ("lbb", "lbb-peer", "10.1.0.1/24", LB_BACKEND_MAC),
+        for (inside, peer, addr, addr6, lb_mac) in [
+            (
+                "lbc",
+                "lbc-peer",
+                "10.0.0.1/24",
+                "fd00::1/64",
+                LB_CLIENT_MAC,
+            ),
+            (
+                "lbb",
+                "lbb-peer",
+                "10.1.0.1/24",
+                "fd00:1::1/64",
+                LB_BACKEND_MAC,
+            ),
             (
                 "lbx",
                 "lbx-peer",
                 "10.2.0.1/24",
+                "fd00:2::1/64",
                 [0x02, 0xfb, 0, 0, 2, 0x01],
             ),
         ] {
             ns.ip(&["link", "add", inside, "type", "veth", "peer", "name", peer]);
             ns.ip(&["link", "set", inside, "address", &mac(lb_mac)]);
             ns.ip(&["addr", "add", addr, "dev", inside]);
+            ns.ip(&["-6", "addr", "add", addr6, "dev", inside, "nodad"]);
             ns.ip(&["link", "set", inside, "up"]);
             ns.ip(&["link", "set", peer, "up"]);
         }
-        let permanent = |addr: Ipv4Addr, m: [u8; 6], dev: &str| {
+        let permanent = |addr: IpAddr, m: [u8; 6], dev: &str| {
             ns.ip(&[
                 "neigh",
                 "replace",
@@ -137,11 +219,13 @@ impl PacketLab {
                 "permanent",
             ]);
         };
-        permanent(CLIENT, CLIENT_MAC, "lbc");
-        permanent(SAME_SIDE_BACKEND, [0x02, 0x5a, 0, 0, 0, 50], "lbc");
-        permanent(OFF_MAP_BACKEND, [0x02, 0x0f, 0, 0, 0, 5], "lbx");
+        permanent(CLIENT.into(), CLIENT_MAC, "lbc");
+        permanent(CLIENT6.into(), CLIENT_MAC, "lbc");
+        permanent(SAME_SIDE_BACKEND.into(), [0x02, 0x5a, 0, 0, 0, 50], "lbc");
+        permanent(OFF_MAP_BACKEND.into(), [0x02, 0x0f, 0, 0, 0, 5], "lbx");
         for i in 0..BACKENDS {
-            permanent(backend_addr(i), backend_mac(i), "lbb");
+            permanent(backend_addr(i).into(), backend_mac(i), "lbb");
+            permanent(backend_addr6(i).into(), backend_mac(i), "lbb");
         }
         ns.ip(&[
             "route",
@@ -152,8 +236,19 @@ impl PacketLab {
             "dev",
             "lbc",
         ]);
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "2001:db8::/32",
+            "via",
+            &CLIENT6.to_string(),
+            "dev",
+            "lbc",
+        ]);
         // bpf_fib_lookup forwards only where the kernel would: a router's sysctl.
         ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
 
         let entered = ns.enter();
         let mut dataplane = Dataplane::load(&LoadOptions {
@@ -171,7 +266,7 @@ impl PacketLab {
             _entered: entered,
             ns,
         };
-        lab.set_settings(Settings::default());
+        lab.set_settings(foobar_lb::config::DataplaneConfig::default().settings());
         lab
     }
 
@@ -180,13 +275,18 @@ impl PacketLab {
     /// does.
     pub fn set_settings(&mut self, settings: Settings) {
         let topology = Topology::read_blocking().expect("read the routing tables");
-        let env = Environment::new(
+        let mut env = Environment::new(
             topology,
             &[
                 (self.client_if, ROLE_CLIENT),
                 (self.backend_if, ROLE_BACKEND),
             ],
             settings,
+        );
+        let defaults = foobar_lb::config::DataplaneConfig::default();
+        env.ipip_sources = (
+            Some(defaults.ipip_source.into()),
+            Some(defaults.ipip6_source.into()),
         );
         self.balancer
             .set_environment(env)
@@ -300,6 +400,7 @@ pub fn vip_spec(
         port,
         protocol,
         scheduler,
+        forwarding: Default::default(),
         maglev_table_size: foobar_lb::schedule::DEFAULT_MAGLEV_SIZE,
         backends: weights
             .iter()
@@ -307,6 +408,44 @@ pub fn vip_spec(
             .map(|(i, &weight)| BackendSpec {
                 address: backend_addr(i as u8).into(),
                 port: BACKEND_PORT,
+                weight,
+            })
+            .collect(),
+        health_check: None,
+        on_backend_down: Default::default(),
+    }
+}
+
+/// A VIP spec of `family` and `forwarding` on port `port` over backends
+/// `family.backend(0..)` with these weights, on [`BACKEND_PORT`] (DSR: on the VIP's
+/// port, which it cannot change).
+pub fn mode_vip(
+    family: Family,
+    forwarding: Forwarding,
+    port: u16,
+    protocol: Protocol,
+    scheduler: Scheduler,
+    weights: &[u32],
+) -> VipSpec {
+    let backend_port = if forwarding.is_dsr() {
+        port
+    } else {
+        BACKEND_PORT
+    };
+    VipSpec {
+        name: format!("{}-{family:?}-{port}", forwarding.name()),
+        address: family.vip(),
+        port,
+        protocol,
+        scheduler,
+        forwarding,
+        maglev_table_size: foobar_lb::schedule::DEFAULT_MAGLEV_SIZE,
+        backends: weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| BackendSpec {
+                address: family.backend(i as u8),
+                port: backend_port,
                 weight,
             })
             .collect(),

@@ -84,7 +84,37 @@ fn malformed_cli_arguments_and_refused_changes_leave_the_state_alone() {
             1,
             &["maglev_table_size"],
         ),
-        (&["vip", "add", "v6", "[2001:db8::1]:80"], 1, &["IPv6"]),
+        (
+            &[
+                "vip",
+                "add",
+                "v6",
+                "[2001:db8::1]:80",
+                "--backend",
+                "10.1.0.11:80",
+            ],
+            1,
+            &["address family"],
+        ),
+        (
+            &[
+                "vip",
+                "add",
+                "dsr",
+                "10.0.0.101:80",
+                "--forwarding",
+                "dsr-ipip",
+                "--backend",
+                "10.1.0.11:8080",
+            ],
+            1,
+            &["VIP's port"],
+        ),
+        (
+            &["vip", "add", "x", "10.0.0.102:80", "--forwarding", "tunnel"],
+            2,
+            &["tunnel"],
+        ),
         (&["vip", "remove", "nosuch"], 1, &["no VIP named"]),
     ];
     for (args, code, words) in cases {

@@ -4,13 +4,13 @@
 //! Each test gets its own namespace with a two-armed balancer's interfaces, so the
 //! program's FIB lookups and redirects see a real routing table.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use foobar_lb::state::{BackendSpec, Protocol, Scheduler, VipSpec};
 use foobar_lb_common::{Reason, reason::xdp_action::*};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tests::{
-    packet::{Frame, L4, Parsed, Tcp, parse},
+    packet::{Frame, L4, Parsed, Tcp, parse, v4},
     packet_lab::*,
 };
 
@@ -34,7 +34,7 @@ fn forwarded(lab: &mut PacketLab, frame: &Frame) -> Parsed {
 /// Index of the backend a forwarded packet went to.
 fn backend_index(p: &Parsed) -> u8 {
     (0..BACKENDS)
-        .find(|&i| backend_addr(i) == p.dst)
+        .find(|&i| v4(backend_addr(i)) == p.dst)
         .unwrap_or_else(|| panic!("{} is no backend", p.dst))
 }
 
@@ -82,15 +82,21 @@ fn arp_passes() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
     let mut frame = syn(1000).build();
     frame[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassNotIpv4);
+    untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassNotIp);
 }
 
 #[test]
-fn ipv6_passes() {
+fn ipv4_bytes_under_the_ipv6_ethertype_are_dropped() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
     let mut frame = syn(1000).build();
     frame[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-    untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassNotIpv4);
+    untouched(
+        &mut lab,
+        Side::Client,
+        &frame,
+        DROP,
+        Reason::DropBadIpVersion,
+    );
 }
 
 #[test]
@@ -98,14 +104,23 @@ fn unknown_ethertype_passes() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
     let mut frame = syn(1000).build();
     frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
-    untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassNotIpv4);
+    untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassNotIp);
 }
 
 #[test]
-fn icmp_to_vip_passes() {
+fn icmp_neither_echo_nor_error_to_vip_passes() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
     let mut frame = syn(1000).build();
     frame[IP + 9] = 1; // ICMP
+    frame[TCP] = 13; // timestamp request
+    untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassIcmp);
+}
+
+#[test]
+fn gre_to_vip_passes() {
+    let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
+    let mut frame = syn(1000).build();
+    frame[IP + 9] = 47;
     untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassNotTcpUdp);
 }
 
@@ -173,10 +188,10 @@ fn syn_is_rewritten_to_the_backend_and_redirected() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
     let input = syn(40_000);
     let p = forwarded(&mut lab, &input);
-    assert_eq!((p.src, p.sport), (CLIENT, 40_000), "source kept");
+    assert_eq!((p.src, p.sport), (v4(CLIENT), 40_000), "source kept");
     assert_eq!(
         (p.dst, p.dport),
-        (backend_addr(0), BACKEND_PORT),
+        (v4(backend_addr(0)), BACKEND_PORT),
         "destination NATed"
     );
     assert_eq!(
@@ -275,7 +290,7 @@ fn ip_options_are_honoured_and_kept() {
     frame.ip_options = vec![0x01, 0x01, 0x01, 0x00]; // NOP NOP NOP EOL
     let p = forwarded(&mut lab, &frame);
     assert_eq!(p.ip_options, frame.ip_options);
-    assert_eq!((p.dst, p.dport), (backend_addr(0), BACKEND_PORT));
+    assert_eq!((p.dst, p.dport), (v4(backend_addr(0)), BACKEND_PORT));
 }
 
 #[test]
@@ -304,7 +319,7 @@ fn ttl_one_is_forwarded_as_is() {
     let mut frame = syn(1000);
     frame.ttl = 1;
     let p = forwarded(&mut lab, &frame);
-    assert_eq!((p.ttl, p.dst), (1, backend_addr(0)));
+    assert_eq!((p.ttl, p.dst), (1, v4(backend_addr(0))));
 }
 
 #[test]
@@ -333,7 +348,7 @@ fn backend_on_the_client_side_is_reached_by_xdp_tx() {
     let out = lab.run(Side::Client, &syn(1000).build());
     assert_eq!(action_name(out.action), "TX");
     let p = parse(&out.packet);
-    assert_eq!((p.dst, p.src_mac), (SAME_SIDE_BACKEND, LB_CLIENT_MAC));
+    assert_eq!((p.dst, p.src_mac), (v4(SAME_SIDE_BACKEND), LB_CLIENT_MAC));
     assert_eq!(lab.count(Reason::Tx), 1);
 }
 
@@ -353,7 +368,7 @@ fn unresolved_next_hop_is_left_to_the_kernel_rewritten() {
     let p = parse(&out.packet);
     assert_eq!(
         (p.dst, p.dport),
-        (UNRESOLVED_BACKEND, 8080),
+        (v4(UNRESOLVED_BACKEND), 8080),
         "the kernel forwards the NATed packet"
     );
     assert_eq!(p.dst_mac, LB_CLIENT_MAC, "MACs left to the kernel");
@@ -392,7 +407,7 @@ fn egress_outside_the_redirect_map_is_left_to_the_kernel() {
     let p = parse(&out.packet);
     assert_eq!(
         (p.dst, p.dst_mac),
-        (OFF_MAP_BACKEND, LB_CLIENT_MAC),
+        (v4(OFF_MAP_BACKEND), LB_CLIENT_MAC),
         "MACs untouched for the stack"
     );
     assert_eq!(lab.count(Reason::PassNotTxPort), 1);
@@ -458,14 +473,14 @@ fn rr_cursor_is_per_vip() {
 #[test]
 fn maglev_matches_the_user_space_simulator() {
     let mut lab = PacketLab::with_vip(Scheduler::Maglev, &[1, 1, 2, 1, 3]);
-    let vip = foobar_lb::state::endpoint(VIP.into(), 80, Protocol::Tcp).unwrap();
+    let vip = foobar_lb::state::endpoint(VIP.into(), 80, Protocol::Tcp);
     let mut rng = StdRng::seed_from_u64(42);
     for _ in 0..1000 {
         let client = Ipv4Addr::from(0xc612_0000 | rng.random::<u32>() & 0xffff);
         let port = rng.random_range(1024..=u16::MAX);
         let expected = lab
             .balancer
-            .explain(&vip, client, port)
+            .explain(&vip, client.into(), port)
             .unwrap()
             .expect("a backend");
         let p = forwarded(&mut lab, &Frame::tcp(client, port, VIP, 80, Tcp::Syn));
@@ -539,7 +554,7 @@ fn established_flow_hits_the_flow_table() {
 #[test]
 fn flows_stick_when_backends_are_added() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1, 1]);
-    let pinned: Vec<Ipv4Addr> = (0..20)
+    let pinned: Vec<IpAddr> = (0..20)
         .map(|p| forwarded(&mut lab, &syn(1000 + p)).dst)
         .collect();
     lab.apply(vec![vip_spec(
@@ -558,7 +573,7 @@ fn flows_stick_when_backends_are_added() {
 #[test]
 fn maglev_flows_stick_when_the_table_changes() {
     let mut lab = PacketLab::with_vip(Scheduler::Maglev, &[1, 1]);
-    let pinned: Vec<Ipv4Addr> = (0..50)
+    let pinned: Vec<IpAddr> = (0..50)
         .map(|p| forwarded(&mut lab, &syn(1000 + p)).dst)
         .collect();
     lab.apply(vec![vip_spec(
@@ -777,8 +792,8 @@ fn reply_source_is_rewritten_to_the_vip() {
     let out = lab.run(Side::Backend, &reply(0, CLIENT, 40_000).build());
     assert_eq!(action_name(out.action), "REDIRECT");
     let p = parse(&out.packet);
-    assert_eq!((p.src, p.sport), (VIP, 80));
-    assert_eq!((p.dst, p.dport), (CLIENT, 40_000));
+    assert_eq!((p.src, p.sport), (v4(VIP), 80));
+    assert_eq!((p.dst, p.dport), (v4(CLIENT), 40_000));
     assert_eq!((p.src_mac, p.dst_mac), (LB_CLIENT_MAC, CLIENT_MAC));
     assert_eq!(lab.count(Reason::Reply), 1);
 }
@@ -810,7 +825,10 @@ fn reply_to_a_remote_client_goes_via_its_router() {
     let out = lab.run(Side::Backend, &reply(0, REMOTE_CLIENT, 1234).build());
     assert_eq!(out.action, REDIRECT);
     let p = parse(&out.packet);
-    assert_eq!((p.dst, p.dst_mac, p.src), (REMOTE_CLIENT, CLIENT_MAC, VIP));
+    assert_eq!(
+        (p.dst, p.dst_mac, p.src),
+        (v4(REMOTE_CLIENT), CLIENT_MAC, v4(VIP))
+    );
 }
 
 #[test]
@@ -832,7 +850,7 @@ fn udp_reply_is_rewritten_with_checksum() {
     let out = lab.run(Side::Backend, &r.build());
     assert_eq!(out.action, REDIRECT);
     let p = parse(&out.packet);
-    assert_eq!((p.src, p.sport), (VIP, 53));
+    assert_eq!((p.src, p.sport), (v4(VIP), 53));
     assert_ne!(p.udp_checksum, Some(0));
 }
 
@@ -1175,7 +1193,7 @@ fn known_next_hops_need_no_fib_lookup() {
     let p = parse(&out.packet);
     assert_eq!(
         (p.dst_mac, p.src_mac, p.src),
-        (CLIENT_MAC, LB_CLIENT_MAC, VIP)
+        (CLIENT_MAC, LB_CLIENT_MAC, v4(VIP))
     );
     // A client behind a router: the router's neighbour entry serves it.
     let out = lab.run(Side::Backend, &reply(0, REMOTE_CLIENT, 1000).build());
@@ -1212,21 +1230,22 @@ fn a_neighbour_that_changes_its_mac_is_followed() {
 }
 
 #[test]
-fn a_packet_bigger_than_the_egress_mtu_goes_to_the_kernel() {
+fn a_packet_without_df_bigger_than_the_egress_mtu_goes_to_the_kernel_to_fragment() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
     lab.ns.ip(&["link", "set", "lbb", "mtu", "1000"]);
     lab.reread_topology();
     let big = Frame {
         payload: vec![b'x'; 1200],
+        dont_fragment: false,
         ..syn(1000)
     };
     let out = lab.run(Side::Client, &big.build());
     assert_eq!(action_name(out.action), "PASS");
     assert_eq!(lab.count(Reason::PassTooBig), 1);
-    // Rewritten for its backend: the kernel fragments it or answers "too big".
-    assert_eq!(parse(&out.packet).dst, backend_addr(0));
+    // Rewritten for its backend: the kernel fragments it.
+    assert_eq!(parse(&out.packet).dst, v4(backend_addr(0)));
     let small = forwarded(&mut lab, &ack(1000));
-    assert_eq!(small.dst, backend_addr(0));
+    assert_eq!(small.dst, v4(backend_addr(0)));
 }
 
 #[test]
@@ -1245,9 +1264,9 @@ fn during_a_new_flow_flood_maglev_stops_inserting_and_round_robin_does_not() {
     ]);
     lab.set_settings(foobar_lb_common::Settings {
         flood_threshold: 3,
-        _pad: 0,
+        ..lab.balancer.environment().settings
     });
-    let maglev: Vec<Ipv4Addr> = (0..10)
+    let maglev: Vec<IpAddr> = (0..10)
         .map(|p| forwarded(&mut lab, &syn(2000 + p)).dst)
         .collect();
     // Past the threshold, Maglev's new flows are not remembered...
@@ -1315,7 +1334,7 @@ fn a_failed_apply_is_repaired_by_the_next() {
     lab.apply(bigger);
     let read = lab.balancer.dataplane().read_state().unwrap();
     assert_eq!(&read, lab.balancer.state());
-    let spread: std::collections::BTreeSet<Ipv4Addr> = (0..40)
+    let spread: std::collections::BTreeSet<IpAddr> = (0..40)
         .map(|p| forwarded(&mut lab, &syn(5000 + p)).dst)
         .collect();
     assert_eq!(spread.len(), 4, "all four backends serve after the repair");

@@ -1,45 +1,82 @@
-//! A million random and mutated frames through the program: none is ABORTED, and
-//! each ends in exactly one outcome counter.
+//! A million random and mutated frames through the program for each forwarding mode:
+//! none is ABORTED, and each ends in exactly one outcome counter.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use foobar_lb::state::{Protocol, Scheduler};
+use foobar_lb::state::{Forwarding, Protocol, Scheduler};
 use foobar_lb_common::{Reason, reason::xdp_action};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tests::{
-    packet::{Frame, L4, Tcp},
+    packet::{Frame, IcmpError, L4, Tcp, with_ipv6_extensions},
     packet_lab::*,
 };
 
 const FRAMES: u64 = 1_000_000;
 
-/// A valid frame of some kind the balancer cares about.
-fn seed_frame(rng: &mut StdRng) -> (Side, Frame) {
+/// A valid frame of some kind the balancer cares about, of either family.
+fn seed_frame(rng: &mut StdRng, mode: Forwarding) -> (Side, Frame) {
+    let family = if rng.random() { Family::V4 } else { Family::V6 };
+    let (client, vip) = (family.client(), family.vip());
+    let backend_port = if mode.is_dsr() { 80 } else { BACKEND_PORT };
     let sport = rng.random();
-    let mut frame = match rng.random_range(0..6) {
-        0 => Frame::tcp(CLIENT, sport, VIP, 80, Tcp::Syn),
-        1 => Frame::tcp(CLIENT, sport, VIP, 80, Tcp::Ack),
-        2 => Frame::udp(CLIENT, sport, VIP, 53),
+    let mut frame = match rng.random_range(0..9) {
+        0 => Frame::tcp(client, sport, vip, 80, Tcp::Syn),
+        1 => Frame::tcp(client, sport, vip, 80, Tcp::Ack),
+        2 => Frame::udp(client, sport, vip, 53),
         3 => Frame {
             src_mac: backend_mac(0),
-            ..Frame::tcp(backend_addr(0), BACKEND_PORT, CLIENT, sport, Tcp::Ack)
+            ..Frame::tcp(family.backend(0), backend_port, client, sport, Tcp::Ack)
         },
-        4 => Frame::tcp(
-            CLIENT,
-            sport,
-            Ipv4Addr::from(rng.random::<u32>()),
-            rng.random(),
-            Tcp::Syn,
-        ),
+        4 => match family {
+            Family::V4 => Frame::tcp(
+                client,
+                sport,
+                Ipv4Addr::from(rng.random::<u32>()),
+                rng.random(),
+                Tcp::Syn,
+            ),
+            Family::V6 => Frame::tcp(
+                client,
+                sport,
+                Ipv6Addr::from(rng.random::<u128>()),
+                rng.random(),
+                Tcp::Syn,
+            ),
+        },
+        5 => Frame::echo(client, vip),
+        6 => {
+            let about = Frame::tcp(vip, 80, client, sport, Tcp::Ack);
+            let error = [IcmpError::TooBig(1280), IcmpError::TimeExceeded][rng.random_range(0..2)];
+            Frame::icmp_error(
+                family.remote_client(),
+                vip,
+                error,
+                &about,
+                rng.random_range(8..80),
+            )
+        }
+        7 => {
+            let about = Frame::udp(client, sport, family.backend(0), backend_port);
+            Frame {
+                src_mac: backend_mac(0),
+                ..Frame::icmp_error(
+                    family.backend(0),
+                    client,
+                    IcmpError::PortUnreachable,
+                    &about,
+                    rng.random_range(8..80),
+                )
+            }
+        }
         _ => Frame {
             l4: L4::UdpNoChecksum,
-            ..Frame::udp(CLIENT, sport, VIP, 53)
+            ..Frame::udp(client, sport, vip, 53)
         },
     };
     if rng.random_ratio(1, 4) {
         frame.vlan = Some(rng.random_range(1..4095));
     }
-    if rng.random_ratio(1, 4) {
+    if family == Family::V4 && rng.random_ratio(1, 4) {
         frame.ip_options = vec![1; 4 * rng.random_range(1..=10)];
     }
     frame.payload = (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
@@ -48,30 +85,74 @@ fn seed_frame(rng: &mut StdRng) -> (Side, Frame) {
     } else {
         Side::Backend
     };
+    frame.dst_mac = match side {
+        Side::Backend => LB_BACKEND_MAC,
+        _ => LB_CLIENT_MAC,
+    };
     (side, frame)
 }
 
-#[test]
-fn a_million_random_and_mutated_frames_never_abort() {
+macro_rules! modes {
+    ($($name:ident: $mode:expr;)+) => {$(
+        #[test]
+        fn $name() {
+            a_million_random_and_mutated_frames_never_abort($mode);
+        }
+    )+};
+}
+
+modes! {
+    nat_never_aborts: Forwarding::Nat;
+    fullnat_never_aborts: Forwarding::Fullnat;
+    dsr_ipip_never_aborts: Forwarding::DsrIpip;
+    dsr_gue_never_aborts: Forwarding::DsrGue;
+}
+
+fn a_million_random_and_mutated_frames_never_abort(mode: Forwarding) {
     let mut lab = PacketLab::new();
-    lab.apply(vec![
-        vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[1, 2]),
-        vip_spec("dns", VIP, 53, Protocol::Udp, Scheduler::Maglev, &[]),
-    ]);
-    let mut rng = StdRng::seed_from_u64(0x00fb_1b00);
+    let mut vips = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        vips.push(mode_vip(
+            family,
+            mode,
+            80,
+            Protocol::Tcp,
+            Scheduler::Rr,
+            &[1, 2],
+        ));
+        vips.push(mode_vip(
+            family,
+            mode,
+            53,
+            Protocol::Udp,
+            Scheduler::Maglev,
+            &[],
+        ));
+    }
+    lab.apply(vips);
+    let mut rng = StdRng::seed_from_u64(0x00fb_1b00 ^ mode.code() as u64);
     let mut actions = [0u64; 5];
     for i in 0..FRAMES {
         let (side, bytes) = if i % 4 == 0 {
             // Pure noise, of any length the kernel's test_run accepts (>= 14 bytes).
             let len = rng.random_range(14..256);
             let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-            if rng.random() {
-                bytes[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+            bytes[0..6].copy_from_slice(&LB_CLIENT_MAC);
+            match rng.random_range(0..3) {
+                0 => bytes[12..14].copy_from_slice(&0x0800u16.to_be_bytes()),
+                1 => bytes[12..14].copy_from_slice(&0x86ddu16.to_be_bytes()),
+                _ => {}
             }
             (Side::Client, bytes)
         } else {
-            let (side, frame) = seed_frame(&mut rng);
+            let (side, frame) = seed_frame(&mut rng, mode);
             let mut bytes = frame.build();
+            if frame.is_ipv6() && rng.random_ratio(1, 4) {
+                let kinds: Vec<u8> = (0..rng.random_range(1..6))
+                    .map(|_| [0, 43, 44, 60][rng.random_range(0..4)])
+                    .collect();
+                bytes = with_ipv6_extensions(&bytes, &kinds, rng.random());
+            }
             for _ in 0..rng.random_range(0..4) {
                 let at = rng.random_range(0..bytes.len().min(80));
                 bytes[at] = rng.random();
@@ -104,7 +185,7 @@ fn a_million_random_and_mutated_frames_never_abort() {
         );
     }
     println!(
-        "{FRAMES} frames, none aborted; by action [aborted, drop, pass, tx, redirect]: {actions:?}"
+        "{mode:?}: {FRAMES} frames, none aborted; by action [aborted, drop, pass, tx, redirect]: {actions:?}"
     );
     for r in Reason::ALL {
         println!("  {:<28} {}", r.name(), counters.get(r));

@@ -70,6 +70,7 @@ fn main() -> ExitCode {
                     backend_id: 0,
                     generation: 1,
                     flags: FLOW_ESTABLISHED,
+                    nat_port: 0,
                     _pad: 0,
                 },
             )

@@ -20,9 +20,9 @@ use std::process::ExitCode;
 use aya::programs::{TestRun, TestRunOptions};
 use foobar_lb::dataplane::load_floor;
 use foobar_lb_common::{
-    BACKEND_ACTIVE, Backend, FLOW_ESTABLISHED, FlowKey, FlowState, Iface, NEXT_HOP_VALID, NextHop,
-    ROLE_BACKEND, ROLE_CLIENT, Reason, ReplyTarget, SCHED_MAGLEV, SCHED_RR, VipInfo,
-    reason::xdp_action,
+    BACKEND_ACTIVE, Backend, FLOW_ESTABLISHED, FORWARD_NAT, FlowKey, FlowState, Iface,
+    NEXT_HOP_VALID, NextHop, ROLE_BACKEND, ROLE_CLIENT, Reason, ReplyTarget, SCHED_MAGLEV,
+    SCHED_RR, VipInfo, reason::xdp_action,
 };
 use serde_json::json;
 use tests::{
@@ -72,9 +72,8 @@ fn main() -> ExitCode {
     // Two VIPs on VIP:80 (maglev) and VIP:81 (rr), each the backend of itself, and a
     // next hop that leaves the frame's MACs as they are, for backends and for the
     // client (whose replies arrive on the same, one-armed interface).
-    let endpoint = |port| {
-        foobar_lb::state::endpoint(VIP.into(), port, foobar_lb::state::Protocol::Tcp).unwrap()
-    };
+    let endpoint =
+        |port| foobar_lb::state::endpoint(VIP.into(), port, foobar_lb::state::Protocol::Tcp);
     let (maglev_vip, rr_vip) = (endpoint(80), endpoint(81));
     let lbc = ifindex("lbc");
     let next_hop = NextHop {
@@ -94,8 +93,7 @@ fn main() -> ExitCode {
         },
     )
     .unwrap();
-    dp.set_neighbour(u32::from_ne_bytes(CLIENT.octets()), &next_hop)
-        .unwrap();
+    dp.set_neighbour(&CLIENT.into(), &next_hop).unwrap();
     for (id, vip, scheduler, len) in [
         (0, maglev_vip, SCHED_MAGLEV, 65_537u32),
         (1, rr_vip, SCHED_RR, 1),
@@ -105,7 +103,9 @@ fn main() -> ExitCode {
             flags: BACKEND_ACTIVE,
             generation: 1,
             vip_id: id,
+            forwarding: FORWARD_NAT,
             next_hop,
+            source: [0; 4],
         };
         dp.set_backend(id, &backend).unwrap();
         dp.write_schedule(id, &vec![id; len as usize], &[]).unwrap();
@@ -115,7 +115,7 @@ fn main() -> ExitCode {
                 id,
                 schedule_len: len,
                 scheduler,
-                flags: 0,
+                forwarding: FORWARD_NAT,
             },
         )
         .unwrap();
@@ -125,6 +125,7 @@ fn main() -> ExitCode {
                 vip,
                 vip_id: id,
                 backend_id: id,
+                forwarding: FORWARD_NAT,
             },
         )
         .unwrap();
@@ -142,6 +143,7 @@ fn main() -> ExitCode {
                 backend_id: 0,
                 generation: 1,
                 flags,
+                nat_port: 0,
                 _pad: 0,
             },
         )

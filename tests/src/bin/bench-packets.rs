@@ -385,6 +385,7 @@ fn main() -> ExitCode {
                     port: 80,
                     protocol: Protocol::Tcp,
                     scheduler: Scheduler::Maglev,
+                    forwarding: Default::default(),
                     maglev_table_size: foobar_lb::schedule::DEFAULT_MAGLEV_SIZE,
                     backends: SERVERS
                         .iter()
