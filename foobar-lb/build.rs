@@ -21,5 +21,13 @@ fn main() -> anyhow::Result<()> {
         root_dir: root_dir.as_str(),
         ..Default::default()
     };
-    aya_build::build_ebpf([package], Toolchain::default())
+    aya_build::build_ebpf([package], Toolchain::default())?;
+    // The pass-through program, where the lab finds it beside the binaries
+    // (target/<profile>/xdp-pass.o): iproute2 loads it onto the lab's bridge ports.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    if let Some(profile_dir) = out.ancestors().nth(3) {
+        std::fs::copy(out.join("pass"), profile_dir.join("xdp-pass.o"))
+            .context("copying the pass-through program")?;
+    }
+    Ok(())
 }

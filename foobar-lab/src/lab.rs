@@ -3,16 +3,19 @@
 //!
 //! ```text
 //!  client 10.0.0.2 ─ br-client ─ eth-client 10.0.0.1 [lb] eth-servers 10.1.0.1 ─ br-servers ─┬─ web1 10.1.0.11
-//!                                 + VIP 10.0.0.100                                           └─ web2 10.1.0.12
+//!                                 + VIPs 10.0.0.100-103                                      └─ web2 10.1.0.12
 //! ```
-//! The web servers' default route is the balancer, so replies pass through it (NAT
-//! mode, as LVS-NAT). An HA lab has two balancers, `lb1` (10.0.0.3, 10.1.0.3) and `lb2`
+//! Every host has an IPv6 address too (the client fd00::2, the balancer fd00::1 and
+//! fd00:1::1 with VIPs fd00::100-103, the web servers fd00:1::11..). The web servers'
+//! default routes are the balancer, so replies pass through it (NAT mode, as
+//! LVS-NAT). An optional router (`LabSpec::router`, 10.0.0.254 and 10.1.0.254) joins
+//! the two networks without the balancer: the way DSR replies take to clients. An HA lab has two balancers, `lb1` (10.0.0.3, 10.1.0.3) and `lb2`
 //! (10.0.0.4, 10.1.0.4), on the same bridges; the VRRP master holds the VIP and the
 //! web servers' gateway 10.1.0.1. Each agent runs in its balancer's namespace but with
 //! the host's mounts, so its pins live on the host's bpffs in a directory of its own.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Output},
     thread::sleep,
@@ -29,6 +32,33 @@ use crate::{
 
 /// The VIP clients connect to.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+/// The VIP's IPv6 address.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+/// How many VIP addresses the balancer holds: VIP and the three after it (IPv6 too).
+pub const VIP_ADDRESSES: u8 = 4;
+/// The client's IPv6 address.
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+/// The router between the two networks (`LabSpec::router`), on the client network.
+pub const ROUTER_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
+/// The router on the server network.
+pub const ROUTER_SERVER_SIDE: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 254);
+/// The router on the server network, IPv6.
+pub const ROUTER_SERVER_SIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0xfe);
+
+/// VIP address `i` (0: [`VIP`]).
+pub fn vip_addr(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, 100 + i)
+}
+
+/// IPv6 VIP address `i` (0: [`VIP6`]).
+pub fn vip_addr6(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100 + i as u16)
+}
+
+/// The IPv6 address of web server `i` (0-based).
+pub fn web_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x11 + i as u16)
+}
 /// The VIP's port.
 pub const VIP_PORT: u16 = 80;
 /// The client's address.
@@ -73,6 +103,8 @@ pub struct LabSpec {
     /// The whole foobar.com stack (see [`stack`]): servers named `server1`, `server2`
     /// with web, application and database nodes, a DNS server, HTTPS.
     pub stack: bool,
+    /// A router joining the client and server networks beside the balancer.
+    pub router: bool,
 }
 
 impl LabSpec {
@@ -85,6 +117,7 @@ impl LabSpec {
             bin_dir: bin_dir_of_this_test(),
             ha: false,
             stack: false,
+            router: false,
         }
     }
 
@@ -390,6 +423,8 @@ pub struct Lab {
     pub webs: Vec<Netns>,
     /// The DNS server's namespace (stack labs).
     pub dns: Option<Netns>,
+    /// The router between the networks (`LabSpec::router`).
+    pub router: Option<Netns>,
     /// The CA and the site's certificate (stack labs).
     pub pki: Option<Pki>,
     /// Configuration, sockets and logs.
@@ -444,6 +479,9 @@ impl Lab {
         let dns = spec
             .stack
             .then(|| make_ns(&format!("{p}-dns"), spec.persistent));
+        let router = spec
+            .router
+            .then(|| make_ns(&format!("{p}-router"), spec.persistent));
 
         for bridge in ["br-client", "br-servers"] {
             net.ip(&["link", "add", bridge, "type", "bridge"]);
@@ -468,14 +506,47 @@ impl Lab {
             // MACs, so a dead balancer's traffic is not handed to its peer's XDP,
             // which (like a NIC in promiscuous mode) would take frames for any MAC.
             net.exec("bridge", &["link", "set", "dev", port, "flood", "off"]);
-            // Frames an XDP program redirects into a veth are only taken by a peer with
-            // GRO on (or an XDP program of its own).
-            net.exec("ethtool", &["-K", port, "gro", "on"]);
+            // GRO stays off (the veth default): merged segments would reach the
+            // balancer as one packet whose checksum is partial, as no NIC hands over.
             ns.ip(&["link", "set", inner, "up"]);
+        };
+        // Frames an XDP program sends into a veth (XDP_TX, redirects) are taken only by
+        // a peer with an XDP program of its own (with GRO instead, XDP_TX frames wait
+        // in its ring): the balancers' bridge ports get a pass-through one.
+        let pass_program = spec.bin_dir.join("xdp-pass.o").display().to_string();
+        let pass_through = |port: &str| {
+            net.ip(&[
+                "link",
+                "set",
+                "dev",
+                port,
+                "xdp",
+                "obj",
+                &pass_program,
+                "sec",
+                "xdp",
+            ]);
         };
 
         plug(&client, "eth0", "client", "br-client");
         client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"]);
+        let client6 = format!("{CLIENT6}/64");
+        client.ip(&["-6", "addr", "add", &client6, "dev", "eth0", "nodad"]);
+        if let Some(router) = &router {
+            plug(router, "eth-c", "router-c", "br-client");
+            plug(router, "eth-s", "router-s", "br-servers");
+            let (c, s) = (
+                format!("{ROUTER_CLIENT_SIDE}/24"),
+                format!("{ROUTER_SERVER_SIDE}/24"),
+            );
+            router.ip(&["addr", "add", &c, "dev", "eth-c"]);
+            router.ip(&["addr", "add", &s, "dev", "eth-s"]);
+            router.ip(&["-6", "addr", "add", "fd00::fe/64", "dev", "eth-c", "nodad"]);
+            let s6 = format!("{ROUTER_SERVER_SIDE6}/64");
+            router.ip(&["-6", "addr", "add", &s6, "dev", "eth-s", "nodad"]);
+            router.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+            router.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        }
         if let Some(dns) = &dns {
             plug(dns, "eth0", "dns", "br-client");
             dns.ip(&[
@@ -497,6 +568,8 @@ impl Lab {
         for (i, b) in balancers.iter().enumerate() {
             plug(&b.ns, LB_CLIENT_IF, &format!("{}-c", b.name), "br-client");
             plug(&b.ns, LB_SERVER_IF, &format!("{}-s", b.name), "br-servers");
+            pass_through(&format!("{}-c", b.name));
+            pass_through(&format!("{}-s", b.name));
             let (client_side, server_side) = if spec.ha {
                 (balancer_client_addr(i), balancer_server_addr(i))
             } else {
@@ -517,11 +590,38 @@ impl Lab {
                 LB_SERVER_IF,
             ]);
             if !spec.ha {
-                // The VIP is the balancer's: it answers ARP for it. In an HA lab the
-                // VRRP master holds it, and the web servers' gateway too.
-                b.ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", LB_CLIENT_IF]);
+                // The VIPs are the balancer's: it answers ARP and neighbour discovery
+                // for them. In an HA lab the VRRP master holds the VIP, and the web
+                // servers' gateway too. (IPv6 in the single-balancer lab only.)
+                for v in 0..VIP_ADDRESSES {
+                    let (vip, vip6) = (
+                        format!("{}/32", vip_addr(v)),
+                        format!("{}/128", vip_addr6(v)),
+                    );
+                    b.ns.ip(&["addr", "add", &vip, "dev", LB_CLIENT_IF]);
+                    b.ns.ip(&["-6", "addr", "add", &vip6, "dev", LB_CLIENT_IF, "nodad"]);
+                }
+                b.ns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    "fd00::1/64",
+                    "dev",
+                    LB_CLIENT_IF,
+                    "nodad",
+                ]);
+                b.ns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    "fd00:1::1/64",
+                    "dev",
+                    LB_SERVER_IF,
+                    "nodad",
+                ]);
             }
             b.ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+            b.ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
         }
         if !spec.ha {
             client.ip(&[
@@ -531,6 +631,7 @@ impl Lab {
                 "via",
                 &LB_CLIENT_SIDE.to_string(),
             ]);
+            client.ip(&["-6", "route", "add", "default", "via", "fd00::1"]);
         }
         for (i, web) in webs.iter().enumerate() {
             plug(web, "eth0", &spec.server_name(i), "br-servers");
@@ -542,6 +643,11 @@ impl Lab {
                 "via",
                 &LB_SERVER_SIDE.to_string(),
             ]);
+            let addr6 = format!("{}/64", web_addr6(i));
+            web.ip(&["-6", "addr", "add", &addr6, "dev", "eth0", "nodad"]);
+            if !spec.ha {
+                web.ip(&["-6", "route", "add", "default", "via", "fd00:1::1"]);
+            }
         }
         // Hosts send full checksums: a partial one cannot be patched incrementally by
         // the balancer.
@@ -555,6 +661,7 @@ impl Lab {
             balancers,
             webs,
             dns,
+            router,
             pki,
             dir,
             spec,

@@ -63,7 +63,7 @@ pub fn plain_web_config(dir: &Path, name: &str, maintenance_file: &Path) -> Stri
     std::fs::create_dir_all(&root).expect("site root");
     std::fs::write(root.join("index.html"), format!("{name}\n")).expect("index.html");
     format!(
-        "name = \"{name}\"\nmaintenance_file = \"{}\"\n\n[http]\nlisten = \"0.0.0.0:{WEB_PORT}\"\n\n\
+        "name = \"{name}\"\nmaintenance_file = \"{}\"\n\n[http]\nlisten = \"[::]:{WEB_PORT}\"\n\n\
          [files]\nroot = \"{}\"\n",
         maintenance_file.display(),
         root.display()

@@ -10,12 +10,19 @@ pub mod map_names {
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
     /// One [`crate::decap::DecapSettings`].
     pub const DECAP_SETTINGS: &str = "DECAP_SETTINGS";
+    /// The outer sources accepted (an LPM trie of IPv4 prefixes → 1), when
+    /// `DecapSettings::check_sources` is set: the balancers'.
+    pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
+    /// The same for IPv6.
+    pub const DECAP_SOURCES6: &str = "DECAP_SOURCES6";
     /// Per-CPU [`crate::decap::DecapCounters`].
     pub const DECAP_COUNTERS: &str = "DECAP_COUNTERS";
 }
 
 /// Most VIPs one backend decapsulates for.
 pub const MAX_DECAP_VIPS: u32 = 256;
+/// Most source prefixes per family.
+pub const MAX_DECAP_SOURCES: u32 = 256;
 
 /// Knobs of the decapsulation program.
 #[repr(C)]
@@ -23,8 +30,8 @@ pub const MAX_DECAP_VIPS: u32 = 256;
 pub struct DecapSettings {
     /// The UDP port GUE arrives on (network order); 0: no GUE.
     pub gue_port: u16,
-    /// Explicit padding.
-    pub _pad: u16,
+    /// 1: only outer sources in `DECAP_SOURCES`/`DECAP_SOURCES6` are decapsulated.
+    pub check_sources: u16,
 }
 const _: () = assert!(size_of::<DecapSettings>() == 4);
 
@@ -60,6 +67,7 @@ decap_reasons! {
     DropTruncated = "drop_truncated", "An outer or inner header cut short.";
     DropBadInner = "drop_bad_inner", "The inner packet is not IPv4 or IPv6, or its version does not match.";
     DropNotAVip = "drop_not_a_vip", "The inner destination is not a VIP of this backend: not ours to accept.";
+    DropUnknownSource = "drop_unknown_source", "The outer source is none of the balancers' prefixes given.";
     DropFragment = "drop_fragment", "An outer fragment: an encapsulated packet is taken whole or not at all.";
     DropNoRoom = "drop_no_room", "The frame could not be shrunk.";
 }

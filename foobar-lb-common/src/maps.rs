@@ -101,7 +101,7 @@ pub mod map_names {
     pub const FLOOD: &str = "FLOOD";
     /// Per-CPU [`crate::RateWindow`]: this CPU's ICMP answers in the current second.
     pub const ICMP_RATE: &str = "ICMP_RATE";
-    /// Backend [`crate::Endpoint`] → [`crate::ReplyTarget`]: how to rewrite replies.
+    /// NAT backend [`crate::Endpoint`] → [`crate::ReplyTarget`]: how to rewrite replies.
     pub const REPLIES: &str = "REPLIES";
     /// ifindex → ifindex: the interfaces packets may be redirected to.
     pub const TX_PORTS: &str = "TX_PORTS";
@@ -451,8 +451,8 @@ pub struct RateWindow {
 }
 const _: () = assert!(size_of::<RateWindow>() == 16);
 
-/// What a packet from a backend endpoint is: how to rewrite a NAT reply to its client,
-/// or, for a full-NAT backend, that its replies are found in `NAT_FLOWS`.
+/// How to rewrite a reply that a NAT backend sends to a client. (Full NAT's replies
+/// are found by their 5-tuple in `NAT_FLOWS`; DSR backends send none through here.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReplyTarget {
@@ -462,10 +462,8 @@ pub struct ReplyTarget {
     pub vip_id: u32,
     /// For the backend's reply counters.
     pub backend_id: u32,
-    /// [`FORWARD_NAT`] or [`FORWARD_FULLNAT`].
-    pub forwarding: u32,
 }
-const _: () = assert!(size_of::<ReplyTarget>() == 32);
+const _: () = assert!(size_of::<ReplyTarget>() == 28);
 
 /// Traffic counters of a VIP or a backend (per CPU in the kernel).
 #[repr(C)]

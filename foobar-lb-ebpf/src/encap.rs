@@ -13,7 +13,7 @@ use foobar_lb_common::{Backend, PROTO_UDP, Reason, checksum};
 use crate::{
     SETTINGS, Status, Verdict,
     family::Family,
-    parse::{Packet, ptr_at},
+    parse::{self, Packet, ptr_at},
 };
 
 /// The UDP header of GUE.
@@ -24,14 +24,14 @@ const IP_DF: u16 = 0x4000;
 const OUTER_TTL: u8 = 64;
 
 /// Writes an IPv4 header without options at `at`: its first word (version, IHL,
-/// TOS), total length, TTL and protocol (each as written in the packet), addresses,
-/// and its checksum. No identification, no flags. Word by word into the packet,
+/// TOS), total length, flags, TTL and protocol (each as written in the packet),
+/// addresses, and its checksum; identification 0. Word by word into the packet,
 /// summing as it goes: no header on the stack.
 #[inline(always)]
 pub fn write_ipv4(
     ctx: &XdpContext,
     at: usize,
-    [first, length, ttl_proto]: [u16; 3],
+    [first, length, flags, ttl_proto]: [u16; 4],
     src: u32,
     dst: u32,
 ) -> Result<(), Verdict> {
@@ -42,7 +42,7 @@ pub fn write_ipv4(
         first,
         length,
         0,
-        0,
+        flags,
         ttl_proto,
         0,
         src as u16,
@@ -118,6 +118,9 @@ fn write_outer<F: Family>(
     }
     // Every packet pointer is void after the adjustment: each is checked again.
     let l2 = pkt.l3;
+    // The MACs too: the sender writes new ones, but a frame left to the kernel
+    // (its next hop unresolved) must still be addressed to this host.
+    parse::move_macs(ctx, room, false)?;
     if l2 > 14 {
         // The VLAN tag (TPID and TCI) moves with the Ethernet header.
         let from: *const u32 = ptr_at(ctx, room + 12).ok_or(no_room)?;
@@ -148,16 +151,9 @@ fn write_outer<F: Family>(
         let first = u16::from_be_bytes([0x45, pkt.tos]).to_be();
         let length = ((F::HEADER_LEN + payload_len) as u16).to_be();
         let ttl_proto = u16::from_be_bytes([OUTER_TTL, proto]).to_be();
-        write_ipv4(ctx, l2, [first, length, ttl_proto], source[0], dst[0])?;
-        if pkt.dont_fragment {
-            let frags: *mut u16 = ptr_at(ctx, l2 + 6).ok_or(no_room)?;
-            unsafe { frags.write_unaligned(IP_DF.to_be()) };
-            let check: *mut u16 = ptr_at(ctx, l2 + 10).ok_or(no_room)?;
-            unsafe {
-                let sum = checksum::replace2(check.read_unaligned(), 0, IP_DF.to_be());
-                check.write_unaligned(sum);
-            }
-        }
+        // Always DF: a fragmented outer packet could not be decapsulated.
+        let header = [first, length, IP_DF.to_be(), ttl_proto];
+        write_ipv4(ctx, l2, header, source[0], dst[0])?;
     } else {
         // Version 6, the inner traffic class, the flow hash as flow label.
         let first = (0x6000_0000 | (pkt.tos as u32) << 20 | (hash & 0x000f_ffff)).to_be();

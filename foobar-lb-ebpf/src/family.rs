@@ -77,6 +77,13 @@ pub trait Family {
     fn quoted(scratch: &mut Scratch) -> &mut Quoted<Self>
     where
         Self: Sized;
+    /// Full NAT's keys and entry while it allocates a port, in the scratch map.
+    fn nat_scratch(scratch: &mut Scratch) -> &mut NatScratch<Self>
+    where
+        Self: Sized;
+    /// Writes a flow key in place, field by field (a whole-struct copy into map
+    /// memory would call memcpy).
+    fn set_key(out: &mut Self::Key, src: Self::Addr, dst: Self::Addr, ports: [u16; 2], proto: u8);
     /// A transport checksum after an address in its pseudo-header changed.
     fn replace_addr(check: u16, old: Self::Addr, new: Self::Addr, udp: bool) -> u16;
     /// Updates the IP header's own checksum (IPv4) after an address changed from `old`
@@ -87,6 +94,26 @@ pub trait Family {
         old: Self::Addr,
         new: Self::Addr,
     ) -> Result<(), Verdict>;
+}
+
+/// What full NAT's port allocation builds: the reverse key it claims, the forward
+/// key of the flow that holds a port already, and the reverse entry.
+#[repr(C)]
+pub struct NatScratch<F: Family> {
+    pub reverse: F::Key,
+    pub flow: F::Key,
+    pub target: NatTarget,
+}
+
+/// Writes four words in place, one by one: into map memory, a copy of the array
+/// calls memcpy.
+#[inline(always)]
+pub fn set_words(out: &mut [u32; 4], words: [u32; 4]) {
+    let [a, b, c, d] = words;
+    out[0] = a;
+    out[1] = b;
+    out[2] = c;
+    out[3] = d;
 }
 
 /// Byte 10 of the IPv4 header.
@@ -157,6 +184,20 @@ impl Family for V4 {
     #[inline(always)]
     fn quoted(scratch: &mut Scratch) -> &mut Quoted<Self> {
         &mut scratch.quoted4
+    }
+    #[inline(always)]
+    fn nat_scratch(scratch: &mut Scratch) -> &mut NatScratch<Self> {
+        &mut scratch.nat4
+    }
+    #[inline(always)]
+    fn set_key(out: &mut FlowKey, src: u32, dst: u32, [sport, dport]: [u16; 2], proto: u8) {
+        out.src = src;
+        out.dst = dst;
+        out.sport = sport;
+        out.dport = dport;
+        out.proto = proto;
+        out._pad1 = 0;
+        out._pad2 = 0;
     }
     #[inline(always)]
     fn replace_addr(check: u16, old: u32, new: u32, udp: bool) -> u16 {
@@ -248,6 +289,26 @@ impl Family for V6 {
     #[inline(always)]
     fn quoted(scratch: &mut Scratch) -> &mut Quoted<Self> {
         &mut scratch.quoted6
+    }
+    #[inline(always)]
+    fn nat_scratch(scratch: &mut Scratch) -> &mut NatScratch<Self> {
+        &mut scratch.nat6
+    }
+    #[inline(always)]
+    fn set_key(
+        out: &mut FlowKey6,
+        src: [u32; 4],
+        dst: [u32; 4],
+        [sport, dport]: [u16; 2],
+        proto: u8,
+    ) {
+        set_words(&mut out.src, src);
+        set_words(&mut out.dst, dst);
+        out.sport = sport;
+        out.dport = dport;
+        out.proto = proto;
+        out._pad1 = 0;
+        out._pad2 = 0;
     }
     #[inline(always)]
     fn replace_addr(check: u16, old: [u32; 4], new: [u32; 4], udp: bool) -> u16 {

@@ -133,13 +133,15 @@ pub enum Fit {
 }
 
 #[inline(always)]
-pub fn fit<F: Family>(pkt: &Packet<F>, overhead: u16, hop: &NextHop) -> Fit {
-    if pkt.ip_len as u32 + overhead as u32 <= hop.mtu as u32 {
+pub fn fit<F: Family>(pkt: &Packet<F>, overhead: u16, mtu: u16) -> Fit {
+    if pkt.ip_len as u32 + overhead as u32 <= mtu as u32 {
         Fit::Fits
     } else if overhead == 0 && !pkt.dont_fragment {
         Fit::Fragment
     } else {
-        Fit::TooBig(hop.mtu.saturating_sub(overhead))
+        // IPv6 senders ignore an MTU below 1280: announcing less would black-hole.
+        let floor = if F::HEADER_LEN == 20 { 68 } else { 1280 };
+        Fit::TooBig(mtu.saturating_sub(overhead).max(floor))
     }
 }
 

@@ -277,38 +277,58 @@ fn error_to_backend<F: Family>(
     let inner = F::quoted(scratch()?);
     // The quoted packet went VIP → client: its flow is the other way round.
     let key = F::key(inner.dst, inner.src, inner.dport, inner.sport, inner.proto);
-    let (id, nat_port) = match F::flows().get_ptr(key) {
-        Some(flow) => unsafe { ((*flow).backend_id, (*flow).nat_port) },
+    // (generation: the slot's backend is still the flow's).
+    let (id, nat_port, generation) = match F::flows().get_ptr(key) {
+        Some(flow) => unsafe {
+            (
+                (*flow).backend_id,
+                (*flow).nat_port,
+                Some((*flow).generation),
+            )
+        },
         None => match maglev_backend::<F>(inner) {
-            Some(id) => (id, 0),
+            Some(id) => (id, 0, None),
             None => return Ok(None),
         },
     };
     let backend: &Backend = match BACKENDS.get(id) {
-        Some(b) if b.flags & BACKEND_ACTIVE != 0 => b,
+        Some(b)
+            if b.flags & BACKEND_ACTIVE != 0 && generation.is_none_or(|g| g == b.generation) =>
+        {
+            b
+        }
         _ => return Ok(None),
     };
     if backend.forwarding == FORWARD_DSR_IPIP || backend.forwarding == FORWARD_DSR_GUE {
-        events.note(Reason::IcmpToBackend);
         return Ok(Some(Outcome::Encapsulate(id)));
     }
+    let fullnat = backend.forwarding == FORWARD_FULLNAT;
+    if fullnat && nat_port == 0 {
+        // No flow remembered: the port it left with is unknown.
+        return Ok(None);
+    }
+    // Unresolved next hop: translated all the same, and left to the kernel.
+    let hop = match steer::backend_hop::<F>(ctx, pkt.proto, backend, pkt.src, events) {
+        Ok(hop) => Some(hop),
+        Err(v) if v.is(Reason::PassNoNeighbour) => None,
+        Err(v) => return Err(v),
+    };
     let backend_addr = F::from_words(&backend.endpoint.addr);
-    let hop = steer::backend_hop::<F>(ctx, pkt.proto, backend, pkt.src, events)?;
     let mut edit = Edit::new(ctx, pkt, inner)?;
     edit.outer(ctx, pkt, End::Destination, pkt.dst, backend_addr)?;
     edit.inner_addr(ctx, inner, End::Source, inner.src, backend_addr)?;
     edit.inner_port(ctx, inner, End::Source, inner.sport, backend.endpoint.port)?;
-    if backend.forwarding == FORWARD_FULLNAT {
-        if nat_port == 0 {
-            return Ok(None);
-        }
+    if fullnat {
         let source = F::from_words(&backend.source);
         edit.inner_addr(ctx, inner, End::Destination, inner.dst, source)?;
         edit.inner_port(ctx, inner, End::Destination, inner.dport, nat_port)?;
     }
     edit.finish(ctx)?;
     events.note(Reason::IcmpToBackend);
-    Ok(Some(Outcome::Done(forward::send(ctx, &hop))))
+    Ok(Some(Outcome::Done(match hop {
+        Some(hop) => forward::send(ctx, &hop),
+        None => Verdict::of(Reason::PassNoNeighbour),
+    })))
 }
 
 /// The backend a Maglev VIP's schedule gives the flow of a quoted packet (a flow not
@@ -343,33 +363,44 @@ fn error_to_client<F: Family>(
     events: &mut Events,
 ) -> Result<Option<Verdict>, Verdict> {
     let inner = F::quoted(scratch()?);
-    // The quoted packet went to a backend endpoint.
-    let Some(target) = (unsafe { REPLIES.get(F::endpoint(inner.dst, inner.dport, inner.proto)) })
-    else {
-        return Ok(None);
-    };
-    let fullnat = target.forwarding == FORWARD_FULLNAT;
-    let (client, client_port, vip, vip_port) = if fullnat {
-        let key = F::key(inner.dst, inner.src, inner.dport, inner.sport, inner.proto);
-        let Some(nat) = F::nat_flows().get_ptr(key) else {
-            return Ok(None);
-        };
-        let nat = unsafe { &*nat };
-        (
-            F::from_words(&nat.client),
-            nat.client_port,
-            F::from_words(&nat.vip),
-            nat.vip_port,
-        )
+    // The quoted packet went from one of full NAT's ports (its reverse entry names
+    // the flow), or to a NAT backend's endpoint.
+    let key = F::key(inner.dst, inner.src, inner.dport, inner.sport, inner.proto);
+    let nat = if steer::in_fullnat_range(inner.sport) {
+        F::nat_flows().get_ptr(key)
     } else {
-        (
-            inner.src,
-            inner.sport,
-            F::from_words(&target.vip.addr),
-            target.vip.port,
-        )
+        None
     };
-    let hop = steer::client_hop::<F>(ctx, pkt.proto, client, vip, events)?;
+    let fullnat = nat.is_some();
+    let (client, client_port, vip, vip_port) = match nat {
+        Some(nat) => {
+            let nat = unsafe { &*nat };
+            (
+                F::from_words(&nat.client),
+                nat.client_port,
+                F::from_words(&nat.vip),
+                nat.vip_port,
+            )
+        }
+        None => {
+            let endpoint = F::endpoint(inner.dst, inner.dport, inner.proto);
+            let Some(target) = (unsafe { REPLIES.get(endpoint) }) else {
+                return Ok(None);
+            };
+            (
+                inner.src,
+                inner.sport,
+                F::from_words(&target.vip.addr),
+                target.vip.port,
+            )
+        }
+    };
+    // Unresolved next hop: translated all the same, and left to the kernel.
+    let hop = match steer::client_hop::<F>(ctx, pkt.proto, client, vip, events) {
+        Ok(hop) => Some(hop),
+        Err(v) if v.is(Reason::PassNoNeighbour) => None,
+        Err(v) => return Err(v),
+    };
     let mut edit = Edit::new(ctx, pkt, inner)?;
     edit.inner_addr(ctx, inner, End::Destination, inner.dst, vip)?;
     edit.inner_port(ctx, inner, End::Destination, inner.dport, vip_port)?;
@@ -384,7 +415,10 @@ fn error_to_client<F: Family>(
     }
     edit.finish(ctx)?;
     events.note(Reason::IcmpToClient);
-    Ok(Some(forward::send(ctx, &hop)))
+    Ok(Some(match hop {
+        Some(hop) => forward::send(ctx, &hop),
+        None => Verdict::of(Reason::PassNoNeighbour),
+    }))
 }
 
 /// Rewrites of an ICMP error's outer and quoted headers, keeping its checksums.
@@ -567,7 +601,7 @@ fn build_too_big<F: Family>(ctx: &XdpContext, pkt: &Packet<F>, mtu: u16) -> Resu
         let first = u16::from_be_bytes([0x45, 0xc0]).to_be();
         let length = (F::HEADER_LEN as u16 + icmp_len).to_be();
         let ttl_proto = u16::from_be_bytes([64, foobar_lb_common::PROTO_ICMP]).to_be();
-        encap::write_ipv4(ctx, l2, [first, length, ttl_proto], src[0], dst[0])?;
+        encap::write_ipv4(ctx, l2, [first, length, 0, ttl_proto], src[0], dst[0])?;
     } else {
         let first = 0x6000_0000u32.to_be();
         let second = ((icmp_len as u32) << 16 | (F::ICMP as u32) << 8 | 64).to_be();

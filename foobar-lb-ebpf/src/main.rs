@@ -94,6 +94,8 @@ pub struct Scratch {
     v6: parse::Packet<family::V6>,
     quoted4: icmp::Quoted<family::V4>,
     quoted6: icmp::Quoted<family::V6>,
+    nat4: family::NatScratch<family::V4>,
+    nat6: family::NatScratch<family::V6>,
     fib: aya_ebpf::bindings::bpf_fib_lookup,
 }
 #[map]
@@ -148,6 +150,19 @@ impl Status {
     /// Not this function's packet.
     pub const NOT_OURS: Status = Status(1);
     const VERDICT: u64 = 1 << 63;
+    const TOO_BIG: u64 = 1 << 62;
+
+    /// Too big for the way on: the caller answers with ICMP, announcing this MTU.
+    #[inline(always)]
+    pub const fn too_big(mtu: u16) -> Status {
+        Status(Self::TOO_BIG | mtu as u64)
+    }
+
+    /// The MTU of a [`Status::too_big`].
+    #[inline(always)]
+    pub fn mtu(self) -> Option<u16> {
+        (self.0 & Self::TOO_BIG != 0).then_some(self.0 as u16)
+    }
 
     /// A verdict.
     #[inline(always)]

@@ -71,25 +71,41 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 }
 
 /// Writes the Ethernet addresses found at `from` to the frame's front, swapped, so
-/// the frame goes back to its sender. Word by word: a copy of the arrays would call
-/// `memmove` (the two may overlap).
+/// the frame goes back to its sender.
 #[inline(always)]
 pub fn turn_around(ctx: &XdpContext, from: usize) -> Result<(), Verdict> {
+    move_macs(ctx, from, true)
+}
+
+/// Writes the Ethernet addresses found at `from` to the frame's front (swapped or
+/// not). Word by word: a copy of the arrays would call `memmove` (the two may overlap).
+#[inline(always)]
+pub fn move_macs(ctx: &XdpContext, from: usize, swap: bool) -> Result<(), Verdict> {
     let cut = Verdict::of(Reason::DropTruncatedEthernet);
     let old: *const u16 = ptr_at::<[u16; 6]>(ctx, from).ok_or(cut)?.cast();
     let new: *mut u16 = ptr_at::<[u16; 6]>(ctx, 0).ok_or(cut)?.cast();
     unsafe {
-        let w = [
+        let (a0, a1, a2) = (
             old.read_unaligned(),
             old.add(1).read_unaligned(),
             old.add(2).read_unaligned(),
+        );
+        let (b0, b1, b2) = (
             old.add(3).read_unaligned(),
             old.add(4).read_unaligned(),
             old.add(5).read_unaligned(),
-        ];
-        for (i, word) in [w[3], w[4], w[5], w[0], w[1], w[2]].into_iter().enumerate() {
-            new.add(i).write_unaligned(word);
-        }
+        );
+        let (d, s) = if swap {
+            ((b0, b1, b2), (a0, a1, a2))
+        } else {
+            ((a0, a1, a2), (b0, b1, b2))
+        };
+        new.write_unaligned(d.0);
+        new.add(1).write_unaligned(d.1);
+        new.add(2).write_unaligned(d.2);
+        new.add(3).write_unaligned(s.0);
+        new.add(4).write_unaligned(s.1);
+        new.add(5).write_unaligned(s.2);
     }
     Ok(())
 }
@@ -222,8 +238,13 @@ pub fn ipv6(ctx: &XdpContext, l3: usize, out: &mut Packet<V6>) -> Result<(), Ver
                 let ext = unsafe { *ext };
                 next = ext[0];
                 // Offset and M flag; an atomic fragment (both 0) is a whole packet.
-                fragment = u16::from_be_bytes([ext[2], ext[3]]) & 0xfff9 != 0;
+                let offset_and_more = u16::from_be_bytes([ext[2], ext[3]]);
+                fragment = offset_and_more & 0xfff9 != 0;
                 l4 += 8;
+                if offset_and_more & 0xfff8 != 0 {
+                    // Not the first fragment: what follows is no header.
+                    break;
+                }
             }
             _ => break,
         }

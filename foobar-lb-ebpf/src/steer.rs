@@ -22,14 +22,14 @@ use aya_log_ebpf::debug;
 use foobar_lb_common::{
     BACKEND_ACTIVE, Backend, FLOW_CLOSING, FLOW_ESTABLISHED, FORWARD_DSR_GUE, FORWARD_DSR_IPIP,
     FORWARD_FULLNAT, FULLNAT_PORT_TRIES, FlowState, NatTarget, NextHop, PROTO_TCP, PROTO_UDP,
-    ROLE_BACKEND, ROLE_CLIENT, ROUTE_GATEWAY, ROUTE_LOCAL, Reason, SCHED_MAGLEV, TrafficStats,
-    VipAddr, VipInfo, schedule_index,
+    ROLE_BACKEND, ROLE_CLIENT, ROUTE_GATEWAY, ROUTE_LOCAL, Reason, ReplyTarget, SCHED_MAGLEV,
+    TrafficStats, VipAddr, VipInfo, schedule_index,
 };
 
 use crate::{
     BACKEND_ADDRS, BACKEND_STATS, BACKENDS, Events, FLOOD, INTERFACES, REPLIES, RR_CURSORS,
     SCHEDULES, SCRATCH, SETTINGS, Scratch, Status, VIP_ADDRS, VIP_STATS, VIPS, Verdict, encap,
-    family::{Family, V4, V6},
+    family::{Family, NatScratch, V4, V6, set_words},
     forward::{self, Fit, ask_fib, valid},
     icmp,
     nat::{self, End},
@@ -79,6 +79,7 @@ fn family<F: Family>(
         return match icmp::handle(ctx, roles, pkt, events)? {
             icmp::Outcome::Done(verdict) => Ok(verdict),
             icmp::Outcome::Encapsulate(id) => {
+                events.note(Reason::IcmpToBackend);
                 let choice = Choice::new(id, 0, &L4::NONE, Traffic::Forward { closed: false });
                 verdict_of(deliver(ctx, pkt, &choice, events))
             }
@@ -96,7 +97,15 @@ fn family<F: Family>(
             return verdict_of(deliver(ctx, pkt, choice, events));
         }
     }
-    verdict_of(from_backend(ctx, roles, pkt, events))
+    // Finding and sending a reply are functions of their own, one after the other.
+    let mut to = MaybeUninit::<Reply>::uninit();
+    find_reply(ctx, roles, pkt, &mut to).check()?;
+    let to = unsafe { to.assume_init_ref() };
+    let sent = send_reply(ctx, pkt, to, events);
+    match sent.mtu() {
+        Some(mtu) => Ok(icmp::too_big(ctx, pkt, mtu)),
+        None => verdict_of(sent),
+    }
 }
 
 /// The verdict a function that always gives one gave.
@@ -231,45 +240,78 @@ fn deliver<F: Family>(
     }
 }
 
-/// A TCP/UDP packet not for a VIP: a reply, if it comes from a backend endpoint.
+/// A TCP/UDP packet not for a VIP: a reply, if it comes from a backend (go on, with
+/// how to rewrite it in `out`).
 #[inline(never)]
-fn from_backend<F: Family>(
+fn find_reply<F: Family>(
     ctx: &XdpContext,
     roles: u32,
     pkt: &Packet<F>,
+    out: &mut MaybeUninit<Reply>,
+) -> Status {
+    match reply_to(ctx, roles, pkt) {
+        Ok(reply) => {
+            out.write(reply);
+            Status::GO_ON
+        }
+        Err(v) => Status::verdict(v),
+    }
+}
+
+/// Rewrites a reply as found and sends it on.
+#[inline(never)]
+fn send_reply<F: Family>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    to: &Reply,
     events: &mut Events,
 ) -> Status {
-    match reply_of(ctx, roles, pkt, events) {
-        Ok(v) | Err(v) => Status::verdict(v),
+    // The entries stay valid for the whole run of the program (RCU).
+    let rewrite = if to.nat.is_null() {
+        let target = unsafe { &*to.target };
+        Rewrite {
+            new_source: (F::from_words(&target.vip.addr), target.vip.port),
+            new_destination: (pkt.dst, pkt.dport),
+            fullnat: false,
+            vip_id: target.vip_id,
+            backend_id: target.backend_id,
+        }
+    } else {
+        let nat = unsafe { &*to.nat };
+        Rewrite {
+            new_source: (F::from_words(&nat.vip), nat.vip_port),
+            new_destination: (F::from_words(&nat.client), nat.client_port),
+            fullnat: true,
+            vip_id: nat.vip_id,
+            backend_id: nat.backend_id,
+        }
+    };
+    match reply(ctx, pkt, &to.l4, &rewrite, events) {
+        Ok(status) => status,
+        Err(v) => Status::verdict(v),
     }
 }
 
 #[inline(always)]
-fn reply_of<F: Family>(
-    ctx: &XdpContext,
-    roles: u32,
-    pkt: &Packet<F>,
-    events: &mut Events,
-) -> Result<Verdict, Verdict> {
-    let Some(target) = (unsafe { REPLIES.get(F::endpoint(pkt.src, pkt.sport, pkt.proto)) }) else {
-        return Err(Verdict::of(Reason::PassNotVip));
+fn reply_to<F: Family>(ctx: &XdpContext, roles: u32, pkt: &Packet<F>) -> Result<Reply, Verdict> {
+    // A full-NAT reply goes to a port the balancer allocated: its reverse entry
+    // names the flow. A NAT reply comes from a NAT backend's endpoint.
+    let (nat, target) = match fullnat_entry(pkt) {
+        Some(nat) => (nat, core::ptr::null()),
+        None => {
+            let endpoint = F::endpoint(pkt.src, pkt.sport, pkt.proto);
+            let Some(target) = (unsafe { REPLIES.get(endpoint) }) else {
+                return Err(Verdict::of(Reason::PassNotVip));
+            };
+            (core::ptr::null(), target as *const ReplyTarget)
+        }
     };
     // Replies come from the backend side; one from a client is forged.
     if roles & ROLE_BACKEND == 0 {
         return Err(Verdict::of(Reason::DropForgedReply));
     }
     let l4 = parse::l4(ctx, pkt)?;
-    let to = if target.forwarding == FORWARD_FULLNAT {
-        fullnat_reply(pkt)?
-    } else {
-        Reply {
-            new_source: (F::from_words(&target.vip.addr), target.vip.port),
-            new_destination: None,
-            vip_id: target.vip_id,
-            backend_id: target.backend_id,
-        }
-    };
-    reply(ctx, pkt, &l4, &to, events)
+    Ok(Reply { nat, target, l4 })
 }
 
 /// A fragment: only the first has ports, so none can be steered or translated.
@@ -288,6 +330,15 @@ fn fragment<F: Family>(roles: u32, pkt: &Packet<F>) -> Verdict {
         return Verdict::of(Reason::DropReplyFragment);
     }
     Verdict::of(Reason::PassFragment)
+}
+
+/// Whether a port (network order) is one full NAT allocates.
+#[inline(always)]
+pub fn in_fullnat_range(port: u16) -> bool {
+    match SETTINGS.get(0) {
+        Some(s) => u16::from_be(port).wrapping_sub(s.fullnat_port_min) < s.fullnat_port_count,
+        None => false,
+    }
 }
 
 /// Whether a packet may start a flow: a TCP SYN, or any UDP datagram.
@@ -357,7 +408,9 @@ fn new_flow<F: Family>(
         _ => return Err(Verdict::of(Reason::DropNoBackend)),
     };
     events.note(Reason::FlowNew);
-    let fullnat = vip.forwarding == FORWARD_FULLNAT;
+    // The slot's mode, not the VIP's: they differ for a moment while a change of mode
+    // is being written, and the packet leaves by the slot's.
+    let fullnat = backend.forwarding == FORWARD_FULLNAT;
     let nat_port = if fullnat {
         match allocate_port(pkt, id, backend) {
             0 => return Err(Verdict::of(Reason::DropNoNatPort)),
@@ -389,41 +442,108 @@ fn new_flow<F: Family>(
 }
 
 /// Full NAT: a source port toward `backend` that no other flow uses, claimed in the
-/// reverse table (an insert that fails if the entry exists, atomic across CPUs).
-/// Returns the port (network order), or 0 when none is free.
+/// reverse table by an insert that fails if the entry exists (atomic across CPUs).
+/// A port held by a flow that is over (closed, moved to another port or backend,
+/// or forgotten by the flow table) is taken back when no free one turns up.
+/// Returns the port (network order), or 0 when none is free. The keys are built in
+/// the scratch map: this function's frame adds to its caller's.
 #[inline(never)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the keys are passed where they are, in the scratch map, not copied to the stack"
+)]
 fn allocate_port<F: Family>(pkt: &Packet<F>, id: u32, backend: &Backend) -> u32 {
     let Some(settings) = SETTINGS.get(0) else {
         return 0;
     };
     let count = settings.fullnat_port_count as u32;
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let nat = F::nat_scratch(unsafe { &mut *scratch });
     if count == 0 {
         return 0;
     }
+    let target = &mut nat.target;
+    set_words(&mut target.client, F::words(pkt.src));
+    set_words(&mut target.vip, F::words(pkt.dst));
+    target.client_port = pkt.sport;
+    target.vip_port = pkt.dport;
+    target.vip_id = backend.vip_id;
+    target.backend_id = id;
     let source = F::from_words(&backend.source);
     let backend_addr = F::from_words(&backend.endpoint.addr);
-    let target = NatTarget {
-        client: F::words(pkt.src),
-        vip: F::words(pkt.dst),
-        client_port: pkt.sport,
-        vip_port: pkt.dport,
-        vip_id: backend.vip_id,
-        backend_id: id,
-    };
     let start = unsafe { bpf_get_prandom_u32() };
+    let mut reusable = 0u16;
     for i in 0..FULLNAT_PORT_TRIES {
         let port = (settings.fullnat_port_min as u32 + start.wrapping_add(i) % count) as u16;
         let port = port.to_be();
         // The reply's 5-tuple: backend → the balancer's address and this port.
-        let key = F::key(backend_addr, source, backend.endpoint.port, port, pkt.proto);
+        F::set_key(
+            &mut nat.reverse,
+            backend_addr,
+            source,
+            [backend.endpoint.port, port],
+            pkt.proto,
+        );
         if F::nat_flows()
-            .insert(key, target, BPF_NOEXIST as u64)
+            .insert(&nat.reverse, &nat.target, BPF_NOEXIST as u64)
             .is_ok()
         {
             return port as u32;
         }
+        if reusable == 0 && is_over::<F>(nat, port, pkt.proto) {
+            reusable = port;
+        }
+    }
+    if reusable != 0 {
+        F::set_key(
+            &mut nat.reverse,
+            backend_addr,
+            source,
+            [backend.endpoint.port, reusable],
+            pkt.proto,
+        );
+        // Removed, then claimed as a free port: of CPUs doing the same, one wins.
+        let _ = F::nat_flows().remove(&nat.reverse);
+        if F::nat_flows()
+            .insert(&nat.reverse, &nat.target, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            return reusable as u32;
+        }
     }
     0
+}
+
+/// Whether the reverse entry at `nat.reverse` belongs to a flow that is over.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the keys are passed where they are, in the scratch map, not copied to the stack"
+)]
+fn is_over<F: Family>(nat: &mut NatScratch<F>, port: u16, proto: u8) -> bool {
+    let Some(entry) = F::nat_flows().get_ptr(&nat.reverse) else {
+        // Gone since: free.
+        return true;
+    };
+    let entry = unsafe { &*entry };
+    let (client, vip) = (F::from_words(&entry.client), F::from_words(&entry.vip));
+    let backend_id = entry.backend_id;
+    F::set_key(
+        &mut nat.flow,
+        client,
+        vip,
+        [entry.client_port, entry.vip_port],
+        proto,
+    );
+    match F::flows().get_ptr(&nat.flow) {
+        None => true,
+        Some(flow) => {
+            let flow = unsafe { &*flow };
+            flow.nat_port != port || flow.backend_id != backend_id || flow.flags & FLOW_CLOSING != 0
+        }
+    }
 }
 
 /// Sends a client packet to its backend, in the VIP's forwarding mode. A packet too
@@ -444,15 +564,29 @@ fn forward_to<F: Family>(
         Err(v) if v.is(Reason::PassNoNeighbour) => None,
         Err(v) => return Err(v),
     };
-    let fit = |overhead: usize| match &hop {
-        Some(hop) => forward::fit(pkt, overhead as u16, hop),
-        None => Fit::Fits,
+    // Unresolved: the kernel checks the size. (Written out for both cases: a value
+    // left undefined on one path ends up read from a register the verifier has
+    // never seen written.)
+    let mtu = match &hop {
+        Some(hop) => hop.mtu,
+        None => u16::MAX,
     };
+    let fit = |overhead: usize| forward::fit(pkt, overhead as u16, mtu);
     let mut fragment = false;
+    let needs_source =
+        backend.forwarding == FORWARD_FULLNAT || backend.forwarding == FORWARD_DSR_GUE;
+    if needs_source && backend.source == [0; 4] {
+        // No address of the balancer routes to the backend (the agent found none).
+        return Err(Verdict::of(Reason::DropNoRoute));
+    }
     match backend.forwarding {
         FORWARD_DSR_IPIP | FORWARD_DSR_GUE => {
             let gue = backend.forwarding == FORWARD_DSR_GUE;
             if let Fit::TooBig(mtu) = fit(encap::overhead::<F>(gue)) {
+                // Never an ICMP error about an ICMP error (RFC 1122).
+                if pkt.proto == F::ICMP {
+                    return Err(Verdict::of(Reason::DropNoRoom));
+                }
                 return Ok(icmp::too_big(ctx, pkt, mtu));
             }
             encap::encapsulate(ctx, pkt, backend, gue).check()?;
@@ -469,6 +603,10 @@ fn forward_to<F: Family>(
                 Fit::Fits => {}
             }
             if mode == FORWARD_FULLNAT {
+                if choice.nat_port == 0 {
+                    // A flow scheduled before its slot turned full NAT.
+                    return Err(Verdict::of(Reason::DropNoNatPort));
+                }
                 let source = F::from_words(&backend.source);
                 nat::rewrite(
                     ctx,
@@ -524,47 +662,51 @@ pub fn backend_hop<F: Family>(
     })
 }
 
-/// A full-NAT backend's reply, to the balancer's address and port: the flow it belongs
-/// to says which client and VIP. Anything else from such a backend to the balancer
-/// (a health check's answer) is the kernel's.
+/// A full-NAT backend's reply, to the balancer's address and one of its ports: the
+/// reverse entry of the flow it belongs to. `None`: not one (the table is only asked
+/// for ports in full NAT's range).
 #[inline(always)]
-fn fullnat_reply<F: Family>(pkt: &Packet<F>) -> Result<Reply<F>, Verdict> {
+fn fullnat_entry<F: Family>(pkt: &Packet<F>) -> Option<*const NatTarget> {
+    if !in_fullnat_range(pkt.dport) {
+        return None;
+    }
     let key = F::key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
-    let Some(nat) = F::nat_flows().get_ptr(key) else {
-        return Err(Verdict::of(Reason::PassLocal));
-    };
-    let nat = unsafe { &*nat };
-    Ok(Reply {
-        new_source: (F::from_words(&nat.vip), nat.vip_port),
-        new_destination: Some((F::from_words(&nat.client), nat.client_port)),
-        vip_id: nat.vip_id,
-        backend_id: nat.backend_id,
-    })
+    F::nat_flows().get_ptr(key)
+}
+
+/// A reply found: the map entry that says how to rewrite it (pointers: the entries
+/// stay for the program's run, and copies would take the stack's room).
+pub struct Reply {
+    /// Full NAT's reverse entry, or null.
+    nat: *const NatTarget,
+    /// A NAT backend's reply target, or null.
+    target: *const ReplyTarget,
+    /// Its transport header, checked.
+    l4: L4,
 }
 
 /// How a reply is rewritten.
-struct Reply<F: Family> {
+struct Rewrite<F: Family> {
     /// The VIP.
     new_source: (F::Addr, u16),
-    /// The client, for full NAT (NAT replies are addressed to it already).
-    new_destination: Option<(F::Addr, u16)>,
+    /// The client (NAT replies are addressed to it already: only full NAT's change).
+    new_destination: (F::Addr, u16),
+    fullnat: bool,
     vip_id: u32,
     backend_id: u32,
 }
 
-/// Rewrites a backend's reply for its client and sends it.
+/// Rewrites a backend's reply for its client and sends it (or says it is too big,
+/// for the caller to answer).
 #[inline(always)]
 fn reply<F: Family>(
     ctx: &XdpContext,
     pkt: &Packet<F>,
     l4: &L4,
-    to: &Reply<F>,
+    to: &Rewrite<F>,
     events: &mut Events,
-) -> Result<Verdict, Verdict> {
-    let client = match to.new_destination {
-        Some((addr, _)) => addr,
-        None => pkt.dst,
-    };
+) -> Result<Status, Verdict> {
+    let client = to.new_destination.0;
     // Routed before the rewrite: a backend answering the balancer itself (a health
     // check) must reach the local stack untouched.
     let hop = match client_hop::<F>(ctx, pkt.proto, client, to.new_source.0, events) {
@@ -573,8 +715,8 @@ fn reply<F: Family>(
     };
     let mut fragment = false;
     if let Ok(hop) = &hop {
-        match forward::fit(pkt, 0, hop) {
-            Fit::TooBig(mtu) => return Ok(icmp::too_big(ctx, pkt, mtu)),
+        match forward::fit(pkt, 0, hop.mtu) {
+            Fit::TooBig(mtu) => return Ok(Status::too_big(mtu)),
             Fit::Fragment => fragment = true,
             Fit::Fits => {}
         }
@@ -587,24 +729,24 @@ fn reply<F: Family>(
         (pkt.src, pkt.sport),
         to.new_source,
     )?;
-    if let Some(destination) = to.new_destination {
+    if to.fullnat {
         nat::rewrite(
             ctx,
             pkt,
             l4,
             End::Destination,
             (pkt.dst, pkt.dport),
-            destination,
+            to.new_destination,
         )?;
     }
     events.note(Reason::Reply);
     account(&VIP_STATS, to.vip_id, pkt.frame_len, Traffic::Reply);
     account(&BACKEND_STATS, to.backend_id, pkt.frame_len, Traffic::Reply);
-    Ok(match hop {
+    Ok(Status::verdict(match hop {
         Ok(_) if fragment => Verdict::of(Reason::PassTooBig),
         Ok(hop) => forward::send(ctx, &hop),
         Err(verdict) => verdict,
-    })
+    }))
 }
 
 /// The next hop toward a client. A client on the link is a neighbour itself (one

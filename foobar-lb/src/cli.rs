@@ -91,8 +91,9 @@ pub enum Command {
     /// loopback again and prints its counters as JSON.
     ///
     /// Examples:
-    ///   sudo foobar-lb decap --interface eth0 --vip 203.0.113.10
-    ///   sudo foobar-lb decap --interface eth0 --vip 203.0.113.10 --vip 2001:db8::10 --gue-port 6080
+    ///   sudo foobar-lb decap --interface eth0 --vip 203.0.113.10 --from 172.16.0.0/16
+    ///   sudo foobar-lb decap --interface eth0 --vip 203.0.113.10 --vip 2001:db8::10 \
+    ///       --from 172.16.0.0/16 --from 100::/64 --from 10.1.0.0/24 --gue-port 6080
     #[command(verbatim_doc_comment)]
     Decap(DecapArgs),
     /// Re-read the configuration file and apply it whole; a bad file changes nothing.
@@ -137,6 +138,11 @@ pub struct DecapArgs {
     /// Leave the loopback and ARP settings alone (they are configured elsewhere).
     #[arg(long)]
     pub no_loopback: bool,
+    /// A prefix the balancers send from (their `ipip_source`, their own addresses
+    /// toward this host): encapsulated packets from elsewhere are dropped. Repeatable;
+    /// none: any source.
+    #[arg(long = "from", value_name = "PREFIX")]
+    pub sources: Vec<ipnet::IpNet>,
 }
 
 /// `--xdp-mode` values.

@@ -15,7 +15,10 @@ use std::{
 use anyhow::{Context, anyhow};
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{
+        Array, HashMap, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{Xdp, XdpMode},
 };
 use foobar_lb_common::{
@@ -43,6 +46,8 @@ pub struct DecapOptions {
     pub xdp_mode: XdpMode,
     /// Put the VIPs on the loopback and keep ARP from answering for them elsewhere.
     pub configure_loopback: bool,
+    /// The outer sources accepted (the balancers' prefixes); empty: any.
+    pub sources: Vec<ipnet::IpNet>,
 }
 
 /// Runs until `shutdown`, then undoes what it did; returns the counters.
@@ -66,7 +71,38 @@ pub async fn run(
                 .ok_or_else(|| anyhow!("no map {}", names::DECAP_SETTINGS))?,
         )?;
         let gue_port = options.gue_port.to_be();
-        settings.set(0, DecapSettings { gue_port, _pad: 0 }, 0)?;
+        let check_sources = u16::from(!options.sources.is_empty());
+        settings.set(
+            0,
+            DecapSettings {
+                gue_port,
+                check_sources,
+            },
+            0,
+        )?;
+        for prefix in &options.sources {
+            let len = u32::from(prefix.prefix_len());
+            let words = words(prefix.network());
+            if prefix.addr().is_ipv4() {
+                let mut trie: LpmTrie<_, u32, u8> = LpmTrie::try_from(
+                    ebpf.map_mut(names::DECAP_SOURCES)
+                        .ok_or_else(|| anyhow!("no map {}", names::DECAP_SOURCES))?,
+                )?;
+                trie.insert(&LpmKey::new(len, words[0]), 1, 0)?;
+            } else {
+                let mut trie: LpmTrie<_, [u32; 4], u8> = LpmTrie::try_from(
+                    ebpf.map_mut(names::DECAP_SOURCES6)
+                        .ok_or_else(|| anyhow!("no map {}", names::DECAP_SOURCES6))?,
+                )?;
+                trie.insert(&LpmKey::new(len, words), 1, 0)?;
+            }
+        }
+    }
+    if options.sources.is_empty() {
+        warn!(
+            "decapsulating from any source: name the balancers' source prefixes with --from \
+             (their ipip_source prefixes and their addresses toward this host)"
+        );
     }
     let program: &mut Xdp = ebpf
         .program_mut("decap")

@@ -176,6 +176,7 @@ fn run_decap(args: &DecapArgs) -> anyhow::Result<()> {
         }
         .mode(),
         configure_loopback: !args.no_loopback,
+        sources: args.sources.clone(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -65,6 +65,9 @@ pub struct ApplyReport {
     pub next_hops_written: usize,
     /// Client-side routes and neighbours written or removed.
     pub client_side_written: usize,
+    /// Full-NAT or GUE backends no address of this machine routes to: written without
+    /// a source (the data plane drops their packets) until a route appears.
+    pub backends_without_source: usize,
 }
 
 /// What the agent has written into the maps.
@@ -394,25 +397,25 @@ pub fn plan(
         let vip_id = vip_ids[&p.endpoint];
         let forwarding = p.spec.forwarding;
         let mut ids = Vec::with_capacity(p.backends.len());
-        for (i, backend) in p.backends.iter().enumerate() {
+        for backend in &p.backends {
             let id = backend_ids[&(p.endpoint, *backend)];
             ids.push(id);
             let addr = address_of(&backend.addr, backend.family);
             let next_hop = env.topology.next_hop(addr).unwrap_or_default();
-            let Some(source) = env.source(forwarding, backend) else {
-                return Err(refuse(
-                    &format!("vips[{}].backends[{i}]", p.spec.name),
-                    format!(
-                        "no address of this machine routes to {addr}, which {} needs as its source",
-                        forwarding.name()
-                    ),
-                ));
-            };
+            // Without an address to send from, full NAT and GUE cannot reach it.
+            let sourced = env.source(forwarding, backend);
+            if sourced.is_none() {
+                b.plan.report.backends_without_source += 1;
+            }
+            let source = sourced.unwrap_or_default();
             let written = b.sim.backends.get(&id).copied();
             let kept = kept_backend(p, backend).is_some();
-            // A flow keeps its backend only while the way there stays the same.
-            let same_way =
-                written.is_some_and(|w| w.forwarding == forwarding.code() && w.source == source);
+            // A flow keeps its backend only while the way there stays the same: the
+            // mode, and full NAT's source address (its flows' ports belong to it).
+            let same_way = written.is_some_and(|w| {
+                w.forwarding == forwarding.code()
+                    && (forwarding != Forwarding::Fullnat || w.source == source)
+            });
             let slot = Backend {
                 endpoint: *backend,
                 flags: BACKEND_ACTIVE,
@@ -434,13 +437,13 @@ pub fn plan(
             if written != Some(slot) {
                 b.push(Op::SetBackend(id, slot));
             }
-            // DSR backends answer clients themselves: no replies to map back.
-            if !forwarding.is_dsr() {
+            // Only NAT replies are mapped back by the backend's endpoint: full NAT's
+            // by their flow, and DSR backends answer clients themselves.
+            if forwarding == Forwarding::Nat {
                 let target = ReplyTarget {
                     vip: p.endpoint,
                     vip_id,
                     backend_id: id,
-                    forwarding: forwarding.code(),
                 };
                 if b.sim.replies.get(backend) != Some(&target) {
                     b.push(Op::SetReply(*backend, target));
@@ -486,7 +489,7 @@ pub fn plan(
     }
     let target_endpoints: BTreeSet<Endpoint> = desired
         .iter()
-        .filter(|p| !p.spec.forwarding.is_dsr())
+        .filter(|p| p.spec.forwarding == Forwarding::Nat)
         .flat_map(|p| p.backends.iter().copied())
         .collect();
     let stale_replies: Vec<Endpoint> = b

@@ -357,30 +357,26 @@ impl DesiredState {
                         "must be of the VIP's address family",
                     ));
                 }
-                if vip.forwarding.is_dsr() {
+                if vip.forwarding.is_dsr() && backend.port != vip.port {
                     // The packet reaches the backend as the client sent it.
-                    if backend.port != vip.port {
-                        return Err(invalid(
-                            format!("{at}.port"),
-                            format!(
-                                "{} forwards without changing the port: must be the VIP's port {}",
-                                vip.forwarding.name(),
-                                vip.port
-                            ),
-                        ));
-                    }
-                    weighted.push(Weighted {
-                        endpoint: ep,
-                        weight: backend.weight,
-                    });
-                    continue;
+                    return Err(invalid(
+                        format!("{at}.port"),
+                        format!(
+                            "{} forwards without changing the port: must be the VIP's port {}",
+                            vip.forwarding.name(),
+                            vip.port
+                        ),
+                    ));
                 }
-                // Replies are mapped back to their VIP by the backend endpoint alone.
-                if let Some(other) = backends_seen.insert(ep, at.clone()) {
+                // NAT replies are mapped back to their VIP by the backend endpoint alone.
+                if vip.forwarding == Forwarding::Nat
+                    && let Some(other) = backends_seen.insert(ep, at.clone())
+                {
                     return Err(invalid(
                         at,
                         format!(
-                            "same address and port as {other}: a backend endpoint serves one VIP"
+                            "same address and port as {other}: a backend endpoint serves one NAT VIP \
+                             (its replies are mapped back by it; full NAT and DSR have no such limit)"
                         ),
                     ));
                 }

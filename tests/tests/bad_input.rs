@@ -68,7 +68,7 @@ fn malformed_cli_arguments_and_refused_changes_leave_the_state_alone() {
         (
             &["vip", "add", "x", "10.0.0.101:80", "--backend", &web1],
             1,
-            &["a backend endpoint serves one VIP"],
+            &["a backend endpoint serves one NAT VIP"],
         ),
         (
             &[

@@ -6,7 +6,10 @@ use std::net::IpAddr;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{
+        Array, HashMap, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use foobar_lb::{
@@ -31,6 +34,11 @@ struct Decap {
 
 impl Decap {
     fn new(vips: &[IpAddr]) -> Self {
+        Self::from_sources(vips, &[])
+    }
+
+    /// Decapsulating only packets whose outer source is in one of `sources`.
+    fn from_sources(vips: &[IpAddr], sources: &[&str]) -> Self {
         let mut ebpf = EbpfLoader::new().load(DECAP_OBJECT).expect("load");
         {
             let mut map: HashMap<_, VipAddr, u32> =
@@ -41,9 +49,26 @@ impl Decap {
             let mut settings: Array<_, DecapSettings> =
                 Array::try_from(ebpf.map_mut(names::DECAP_SETTINGS).unwrap()).unwrap();
             let gue_port = DEFAULT_GUE_PORT.to_be();
-            settings
-                .set(0, DecapSettings { gue_port, _pad: 0 }, 0)
-                .unwrap();
+            let check_sources = u16::from(!sources.is_empty());
+            let value = DecapSettings {
+                gue_port,
+                check_sources,
+            };
+            settings.set(0, value, 0).unwrap();
+            for source in sources {
+                let prefix: ipnet::IpNet = source.parse().unwrap();
+                let key = words(prefix.network());
+                let len = u32::from(prefix.prefix_len());
+                if prefix.addr().is_ipv4() {
+                    let mut trie: LpmTrie<_, u32, u8> =
+                        LpmTrie::try_from(ebpf.map_mut(names::DECAP_SOURCES).unwrap()).unwrap();
+                    trie.insert(&LpmKey::new(len, key[0]), 1, 0).unwrap();
+                } else {
+                    let mut trie: LpmTrie<_, [u32; 4], u8> =
+                        LpmTrie::try_from(ebpf.map_mut(names::DECAP_SOURCES6).unwrap()).unwrap();
+                    trie.insert(&LpmKey::new(len, key), 1, 0).unwrap();
+                }
+            }
         }
         let program: &mut Xdp = ebpf.program_mut("decap").unwrap().try_into().unwrap();
         program.load().expect("the verifier takes the program");
@@ -161,6 +186,21 @@ fn an_encapsulated_packet_for_another_address_is_dropped() {
     let (action, _) = decap.run(&wire);
     assert_eq!(action, xdp_action::DROP);
     assert_eq!(decap.count(DecapReason::DropNotAVip), 1);
+}
+
+#[test]
+fn only_the_balancers_sources_are_decapsulated_when_named() {
+    let client = Frame::tcp(Family::V4.client(), 40_000, Family::V4.vip(), 80, Tcp::Syn);
+    let ipip = encapsulated(Family::V4, Forwarding::DsrIpip, &client);
+    let gue = encapsulated(Family::V4, Forwarding::DsrGue, &client);
+    // IPIP leaves from 172.16.0.0/16, GUE from the balancer's 10.1.0.1.
+    let mut decap = Decap::from_sources(&[Family::V4.vip()], &["172.16.0.0/16", "100::/64"]);
+    assert_eq!(decap.run(&ipip).0, xdp_action::PASS);
+    assert_eq!(decap.run(&gue).0, xdp_action::DROP);
+    assert_eq!(decap.count(DecapReason::DropUnknownSource), 1);
+    let mut decap = Decap::from_sources(&[Family::V4.vip()], &["10.1.0.0/24"]);
+    assert_eq!(decap.run(&gue).0, xdp_action::PASS);
+    assert_eq!(decap.run(&ipip).0, xdp_action::DROP);
 }
 
 #[test]

@@ -88,7 +88,10 @@ fn to_backend(lab: &mut PacketLab, family: Family, mode: Forwarding, frame: &Fra
                 assert_eq!((dport, check), (6080, 0), "GUE port, no UDP checksum");
             }
             if family == Family::V4 {
-                assert_eq!(outer.dont_fragment, frame.dont_fragment, "DF copied");
+                assert!(
+                    outer.dont_fragment,
+                    "a fragmented outer packet could not be decapsulated"
+                );
             }
         }
     }
@@ -516,6 +519,47 @@ fn full_nat_runs_out_of_ports_cleanly() {
 }
 
 #[test]
+fn full_nat_takes_back_the_ports_of_flows_that_are_over() {
+    let mut lab = setup(Family::V4, Forwarding::Fullnat);
+    let settings = lab.balancer.environment().settings;
+    lab.set_settings(foobar_lb_common::Settings {
+        fullnat_port_min: 20_000,
+        fullnat_port_count: 2,
+        ..settings
+    });
+    to_backend(
+        &mut lab,
+        Family::V4,
+        Forwarding::Fullnat,
+        &syn(Family::V4, 40_000),
+    );
+    let second = to_backend(
+        &mut lab,
+        Family::V4,
+        Forwarding::Fullnat,
+        &syn(Family::V4, 40_001),
+    );
+    // The second flow closes: its port is free for a third once none is.
+    let fin = Frame::tcp(CLIENT, 40_001, VIP, 80, Tcp::Fin);
+    to_backend(&mut lab, Family::V4, Forwarding::Fullnat, &fin);
+    let third = to_backend(
+        &mut lab,
+        Family::V4,
+        Forwarding::Fullnat,
+        &syn(Family::V4, 40_002),
+    );
+    assert_eq!(third.sport, second.sport);
+    // Its replies reach the third client, not the second.
+    let reply = backend_reply(Family::V4, &third).build();
+    let out = lab.run(Side::Backend, &reply);
+    check_to_client(Family::V4, &parse(&out.packet), 40_002, 80);
+    // The first, still open, keeps its port: a fourth finds none.
+    let out = lab.run(Side::Client, &syn(Family::V4, 40_003).build());
+    assert_eq!(action_name(out.action), "DROP");
+    assert_eq!(lab.count(Reason::DropNoNatPort), 1);
+}
+
+#[test]
 fn a_full_nat_backend_talking_to_the_balancer_itself_is_the_kernels() {
     let mut lab = setup(Family::V4, Forwarding::Fullnat);
     to_backend(
@@ -540,7 +584,7 @@ fn a_full_nat_backend_talking_to_the_balancer_itself_is_the_kernels() {
     let out = lab.run(Side::Backend, &answer);
     assert_eq!(action_name(out.action), "PASS");
     assert_eq!(out.packet, answer);
-    assert_eq!(lab.count(Reason::PassLocal), 1);
+    assert_eq!(lab.count(Reason::PassNotVip), 1);
 }
 
 #[test]

@@ -48,6 +48,7 @@ pub fn run(rounds: u32) -> Result<()> {
         bin_dir: "target/release".into(),
         ha: true,
         stack: false,
+        router: false,
     });
     for (i, priority) in [(0, 150), (1, 100)] {
         lab.balancers[i].write_config(&config(priority));

@@ -35,6 +35,7 @@ pub fn run(load: &Load) -> Result<()> {
         bin_dir: "target/release".into(),
         ha: false,
         stack: false,
+        router: false,
     });
     // With a new connection per request the servers close first; their TIME_WAIT
     // sockets from one setup's run would collide with the next setup's SYNs from the

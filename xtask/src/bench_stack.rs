@@ -46,6 +46,7 @@ pub fn run(duration: u32, connections: u32, rounds: u32) -> Result<()> {
         bin_dir: "target/release".into(),
         ha: false,
         stack: true,
+        router: false,
     });
     lab.write_config(&format!(
         "{}{}{}",

@@ -22,6 +22,7 @@ fn spec(persistent: bool, ha: bool, stack: bool) -> LabSpec {
         bin_dir: PathBuf::from("target/debug"),
         ha,
         stack,
+        router: false,
     }
 }
 

@@ -37,6 +37,10 @@ const PACKAGES: &[&str] = &[
     "bind9-dnsutils",
     // Floods of SYNs and ACKs from random sources.
     "hping3",
+    // Pings of VIPs (answered by the balancer); python3 for the upload sink of the
+    // path-MTU test.
+    "iputils-ping",
+    "python3",
 ];
 
 /// Where bpf-linker finds the nightly's libLLVM; it keeps an rpath to it, so it must

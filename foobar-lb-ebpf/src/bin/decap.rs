@@ -16,18 +16,22 @@ use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::generated::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use foobar_lb_common::{
     PROTO_IPIP, PROTO_IPV6, PROTO_UDP, VipAddr,
-    decap::{DecapCounters, DecapReason, DecapSettings, MAX_DECAP_VIPS},
+    decap::{DecapCounters, DecapReason, DecapSettings, MAX_DECAP_SOURCES, MAX_DECAP_VIPS},
 };
 
 #[map]
 static DECAP_VIPS: HashMap<VipAddr, u32> = HashMap::with_max_entries(MAX_DECAP_VIPS, 0);
 #[map]
 static DECAP_SETTINGS: Array<DecapSettings> = Array::with_max_entries(1, 0);
+#[map]
+static DECAP_SOURCES: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_DECAP_SOURCES, 0);
+#[map]
+static DECAP_SOURCES6: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(MAX_DECAP_SOURCES, 0);
 #[map]
 static DECAP_COUNTERS: PerCpuArray<DecapCounters> = PerCpuArray::with_max_entries(1, 0);
 
@@ -107,10 +111,11 @@ fn decapsulate(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
         ETH_P_IPV6 => (read::<[u8; 8]>(ctx, l3).map_err(|_| not_ours)?[6], l3 + 40),
         _ => return Err(not_ours),
     };
+    let settings = DECAP_SETTINGS.get(0).copied().unwrap_or_default();
     let reason = match proto {
         PROTO_IPIP | PROTO_IPV6 => DecapReason::Ipip,
         PROTO_UDP => {
-            let gue_port = DECAP_SETTINGS.get(0).map_or(0, |s| s.gue_port);
+            let gue_port = settings.gue_port;
             let ports: [u16; 2] = read(ctx, inner)?;
             if gue_port == 0 || ports[1] != gue_port {
                 return Err(not_ours);
@@ -135,6 +140,22 @@ fn decapsulate(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
     };
     if unsafe { DECAP_VIPS.get(VipAddr { addr: vip }) }.is_none() {
         return Err(DecapReason::DropNotAVip);
+    }
+    // Only a balancer may send encapsulated packets: anyone else could slip packets
+    // with any inner source past the host's filters.
+    if settings.check_sources != 0 {
+        let known = if ether_type == ETH_P_IP {
+            DECAP_SOURCES
+                .get(Key::new(32, read::<u32>(ctx, l3 + 12)?))
+                .is_some()
+        } else {
+            DECAP_SOURCES6
+                .get(Key::new(128, read::<[u32; 4]>(ctx, l3 + 8)?))
+                .is_some()
+        };
+        if !known {
+            return Err(DecapReason::DropUnknownSource);
+        }
     }
 
     // Move the Ethernet header (and tag) up to just before the inner packet, then

@@ -125,7 +125,6 @@ fn main() -> ExitCode {
                 vip,
                 vip_id: id,
                 backend_id: id,
-                forwarding: FORWARD_NAT,
             },
         )
         .unwrap();
