@@ -149,6 +149,8 @@ impl Status {
     pub const GO_ON: Status = Status(0);
     /// Not this function's packet.
     pub const NOT_OURS: Status = Status(1);
+    /// ICMP, for the ICMP functions.
+    pub const ICMP: Status = Status(2);
     const VERDICT: u64 = 1 << 63;
     const TOO_BIG: u64 = 1 << 62;
 

@@ -70,12 +70,17 @@ fn family<F: Family>(
     scratch: &mut Scratch,
     events: &mut Events,
 ) -> Result<Verdict, Verdict> {
+    // Parsed, and chosen for if it is a client's packet for a VIP, in one call:
+    // (written by `front` when it goes on; left uninitialised: zeroing it would call
+    // memset).
+    let mut choice = MaybeUninit::<Choice>::uninit();
+    let front = front::<F>(ctx, roles, l3, events, &mut choice).check()?;
     let pkt = F::packet(scratch);
-    parse_ip(ctx, l3, pkt).check()?;
-    if pkt.fragment {
-        return Err(fragment(roles, pkt));
+    if front == Status::GO_ON {
+        let choice = unsafe { choice.assume_init_ref() };
+        return verdict_of(deliver(ctx, pkt, choice, events));
     }
-    if pkt.proto == F::ICMP {
+    if front == Status::ICMP {
         return match icmp::handle(ctx, roles, pkt, events)? {
             icmp::Outcome::Done(verdict) => Ok(verdict),
             icmp::Outcome::Encapsulate(id) => {
@@ -85,23 +90,7 @@ fn family<F: Family>(
             }
         };
     }
-    if pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
-        return Err(Verdict::of(Reason::PassNotTcpUdp));
-    }
-    if roles & ROLE_CLIENT != 0 {
-        // Written by `choose` when it goes on (left uninitialised: zeroing it would
-        // call memset).
-        let mut choice = MaybeUninit::<Choice>::uninit();
-        if choose(ctx, pkt, events, &mut choice).check()? == Status::GO_ON {
-            let choice = unsafe { choice.assume_init_ref() };
-            return verdict_of(deliver(ctx, pkt, choice, events));
-        }
-    }
-    // Finding and sending a reply are functions of their own, one after the other.
-    let mut to = MaybeUninit::<Reply>::uninit();
-    find_reply(ctx, roles, pkt, &mut to).check()?;
-    let to = unsafe { to.assume_init_ref() };
-    let sent = send_reply(ctx, pkt, to, events);
+    let sent = from_backend(ctx, roles, pkt, events);
     match sent.mtu() {
         Some(mtu) => Ok(icmp::too_big(ctx, pkt, mtu)),
         None => verdict_of(sent),
@@ -114,9 +103,37 @@ fn verdict_of(status: Status) -> Result<Verdict, Verdict> {
     status.into_verdict().ok_or(Verdict::of(Reason::DropNoRoom))
 }
 
+/// Parses the packet into the scratch map and, for a client's TCP/UDP packet for a
+/// VIP, chooses its backend (go on, the choice in `out`). ICMP: [`Status::ICMP`];
+/// anything else TCP/UDP: not ours (a reply, perhaps).
 #[inline(never)]
-fn parse_ip<F: Family>(ctx: &XdpContext, l3: usize, pkt: &mut Packet<F>) -> Status {
-    Status::of(F::parse(ctx, l3, pkt))
+fn front<F: Family>(
+    ctx: &XdpContext,
+    roles: u32,
+    l3: usize,
+    events: &mut Events,
+    out: &mut MaybeUninit<Choice>,
+) -> Status {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Status::verdict(Verdict::of(Reason::DropNoRoom));
+    };
+    let pkt = F::packet(unsafe { &mut *scratch });
+    if let Err(v) = F::parse(ctx, l3, pkt) {
+        return Status::verdict(v);
+    }
+    if pkt.fragment {
+        return Status::verdict(fragment(roles, pkt));
+    }
+    if pkt.proto == F::ICMP {
+        return Status::ICMP;
+    }
+    if pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
+        return Status::verdict(Verdict::of(Reason::PassNotTcpUdp));
+    }
+    if roles & ROLE_CLIENT == 0 {
+        return Status::NOT_OURS;
+    }
+    choose(ctx, pkt, events, out)
 }
 
 /// Where a client packet goes: its backend slot, full NAT's source port, what it
@@ -124,9 +141,11 @@ fn parse_ip<F: Family>(ctx: &XdpContext, l3: usize, pkt: &mut Packet<F>) -> Stat
 /// (Integers only: a struct of small fields and flags, zeroed, would call memset.)
 pub struct Choice {
     id: u32,
-    nat_port: u16,
+    /// Full NAT's port (network order); a word of its own, as the offset below: packed
+    /// together, LLVM fills the halves from registers the verifier calls unwritten.
+    nat_port: u32,
     /// Offset of the transport checksum.
-    check: u16,
+    check: u32,
     /// [`Choice::UDP`], [`Choice::NEW_FLOW`], [`Choice::CLOSED`].
     flags: u32,
 }
@@ -145,8 +164,8 @@ impl Choice {
         };
         Self {
             id,
-            nat_port,
-            check: l4.check,
+            nat_port: nat_port as u32,
+            check: l4.check as u32,
             flags: if l4.udp { Self::UDP } else { 0 }
                 | if new_flow { Self::NEW_FLOW } else { 0 }
                 | if closed { Self::CLOSED } else { 0 },
@@ -157,7 +176,7 @@ impl Choice {
     #[inline(always)]
     fn l4(&self) -> L4 {
         L4 {
-            check: self.check,
+            check: self.check as u16,
             syn: false,
             closing: false,
             udp: self.flags & Self::UDP != 0,
@@ -178,7 +197,7 @@ impl Choice {
 /// A TCP/UDP packet from the client side: which backend, if it is for a VIP: the
 /// flow table's answer, or its VIP's schedule. Choosing and delivering are functions
 /// of their own, called one after the other, so their stack frames do not add up.
-#[inline(never)]
+#[inline(always)]
 fn choose<F: Family>(
     ctx: &XdpContext,
     pkt: &Packet<F>,
@@ -202,23 +221,36 @@ fn choose_backend<F: Family>(
     events: &mut Events,
 ) -> Result<Option<Choice>, Verdict> {
     let key = F::key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
-    let known = F::flows().get_ptr_mut(key);
-    if let Some(flow) = known {
+    if let Some(flow) = F::flows().get_ptr_mut(key) {
         let l4 = parse::l4(ctx, pkt)?;
-        if let Some((id, nat_port, traffic)) = established(ctx, &l4, unsafe { &mut *flow }, events)
-        {
-            return Ok(Some(Choice::new(id, nat_port, &l4, traffic)));
-        }
+        return match established(ctx, &l4, unsafe { &mut *flow }, events) {
+            Some((id, nat_port, traffic)) => Ok(Some(Choice::new(id, nat_port, &l4, traffic))),
+            // A known flow that needs a backend again: its VIP's schedule.
+            None => schedule_new(ctx, pkt, &key, true, events),
+        };
     }
-    // A miss, or a known flow that needs a backend again: its VIP's schedule.
+    schedule_new(ctx, pkt, &key, false, events)
+}
+
+/// A client packet without a (usable) flow: its VIP's schedule, if it is for one.
+/// (Its own function, called on both ways: with one tail shared, LLVM keeps values
+/// undefined on one way in registers the verifier has never seen written.)
+#[inline(always)]
+fn schedule_new<F: Family>(
+    ctx: &XdpContext,
+    pkt: &Packet<F>,
+    key: &F::Key,
+    known: bool,
+    events: &mut Events,
+) -> Result<Option<Choice>, Verdict> {
     let Some(vip) = (unsafe { VIPS.get(F::endpoint(pkt.dst, pkt.dport, pkt.proto)) }) else {
         return Ok(None);
     };
     let l4 = parse::l4(ctx, pkt)?;
-    if known.is_none() && !opens(pkt, &l4) {
+    if !known && !opens(pkt, &l4) {
         events.note(Reason::FlowMissNonSyn);
     }
-    let (id, nat_port) = new_flow(ctx, pkt, &l4, &key, vip, events)?;
+    let (id, nat_port) = new_flow(ctx, pkt, &l4, key, vip, events)?;
     let traffic = Traffic::NewFlow { closed: l4.closing };
     Ok(Some(Choice::new(id, nat_port, &l4, traffic)))
 }
@@ -240,32 +272,20 @@ fn deliver<F: Family>(
     }
 }
 
-/// A TCP/UDP packet not for a VIP: a reply, if it comes from a backend (go on, with
-/// how to rewrite it in `out`).
+/// A TCP/UDP packet not for a VIP: a reply, if it comes from a backend, rewritten
+/// for its client and sent on (or too big: the caller answers).
 #[inline(never)]
-fn find_reply<F: Family>(
+fn from_backend<F: Family>(
     ctx: &XdpContext,
     roles: u32,
     pkt: &Packet<F>,
-    out: &mut MaybeUninit<Reply>,
-) -> Status {
-    match reply_to(ctx, roles, pkt) {
-        Ok(reply) => {
-            out.write(reply);
-            Status::GO_ON
-        }
-        Err(v) => Status::verdict(v),
-    }
-}
-
-/// Rewrites a reply as found and sends it on.
-#[inline(never)]
-fn send_reply<F: Family>(
-    ctx: &XdpContext,
-    pkt: &Packet<F>,
-    to: &Reply,
     events: &mut Events,
 ) -> Status {
+    let to = match reply_to(ctx, roles, pkt) {
+        Ok(to) => to,
+        Err(v) => return Status::verdict(v),
+    };
+    let to = &to;
     // The entries stay valid for the whole run of the program (RCU).
     let rewrite = if to.nat.is_null() {
         let target = unsafe { &*to.target };
@@ -614,7 +634,7 @@ fn forward_to<F: Family>(
                     l4,
                     End::Source,
                     (pkt.src, pkt.sport),
-                    (source, choice.nat_port),
+                    (source, choice.nat_port as u16),
                 )?;
                 events.note(Reason::FullNat);
             }

@@ -25,7 +25,7 @@ use std::net::IpAddr;
 
 use foobar_lb_common::{
     Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint, FAMILY_IPV4, FAMILY_IPV6, FlowKey,
-    FlowState, Iface, MAX_BACKENDS, MAX_IFINDEX, NextHop, ReplyTarget, Route, Settings,
+    FlowKey6, FlowState, Iface, MAX_BACKENDS, MAX_IFINDEX, NextHop, ReplyTarget, Route, Settings,
     TrafficStats, VipAddr, VipInfo, map_names as names, schedule_index,
 };
 use ipnet::IpNet;
@@ -468,6 +468,12 @@ impl Dataplane {
             map: names::FLOWS,
             source,
         })
+    }
+
+    /// Sets an IPv6 flow-table entry (tests and benchmarks).
+    pub fn set_flow6(&mut self, key: &FlowKey6, flow: &FlowState) -> Result<()> {
+        let mut m: HashMap<_, FlowKey6, FlowState> = map!(self, HashMap, names::FLOWS6);
+        m.insert(key, flow, 0).map_err(map_err(names::FLOWS6))
     }
 
     /// Visits every flow-table entry, thousands per system call. The table keeps
