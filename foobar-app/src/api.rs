@@ -141,14 +141,43 @@ async fn create(
     })?;
     let author = checked("author", &new.author, MAX_AUTHOR_CHARS, false)?;
     let text = checked("text", &new.text, MAX_TEXT_CHARS, true)?;
-    let post = db.insert_post(author, text).await?;
+    let (post, gtid) = db.insert_post(author, text).await?;
     let location = format!("/api/posts/{}", post.id);
-    Ok((
+    let mut response = (
         StatusCode::CREATED,
         [(header::LOCATION, location)],
         Json(post),
     )
-        .into_response())
+        .into_response();
+    // Read-your-writes: the client's next reads, on any application node and any
+    // connection, wait for this commit on the replica.
+    if let Ok(cookie) = format!(
+        "{WRITE_COOKIE}={gtid}; Path=/api/; Max-Age={WRITE_COOKIE_MAX_AGE_S}; HttpOnly; SameSite=Lax"
+    )
+    .parse()
+        && !gtid.is_empty()
+    {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    Ok(response)
+}
+
+/// The cookie that carries a client's last write (its GTID).
+pub const WRITE_COOKIE: &str = "foobar_last_write";
+/// How long it matters: past it, the replica has long applied the write.
+const WRITE_COOKIE_MAX_AGE_S: u32 = 60;
+
+/// The client's last write, from its cookie, if it is a well-formed GTID position.
+fn last_write(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == WRITE_COOKIE)
+        .map(|(_, value)| value.to_owned())
+        .filter(|value| crate::db::is_gtid_list(value))
 }
 
 /// A page of posts, newest first, and where the next page starts.
@@ -160,6 +189,7 @@ struct Page {
 
 async fn list(
     State(db): State<Arc<Pools>>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Page>, ApiError> {
     let mut before = None;
@@ -200,20 +230,26 @@ async fn list(
             }
         }
     }
-    let posts = db.posts(before, limit).await?;
+    let posts = db
+        .posts(before, limit, last_write(&headers).as_deref())
+        .await?;
     let next_before = (posts.len() == limit as usize)
         .then(|| posts.last().map(|p| p.id))
         .flatten();
     Ok(Json(Page { posts, next_before }))
 }
 
-async fn one(State(db): State<Arc<Pools>>, Path(id): Path<String>) -> Result<Json<Post>, ApiError> {
+async fn one(
+    State(db): State<Arc<Pools>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Post>, ApiError> {
     let id: u64 = id
         .parse()
         .ok()
         .filter(|&v| v > 0)
         .ok_or_else(|| ApiError::invalid("id", "must be a positive integer"))?;
-    match db.post(id).await? {
+    match db.post(id, last_write(&headers).as_deref()).await? {
         Some(post) => Ok(Json(post)),
         None => Err(ApiError {
             status: StatusCode::NOT_FOUND,
@@ -241,6 +277,24 @@ mod tests {
         checked("f", &value, 5, multiline)
             .map(|_| ())
             .map_err(|e| e.message)
+    }
+
+    #[test]
+    fn reads_the_last_write_from_its_cookie() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            "a=b; foobar_last_write=0-1-42".parse().unwrap(),
+        );
+        assert_eq!(last_write(&headers).as_deref(), Some("0-1-42"));
+        headers.insert(
+            header::COOKIE,
+            "foobar_last_write=0-1-42'--".parse().unwrap(),
+        );
+        assert_eq!(last_write(&headers), None);
+        assert!(crate::db::is_gtid_list("0-1-42,1-2-3"));
+        assert!(!crate::db::is_gtid_list(""));
+        assert!(!crate::db::is_gtid_list("0-1"));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The database: two endpoints (writes to the primary, reads from a replica), the
 //! schema migrations, the queries, and a supervisor that keeps each endpoint's health
 //! so requests fail fast with 503 while it is away and succeed again by themselves
-//! once it is back. Each server worker has connection pools of its own ([`Pools`]),
+//! once it is back. Reads go to the primary while the replica is away, and a client
+//! reads its own writes: a write answers its GTID, which a later read waits for on
+//! the replica (briefly, then it reads from the primary). Each server worker has connection pools of its own ([`Pools`]),
 //! used only on its thread; health, deadlines and metrics are shared ([`Db`]).
 
 use std::{
@@ -14,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mysql_async::{Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts, prelude::Queryable};
+use mysql_async::{Conn, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, prelude::Queryable};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -83,6 +85,28 @@ struct EndpointLabels {
     endpoint: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    reason: &'static str,
+}
+
+/// How long a read waits on the replica for the client's last write.
+const READ_YOUR_WRITES_WAIT: Duration = Duration::from_millis(500);
+
+/// Whether `value` looks like a GTID position (`0-1-42`, comma-separated): what a
+/// client's cookie may hand back.
+pub fn is_gtid_list(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 200
+        && value.split(',').all(|gtid| {
+            let parts: Vec<&str> = gtid.split('-').collect();
+            parts.len() == 3
+                && parts.iter().all(|p| {
+                    !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit())
+                })
+        })
+}
+
 /// One endpoint (write or read) and what the supervisor knows of it.
 struct Endpoint {
     role: &'static str,
@@ -103,6 +127,7 @@ pub struct Db {
     queries: Family<QueryLabels, Counter>,
     latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     up: Family<EndpointLabels, Gauge>,
+    fallbacks: Family<FallbackLabels, Counter>,
 }
 
 /// What `/healthz` shows of the database.
@@ -146,6 +171,12 @@ impl Db {
             query_histogram,
         );
         let up = Family::<EndpointLabels, Gauge>::default();
+        let fallbacks = Family::<FallbackLabels, Counter>::default();
+        registry.register(
+            "db_read_fallbacks",
+            "Reads served by the primary: the replica away, or behind the client's last write",
+            fallbacks.clone(),
+        );
         registry.register(
             "db_queries",
             "Database queries by endpoint (write, read) and outcome (ok, error, timeout, unavailable)",
@@ -172,6 +203,7 @@ impl Db {
             queries,
             latency,
             up,
+            fallbacks,
         }))
     }
 
@@ -348,12 +380,13 @@ pub struct Pools {
 }
 
 impl Pools {
-    /// Stores a new post; its id and time come from the primary's commit.
-    pub async fn insert_post(&self, author: &str, text: &str) -> Result<Post, DbError> {
+    /// Stores a new post; its id and time come from the primary's commit. Also
+    /// answers the commit's GTID, for the client's next reads.
+    pub async fn insert_post(&self, author: &str, text: &str) -> Result<(Post, String), DbError> {
         let endpoint = self.db.usable(&self.db.write)?;
         let created_at = chrono::Utc::now().naive_utc();
         let (author_owned, text_owned) = (author.to_owned(), text.to_owned());
-        let id = self
+        let (id, gtid) = self
             .db
             .run(endpoint, &self.write, |mut conn| async move {
                 conn.exec_drop(
@@ -361,48 +394,98 @@ impl Pools {
                     (author_owned, text_owned, created_at),
                 )
                 .await?;
-                Ok(conn.last_insert_id().unwrap_or(0))
+                let id = conn.last_insert_id().unwrap_or(0);
+                let gtid: Option<String> = conn.query_first("SELECT @@last_gtid").await?;
+                Ok((id, gtid.unwrap_or_default()))
             })
             .await?;
-        Ok(Post {
+        let post = Post {
             id,
             author: author.to_owned(),
             text: text.to_owned(),
             created_at: rfc3339(created_at),
-        })
+        };
+        Ok((post, gtid))
     }
 
-    /// One post.
-    pub async fn post(&self, id: u64) -> Result<Option<Post>, DbError> {
-        let endpoint = self.db.usable(&self.db.read)?;
+    /// One post; `after`: the client's last write, which the answer must include.
+    pub async fn post(&self, id: u64, after: Option<&str>) -> Result<Option<Post>, DbError> {
         let rows = self
-            .db
-            .run(endpoint, &self.read, |mut conn| async move {
-                conn.exec(
-                    "SELECT id, author, text, created_at FROM posts WHERE id = ?",
-                    (id,),
-                )
-                .await
-            })
+            .read(
+                "SELECT id, author, text, created_at FROM posts WHERE id = ?",
+                (id,).into(),
+                after,
+            )
             .await?;
         Ok(rows.into_iter().next().map(post_of))
     }
 
     /// The newest `limit` posts older than `before` (all if none), newest first.
-    pub async fn posts(&self, before: Option<u64>, limit: u32) -> Result<Vec<Post>, DbError> {
-        let endpoint = self.db.usable(&self.db.read)?;
+    pub async fn posts(
+        &self,
+        before: Option<u64>,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<Post>, DbError> {
         let before = before.unwrap_or(u64::MAX);
         let rows = self
-            .db
-            .run(endpoint, &self.read, |mut conn| async move {
-                conn.exec(
-                    "SELECT id, author, text, created_at FROM posts WHERE id < ? ORDER BY id DESC LIMIT ?",
-                    (before, limit),
-                )
-                .await
-            })
+            .read(
+                "SELECT id, author, text, created_at FROM posts WHERE id < ? ORDER BY id DESC LIMIT ?",
+                (before, limit).into(),
+                after,
+            )
             .await?;
         Ok(rows.into_iter().map(post_of).collect())
+    }
+
+    /// A read: on the replica, once it has applied `after` (waited for briefly);
+    /// on the primary when the replica is away or behind.
+    async fn read(
+        &self,
+        sql: &'static str,
+        params: Params,
+        after: Option<&str>,
+    ) -> Result<Vec<PostRow>, DbError> {
+        let fallback = match self.db.usable(&self.db.read) {
+            Err(DbError::NotReady) => return Err(DbError::NotReady),
+            Err(_) => "replica_away",
+            Ok(endpoint) => {
+                let after = after.map(str::to_owned);
+                let replica_params = params.clone();
+                let rows = self
+                    .db
+                    .run(endpoint, &self.read, |mut conn| async move {
+                        if let Some(gtid) = after {
+                            let reached: Option<i64> = conn
+                                .exec_first(
+                                    "SELECT MASTER_GTID_WAIT(?, ?)",
+                                    (gtid, READ_YOUR_WRITES_WAIT.as_secs_f64()),
+                                )
+                                .await?;
+                            if reached != Some(0) {
+                                return Ok(None);
+                            }
+                        }
+                        conn.exec(sql, replica_params).await.map(Some)
+                    })
+                    .await;
+                match rows {
+                    Ok(Some(rows)) => return Ok(rows),
+                    Ok(None) => "replica_behind",
+                    Err(_) => "replica_failed",
+                }
+            }
+        };
+        self.db
+            .fallbacks
+            .get_or_create(&FallbackLabels { reason: fallback })
+            .inc();
+        let endpoint = self.db.usable(&self.db.write)?;
+        self.db
+            .run(endpoint, &self.write, |mut conn| async move {
+                conn.exec(sql, params).await
+            })
+            .await
     }
 
     /// Applies the migrations not applied yet, under a lock so two nodes starting

@@ -23,6 +23,91 @@ pub struct Config {
     pub buffer_pool_mb: u32,
     /// The application's database and account.
     pub app: AppAccount,
+    /// The agent's own HTTP endpoint: `/primary`, `/replica`, `/status`, `/metrics`
+    /// (for the balancers' checks and monitoring), `/promote` and `/fence`.
+    pub http: SocketAddr,
+    /// Replication with the other node of the pair; none: a single server, primary.
+    #[serde(default)]
+    pub replication: Option<Replication>,
+}
+
+/// What a node is when the pair is new: the first primary, or its replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialRole {
+    /// Opens writes on its first start, once it is sure no other node is primary.
+    Primary,
+    /// Waits for a primary and replicates from it.
+    Replica,
+}
+
+/// `[replication]`: the pair.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replication {
+    /// This node's role when the pair is new (its data directory created on this
+    /// start). Afterwards the pair decides: a node never takes writes on its own.
+    pub initial_role: InitialRole,
+    /// The other node.
+    pub peer: Peer,
+    /// The replication account (created on both nodes).
+    #[serde(default = "default_repl_user")]
+    pub user: String,
+    /// A file holding its password, which also authorises `/promote` and `/fence`.
+    pub password_file: PathBuf,
+    /// How long a commit on the primary waits for the replica's acknowledgement
+    /// before semi-sync falls back to asynchronous (visible and counted), ms.
+    #[serde(default = "default_semi_sync_timeout_ms")]
+    pub semi_sync_timeout_ms: u64,
+    /// Largest replication lag at which `/replica` still answers 200, seconds.
+    #[serde(default = "default_max_lag_s")]
+    pub max_lag_s: u64,
+    /// Automatic failover; none: promotion by hand only (`foobar-db promote`).
+    #[serde(default)]
+    pub failover: Option<Failover>,
+}
+
+/// The other node of the pair.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Its MariaDB.
+    pub mysql: SocketAddr,
+    /// Its agent's HTTP endpoint.
+    pub agent: SocketAddr,
+}
+
+/// `[replication.failover]`: automatic promotion, and the rule that keeps it from
+/// making two primaries (see the README): the balancers are the witness.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failover {
+    /// A balancer's status (`foobar-lb`'s metrics listener, `/status.json`): the
+    /// replica promotes itself only when the balancers see the primary down too.
+    pub witness: SocketAddr,
+    /// The balancers' write VIP, by name.
+    pub write_vip: String,
+    /// A primary that has not been checked by a balancer for this long stops taking
+    /// writes (read-only); a replica promotes only after the balancers have seen the
+    /// primary down for longer, ms.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+fn default_repl_user() -> String {
+    "repl".into()
+}
+
+fn default_semi_sync_timeout_ms() -> u64 {
+    1000
+}
+
+fn default_max_lag_s() -> u64 {
+    5
+}
+
+fn default_lease_ms() -> u64 {
+    1500
 }
 
 /// `[app]`: the schema the application owns and the account it logs in with. The
@@ -104,6 +189,56 @@ impl Validate for Config {
                 "app.allow_from",
                 "a host, address or pattern such as 10.1.0.%",
             ));
+        }
+        if self.http.port() == 0 || self.http == self.listen {
+            return Err(Invalid::new(
+                "http",
+                "needs a port of its own, not MariaDB's",
+            ));
+        }
+        if let Some(repl) = &self.replication {
+            repl.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl Replication {
+    fn validate(&self) -> Result<(), Invalid> {
+        if !identifier(&self.user) {
+            return Err(Invalid::new(
+                "replication.user",
+                "letters, digits and '_' only, at most 64",
+            ));
+        }
+        if !self.password_file.is_file() {
+            return Err(Invalid::new(
+                "replication.password_file",
+                format!("{} is not a readable file", self.password_file.display()),
+            ));
+        }
+        if !(100..=60_000).contains(&self.semi_sync_timeout_ms) {
+            return Err(Invalid::new(
+                "replication.semi_sync_timeout_ms",
+                format!("{} is outside 100..=60000", self.semi_sync_timeout_ms),
+            ));
+        }
+        if self.peer.mysql.port() == 0 || self.peer.agent.port() == 0 {
+            return Err(Invalid::new("replication.peer", "addresses need ports"));
+        }
+        if let Some(failover) = &self.failover {
+            if !(300..=60_000).contains(&failover.lease_ms) {
+                return Err(Invalid::new(
+                    "replication.failover.lease_ms",
+                    format!("{} is outside 300..=60000", failover.lease_ms),
+                ));
+            }
+            if failover.write_vip.is_empty() {
+                return Err(Invalid::new(
+                    "replication.failover.write_vip",
+                    "names the balancers' write VIP",
+                ));
+            }
         }
         Ok(())
     }

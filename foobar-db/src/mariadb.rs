@@ -201,7 +201,8 @@ pub async fn ensure_agent_account(
     as_root(
         paths,
         &format!(
-            "CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {password};\n\
+            "SET SESSION sql_log_bin = 0;\n\
+             CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {password};\n\
              ALTER USER {account} IDENTIFIED BY {password};\n\
              GRANT ALL PRIVILEGES ON *.* TO {account} WITH GRANT OPTION;\n"
         ),
@@ -216,8 +217,14 @@ pub async fn ensure_agent_account(
 }
 
 /// The server's configuration: durable commits, a row-based binary log with GTIDs
-/// (what replication needs), and this node's identity.
+/// (what replication needs), semi-synchronous replication acknowledged after the
+/// binary log is synced, and this node's identity. The server starts read-only and
+/// without replication: the agent decides its role.
 pub fn write_cnf(config: &Config, paths: &Paths) -> Result<(), ServerError> {
+    let semi_sync_timeout = config
+        .replication
+        .as_ref()
+        .map_or(1000, |r| r.semi_sync_timeout_ms);
     let cnf = format!(
         "# Written by foobar-db at every start; edit foobar-db's configuration instead.\n\
          [mariadb]\n\
@@ -236,6 +243,17 @@ pub fn write_cnf(config: &Config, paths: &Paths) -> Result<(), ServerError> {
          innodb_flush_log_at_trx_commit = 1\n\
          log_slave_updates = ON\n\
          gtid_strict_mode = ON\n\
+         read_only = ON\n\
+         skip_slave_start = ON\n\
+         sync_relay_log = 1\n\
+         relay_log_recovery = ON\n\
+         slave_net_timeout = 10\n\
+         binlog_expire_logs_seconds = 0\n\
+         rpl_semi_sync_slave_enabled = ON\n\
+         rpl_semi_sync_master_enabled = OFF\n\
+         rpl_semi_sync_master_wait_point = AFTER_SYNC\n\
+         rpl_semi_sync_master_timeout = {semi_sync_timeout}\n\
+         rpl_semi_sync_master_wait_no_slave = ON\n\
          innodb_buffer_pool_size = {pool}M\n\
          max_connections = 500\n",
         name = config.name,
@@ -251,11 +269,14 @@ pub fn write_cnf(config: &Config, paths: &Paths) -> Result<(), ServerError> {
 }
 
 /// Starts `mariadbd` in the foreground in a process group of its own (a Ctrl-C for
-/// the agent must not reach it: the agent decides the order of shutdown).
+/// the agent must not reach it: the agent decides the order of shutdown). As a
+/// replica at startup, crash recovery truncates from the binary log what a crashed
+/// semi-sync primary had not had acknowledged, so it can rejoin as a replica.
 pub fn spawn(paths: &Paths) -> Result<Child, ServerError> {
     Command::new("mariadbd")
         // --defaults-file must be the first argument.
         .arg(format!("--defaults-file={}", paths.cnf().display()))
+        .arg("--init-rpl-role=SLAVE")
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(true)

@@ -674,7 +674,11 @@ impl Lab {
         }
         if lab.spec.stack {
             std::fs::write(lab.db_password_file(), "lab-app-password\n").expect("password file");
-            lab.start_db();
+            std::fs::write(lab.repl_password_file(), "lab-replication-password\n")
+                .expect("password file");
+            for i in 0..lab.webs.len().min(2) {
+                lab.start_db(i);
+            }
             for i in 0..lab.webs.len() {
                 lab.start_app(i);
             }
@@ -700,52 +704,82 @@ impl Lab {
         self.dir.join("db-app.password")
     }
 
-    /// Starts server1's database node and waits until MariaDB answers.
-    pub fn start_db(&mut self) {
-        let dir = stack::server_dir(&self.dir, &self.server_name(0));
-        let config = dir.join("db.toml");
-        std::fs::write(&config, stack::db_config(&dir, &self.db_password_file())).expect("db.toml");
+    /// The file holding the database pair's replication password.
+    pub fn repl_password_file(&self) -> PathBuf {
+        self.dir.join("db-repl.password")
+    }
+
+    /// The database node configuration of server `i`.
+    pub fn db_config_path(&self, i: usize) -> PathBuf {
+        stack::server_dir(&self.dir, &self.server_name(i)).join("db.toml")
+    }
+
+    /// Starts server `i`'s database node and waits until MariaDB answers (its role
+    /// comes once the balancer checks it).
+    pub fn start_db(&mut self, i: usize) {
+        let dir = stack::server_dir(&self.dir, &self.server_name(i));
+        let config = self.db_config_path(i);
+        std::fs::write(
+            &config,
+            stack::db_config(
+                &dir,
+                i,
+                &self.db_password_file(),
+                &self.repl_password_file(),
+            ),
+        )
+        .expect("db.toml");
         let child = spawn_logged(
-            self.webs[0]
+            self.webs[i]
                 .command(&bin(&self.spec.bin_dir, "foobar-db"))
                 .args(["run", "--config"])
                 .arg(&config),
             &dir.join("db.log"),
         );
-        self.nodes[0].db = Some(child);
+        self.nodes[i].db = Some(child);
         let started = Instant::now();
+        let name = self.server_name(i);
         // `mariadb-admin ping` succeeds once the server answers, even refusing the login.
-        while !self.webs[0]
+        while !self.webs[i]
             .command("mariadb-admin")
-            .args(["--no-defaults", "-h", &web_addr(0).to_string(), "-P"])
+            .args(["--no-defaults", "-h", &web_addr(i).to_string(), "-P"])
             .arg(stack::DB_PORT.to_string())
             .args(["-u", "nobody", "--connect-timeout=1", "ping"])
             .output()
             .is_ok_and(|o| o.status.success())
         {
-            let exited = self.nodes[0]
+            let exited = self.nodes[i]
                 .db
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten());
             assert!(
                 exited.is_none(),
                 "foobar-db exited:\n{}",
-                self.log("server1", "db")
+                self.log(&name, "db")
             );
             assert!(
                 started.elapsed() < Duration::from_secs(60),
                 "MariaDB did not answer within 60 s:\n{}",
-                self.log("server1", "db")
+                self.log(&name, "db")
             );
             sleep(Duration::from_millis(100));
         }
     }
 
-    /// Stops server1's database node (SIGTERM: MariaDB shuts down cleanly).
-    pub fn stop_db(&mut self) {
-        if let Some(mut child) = self.nodes[0].db.take() {
+    /// Stops server `i`'s database node (SIGTERM: MariaDB shuts down cleanly).
+    pub fn stop_db(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].db.take() {
             terminate(&mut child);
         }
+    }
+
+    /// Kills server `i`'s MariaDB (SIGKILL: a crash); its node agent stays.
+    pub fn kill_mariadb(&self, i: usize) {
+        let cnf = stack::server_dir(&self.dir, &self.server_name(i)).join("db/my.cnf");
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f"])
+            .arg(format!("mariadbd --defaults-file={}", cnf.display()))
+            .status();
     }
 
     /// Starts server `i`'s application node (it answers before the database does).
@@ -766,6 +800,7 @@ impl Lab {
             &dir.join("app.log"),
         );
         self.nodes[i].app = Some(child);
+        // It answers (503 until its database is reachable through the balancer).
         let url = format!("http://{}:{}/healthz", web_addr(i), stack::APP_PORT);
         wait_until(
             Duration::from_secs(20),
@@ -773,7 +808,7 @@ impl Lab {
             || {
                 self.lb()
                     .command("curl")
-                    .args(["-sf", "-m", "1", &url])
+                    .args(["-s", "-o", "/dev/null", "-m", "1", &url])
                     .output()
                     .is_ok_and(|o| o.status.success())
             },
@@ -910,7 +945,7 @@ impl Lab {
     pub fn start_agent(&mut self) {
         if !self.config_path().exists() {
             let config = if self.spec.stack {
-                stack::balancer_config(DATAPLANE_INTERFACES, self.webs.len())
+                stack::balancer_config(self.webs.len())
             } else {
                 default_config(self.webs.len(), "rr")
             };

@@ -2,8 +2,10 @@
 //! configured. In a plain lab every server runs only a web node that answers with its
 //! name; in a stack lab (`LabSpec::stack`) server1 and server2 each run foobar-web
 //! (HTTP, HTTPS, the site's files, the API proxied to both application nodes) and
-//! foobar-app, server1 runs foobar-db (MariaDB), and a DNS server answers for
-//! foobar.com.
+//! foobar-app and foobar-db (MariaDB: server1 the first primary, server2 its
+//! replica), the balancer holds the site's VIP and the database's write and read
+//! VIPs (full NAT: the application servers share the database servers' network),
+//! and a DNS server answers for foobar.com.
 
 use std::{
     net::Ipv4Addr,
@@ -12,7 +14,7 @@ use std::{
 };
 
 use crate::{
-    lab::{VIP, WEB_PORT, web_addr},
+    lab::{LB_SERVER_SIDE, VIP, WEB_PORT, vip_addr, web_addr},
     netns::Netns,
     pki::Pki,
     process::spawn_logged,
@@ -28,8 +30,20 @@ pub const HTTP_PORT: u16 = 80;
 pub const HTTPS_PORT: u16 = 443;
 /// The application nodes' port.
 pub const APP_PORT: u16 = 8000;
-/// MariaDB's port.
+/// MariaDB's port (and the database VIPs').
 pub const DB_PORT: u16 = 3306;
+/// The database node agents' HTTP port (`/primary`, `/replica`, `/status`).
+pub const DB_AGENT_PORT: u16 = 8306;
+/// The balancer's metrics listener: the database nodes' witness.
+pub const LB_METRICS_PORT: u16 = 9100;
+/// The database's write VIP: the primary.
+pub fn db_write_vip() -> Ipv4Addr {
+    vip_addr(1)
+}
+/// The database's read VIP: the replica.
+pub fn db_read_vip() -> Ipv4Addr {
+    vip_addr(2)
+}
 /// The application's schema and account.
 pub const DB_SCHEMA: &str = "foobar";
 /// The application's database user.
@@ -99,36 +113,66 @@ pub fn web_config(
     )
 }
 
-/// A stack server's application node, on the database of server1.
+/// A stack server's application node: writes through the write VIP, reads through
+/// the read VIP.
 pub fn app_config(dir: &Path, name: &str, password_file: &Path) -> String {
-    let db = format!("{}:{DB_PORT}", web_addr(0));
+    let (write, read) = (db_write_vip(), db_read_vip());
     format!(
         "listen = \"0.0.0.0:{APP_PORT}\"\nname = \"{name}\"\naccess_log = \"{}\"\n\n\
-         [database]\nwrite = \"{db}\"\nread = \"{db}\"\nname = \"{DB_SCHEMA}\"\nuser = \"{DB_USER}\"\n\
-         password_file = \"{}\"\n",
+         [database]\nwrite = \"{write}:{DB_PORT}\"\nread = \"{read}:{DB_PORT}\"\nname = \"{DB_SCHEMA}\"\n\
+         user = \"{DB_USER}\"\npassword_file = \"{}\"\n",
         dir.join("app-access.log").display(),
         password_file.display(),
     )
 }
 
-/// Server1's database node.
-pub fn db_config(dir: &Path, password_file: &Path) -> String {
+/// Server `i`'s database node: server1 is the pair's first primary, server2 its
+/// replica; the balancers are the witness of automatic failover.
+pub fn db_config(dir: &Path, i: usize, password_file: &Path, repl_password_file: &Path) -> String {
+    let peer = web_addr(1 - i);
     format!(
-        "name = \"db1\"\nserver_id = 1\nlisten = \"{}:{DB_PORT}\"\nstate_dir = \"{}\"\n\n\
-         [app]\ndatabase = \"{DB_SCHEMA}\"\nuser = \"{DB_USER}\"\npassword_file = \"{}\"\nallow_from = \"10.1.0.%\"\n",
-        web_addr(0),
+        "name = \"db{n}\"\nserver_id = {n}\nlisten = \"{me}:{DB_PORT}\"\nhttp = \"{me}:{DB_AGENT_PORT}\"\n\
+         state_dir = \"{}\"\n\n\
+         [app]\ndatabase = \"{DB_SCHEMA}\"\nuser = \"{DB_USER}\"\npassword_file = \"{}\"\nallow_from = \"10.1.0.%\"\n\n\
+         [replication]\ninitial_role = \"{}\"\npassword_file = \"{}\"\nsemi_sync_timeout_ms = 1000\n\
+         peer = {{ mysql = \"{peer}:{DB_PORT}\", agent = \"{peer}:{DB_AGENT_PORT}\" }}\n\n\
+         [replication.failover]\nwitness = \"{LB_SERVER_SIDE}:{LB_METRICS_PORT}\"\nwrite_vip = \"db-write\"\nlease_ms = 1500\n",
         dir.join("db").display(),
         password_file.display(),
+        if i == 0 { "primary" } else { "replica" },
+        repl_password_file.display(),
+        n = i + 1,
+        me = web_addr(i),
     )
 }
 
 /// The balancer of a stack lab: the VIP on port 80 and 443, round robin over the web
-/// nodes as the seed says, each checked on `/healthz` over its own protocol.
-pub fn balancer_config(interfaces: &str, servers: usize) -> String {
+/// nodes as the seed says, each checked on `/healthz` over its own protocol; the
+/// database's write and read VIPs. The servers' side takes both roles: the
+/// application servers are the database VIPs' clients.
+pub fn balancer_config(servers: usize) -> String {
     format!(
-        "[dataplane]\ninterfaces = {interfaces}\nxdp_mode = \"native\"\n\n[metrics]\nlisten = \"127.0.0.1:9100\"\n{}{}",
+        "[dataplane]\ninterfaces = [{{ name = \"eth-client\", role = \"client\" }}, \"eth-servers\"]\n\
+         xdp_mode = \"native\"\n\n[metrics]\nlisten = \"0.0.0.0:{LB_METRICS_PORT}\"\n{}{}{}{}",
         vip_section("www", HTTP_PORT, "http", servers),
         vip_section("www-tls", HTTPS_PORT, "https", servers),
+        db_vip_section("db-write", db_write_vip(), "/primary", servers),
+        db_vip_section("db-read", db_read_vip(), "/replica", servers),
+    )
+}
+
+/// A database VIP: full NAT over every server's MariaDB, each checked on its node
+/// agent's `path` (`/primary` or `/replica`), quickly; flows of a backend that goes
+/// down are reset, so clients reconnect to the one that took its role.
+pub fn db_vip_section(name: &str, address: Ipv4Addr, path: &str, servers: usize) -> String {
+    let backends: Vec<String> = (0..servers)
+        .map(|i| format!("  {{ address = \"{}\", port = {DB_PORT} }},", web_addr(i)))
+        .collect();
+    format!(
+        "\n[[vips]]\nname = \"{name}\"\naddress = \"{address}\"\nport = {DB_PORT}\nforwarding = \"fullnat\"\n\
+         on_backend_down = \"reset\"\nbackends = [\n{}\n]\n[vips.health_check]\ntype = \"http\"\nport = {DB_AGENT_PORT}\n\
+         path = \"{path}\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 1\nfall = 2\n",
+        backends.join("\n")
     )
 }
 
@@ -195,10 +239,33 @@ impl crate::lab::Lab {
                     .chars()
                     .filter(|c| !c.is_whitespace())
                     .collect();
+                // Every backend of the site's VIPs; one of each database VIP's (the
+                // primary, the replica).
                 let vips = status.matches("\"scheduler\":").count();
-                vips > 0 && status.matches("\"health\":\"up\"").count() == vips * servers
+                let db_vips = status.matches("\"name\":\"db-").count();
+                vips > 0
+                    && status.matches("\"health\":\"up\"").count()
+                        == (vips - db_vips) * servers + db_vips
             },
         );
+        if !self.is_stack() {
+            return;
+        }
+        // And every application node reaching its database through the VIPs.
+        for i in 0..servers {
+            let url = format!("http://{}:{APP_PORT}/healthz", web_addr(i));
+            crate::process::wait_until(
+                std::time::Duration::from_secs(30),
+                &format!("{}'s application node healthy", self.server_name(i)),
+                || {
+                    self.lb()
+                        .command("curl")
+                        .args(["-sf", "-o", "/dev/null", "-m", "1", &url])
+                        .status()
+                        .is_ok_and(|s| s.success())
+                },
+            );
+        }
     }
 
     /// `curl` from the client, resolving through the lab's DNS and trusting the lab's

@@ -78,6 +78,11 @@ pub struct HealthCheck {
     /// Consecutive failures that take an up backend down.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// Check this port of the backend's address instead of its service port
+    /// (HAProxy's `port`): an agent beside the service that answers for it, such as
+    /// a database node's `/primary`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 impl Default for HealthCheck {
@@ -90,6 +95,7 @@ impl Default for HealthCheck {
             timeout_ms: default_timeout(),
             rise: default_rise(),
             fall: default_fall(),
+            port: None,
         }
     }
 }
@@ -132,6 +138,9 @@ impl HealthCheck {
         if !self.path.starts_with('/') || self.path.chars().any(|c| c.is_whitespace()) {
             return bad("path", format!("{:?} is not an absolute path", self.path));
         }
+        if self.port == Some(0) {
+            return bad("port", "0 is not a port".into());
+        }
         let [lo, hi] = self.expect_status;
         if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
             return bad(
@@ -150,6 +159,9 @@ impl HealthCheck {
 
 /// One probe of `target`: its latency, or why it failed.
 pub async fn probe(check: &HealthCheck, target: SocketAddr) -> Result<Duration, String> {
+    let target = check
+        .port
+        .map_or(target, |port| SocketAddr::new(target.ip(), port));
     let started = Instant::now();
     let work = async {
         let stream = TcpStream::connect(target)
@@ -379,6 +391,13 @@ mod tests {
             format!("{at}.timeout_ms")
         );
         assert_eq!(field(HealthCheck { rise: 0, ..c() }), format!("{at}.rise"));
+        assert_eq!(
+            field(HealthCheck {
+                port: Some(0),
+                ..c()
+            }),
+            format!("{at}.port")
+        );
         assert_eq!(
             field(HealthCheck { fall: 101, ..c() }),
             format!("{at}.fall")

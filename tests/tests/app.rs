@@ -12,7 +12,7 @@ fn stack(tag: &str) -> Sandbox {
     let password = s.write("app.password", "app-secret\n");
     let state = s.path("db");
     let db = format!(
-        "name = \"db1\"\nserver_id = 1\nlisten = \"127.0.0.1:3306\"\nstate_dir = \"{}\"\n\
+        "name = \"db1\"\nserver_id = 1\nlisten = \"127.0.0.1:3306\"\nhttp = \"127.0.0.1:8306\"\nstate_dir = \"{}\"\n\
          [app]\ndatabase = \"foobar\"\nuser = \"foobar\"\npassword_file = \"{}\"\nallow_from = \"127.0.0.1\"\n",
         state.display(),
         password.display()

@@ -14,7 +14,7 @@ use std::{path::Path, process::Child};
 
 use anyhow::{Context, Result, bail};
 use foobar_lab::{
-    lab::{DATAPLANE_INTERFACES, Lab, LabSpec, terminate, web_addr},
+    lab::{Lab, LabSpec, terminate, web_addr},
     netns::unique_name,
     process::spawn_logged,
     stack::{APP_PORT, SITE, balancer_config, resolving_command, vip_section},
@@ -50,7 +50,7 @@ pub fn run(duration: u32, connections: u32, rounds: u32) -> Result<()> {
     });
     lab.write_config(&format!(
         "{}{}{}",
-        balancer_config(DATAPLANE_INTERFACES, lab.webs.len()),
+        balancer_config(lab.webs.len()),
         vip_section("nginx", NGINX_HTTP, "http", lab.webs.len()),
         vip_section("nginx-tls", NGINX_HTTPS, "https", lab.webs.len()),
     ));
