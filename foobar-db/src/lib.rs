@@ -33,7 +33,7 @@ use crate::{
 const START_LIMIT: Duration = Duration::from_secs(60);
 const STOP_LIMIT: Duration = Duration::from_secs(30);
 /// How often the node looks at its server, its peer and the witness.
-const TICK: Duration = Duration::from_millis(200);
+const TICK: Duration = Duration::from_millis(100);
 /// MariaDB exiting this many times in a row, each within a minute of its start,
 /// ends the agent (the service manager decides what next).
 const RESTARTS: u32 = 3;

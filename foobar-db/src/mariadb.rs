@@ -254,6 +254,7 @@ pub fn write_cnf(config: &Config, paths: &Paths) -> Result<(), ServerError> {
          rpl_semi_sync_master_wait_point = AFTER_SYNC\n\
          rpl_semi_sync_master_timeout = {semi_sync_timeout}\n\
          rpl_semi_sync_master_wait_no_slave = ON\n\
+         rpl_semi_sync_slave_kill_conn_timeout = 1\n\
          innodb_buffer_pool_size = {pool}M\n\
          max_connections = 500\n",
         name = config.name,

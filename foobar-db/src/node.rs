@@ -32,11 +32,16 @@ use crate::{
 };
 
 /// How long the agent waits for its peer's answers.
-const PEER_LIMIT: Duration = Duration::from_millis(400);
+const PEER_LIMIT: Duration = Duration::from_millis(300);
+/// How long a promotion by hand tries to fence the old primary through its agent.
+const FENCE_LIMIT: Duration = Duration::from_secs(3);
+/// The same for an automatic one, which runs only when the old primary's agent has
+/// not answered for a lease already: it must not hold the promotion long.
+const AUTO_FENCE_LIMIT: Duration = Duration::from_millis(500);
 /// How long a promotion waits for replication to apply what the primary had.
 const APPLY_LIMIT: Duration = Duration::from_secs(20);
 /// How long the witness must have seen the primary down beyond the lease.
-const WITNESS_MARGIN: Duration = Duration::from_millis(300);
+const WITNESS_MARGIN: Duration = Duration::from_millis(200);
 
 /// A node's role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,11 +316,20 @@ impl Node {
             }
             return;
         };
-        let peer = self.peer_status(repl).await;
+        // The peer and the witness asked together: a dead peer costs one deadline.
+        let witness = async {
+            match (&repl.failover, self.role()) {
+                (Some(f), Role::Replica) => {
+                    Some(peer::witness(f.witness, &f.write_vip, repl.peer.mysql).await)
+                }
+                _ => None,
+            }
+        };
+        let (peer, witness) = tokio::join!(self.peer_status(repl), witness);
         let _guard = self.changing.lock().await;
         let outcome = match self.role() {
             Role::Primary => self.as_primary(repl, peer.as_ref()).await,
-            Role::Replica => self.as_replica(repl, peer.as_ref()).await,
+            Role::Replica => self.as_replica(repl, peer.as_ref(), witness).await,
             Role::Fenced => self.as_fenced(repl, peer.as_ref()).await,
             Role::Diverged => Ok(()),
         };
@@ -368,9 +382,8 @@ impl Node {
             self.set_role(Role::Fenced);
             return Ok(());
         }
-        if !self.state().snapshot.semi_sync.enabled {
-            self.open_writes(true).await?;
-        }
+        // Semi-sync an operator turned off stays off: visible in `/status` and
+        // `/metrics`, and it keeps the replica from promoting itself.
         Ok(())
     }
 
@@ -378,6 +391,7 @@ impl Node {
         &self,
         repl: &Replication,
         peer: Option<&NodeStatus>,
+        witness: Option<WitnessView>,
     ) -> Result<(), RoleError> {
         let snapshot = self.state().snapshot.clone();
         if let Some(primary) = Self::writable(peer) {
@@ -395,9 +409,8 @@ impl Node {
             {
                 return self.diverge(primary, &r.io_error.1);
             }
-            let pointed = replication.is_some_and(|r| r.primary == primary.mysql.to_string());
-            let stopped = replication.is_some_and(|r| r.io_running == "No" && r.io_error.0 == 0);
-            if !pointed || stopped {
+            // Pointed at the primary; a thread an operator stopped stays stopped.
+            if !replication.is_some_and(|r| r.primary == primary.mysql.to_string()) {
                 self.replicate_from(repl, primary.mysql, false).await?;
             }
             return Ok(());
@@ -409,8 +422,7 @@ impl Node {
             .state()
             .primary_lost_since
             .get_or_insert_with(Instant::now);
-        let down = peer::witness(failover.witness, &failover.write_vip, repl.peer.mysql).await
-            == WitnessView::Down;
+        let down = witness == Some(WitnessView::Down);
         let witnessed = {
             let mut state = self.state();
             if down {
@@ -440,7 +452,8 @@ impl Node {
             return Ok(());
         }
         warn!(primary = %repl.peer.mysql, "the primary is gone and the balancers agree: promoting");
-        self.promote_locked(repl, Some(failover), false).await
+        self.promote_locked(repl, Some(failover), false, AUTO_FENCE_LIMIT)
+            .await
     }
 
     async fn as_fenced(
@@ -544,7 +557,7 @@ impl Node {
             _ => {}
         }
         // Without a witness (and without force) the old primary must be fenced.
-        self.promote_locked(repl, repl.failover.as_ref(), force)
+        self.promote_locked(repl, repl.failover.as_ref(), force, FENCE_LIMIT)
             .await
     }
 
@@ -561,6 +574,7 @@ impl Node {
         repl: &Replication,
         witness: Option<&Failover>,
         force: bool,
+        fence_limit: Duration,
     ) -> Result<(), RoleError> {
         if !force && !self.leased(repl) {
             return Err(RoleError::Refused(
@@ -569,12 +583,13 @@ impl Node {
                     .into(),
             ));
         }
+        let started = Instant::now();
         let fenced = match peer::request(
             repl.peer.agent,
             Method::POST,
             "/fence",
             self.token(),
-            Duration::from_secs(3),
+            fence_limit,
         )
         .await
         {
@@ -609,11 +624,13 @@ impl Node {
                 None
             }
         };
+        info!(fenced = fenced.is_some(), elapsed = ?started.elapsed(), "fencing the old primary");
         let mut conn = self.conn().await?;
         let target = match fenced {
             Some(position) => position,
             None => {
                 conn.query_drop("STOP SLAVE IO_THREAD").await?;
+                info!(elapsed = ?started.elapsed(), "replication's IO thread stopped");
                 let snapshot = Snapshot::read(&mut conn).await?;
                 snapshot
                     .replication
@@ -639,7 +656,7 @@ impl Node {
         server_state::open_writes(&mut conn).await?;
         self.state().counters.promotions += 1;
         self.set_role(Role::Primary);
-        info!(position = target, "promoted: this node is the primary");
+        info!(position = target, elapsed = ?started.elapsed(), "promoted: this node is the primary");
         Ok(())
     }
 

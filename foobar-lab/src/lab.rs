@@ -853,6 +853,16 @@ impl Lab {
         self.set_plugged(i, true)
     }
 
+    /// Cuts server `i` off the servers' network (its switch port down).
+    pub fn cut_server(&self, i: usize) {
+        self.net.ip(&["link", "set", &self.server_name(i), "down"]);
+    }
+
+    /// Connects server `i` again.
+    pub fn reconnect_server(&self, i: usize) {
+        self.net.ip(&["link", "set", &self.server_name(i), "up"]);
+    }
+
     fn set_plugged(&self, i: usize, plugged: bool) {
         let name = &self.balancers[i].name;
         for port in [format!("{name}-c"), format!("{name}-s")] {

@@ -136,7 +136,7 @@ pub fn db_config(dir: &Path, i: usize, password_file: &Path, repl_password_file:
          [app]\ndatabase = \"{DB_SCHEMA}\"\nuser = \"{DB_USER}\"\npassword_file = \"{}\"\nallow_from = \"10.1.0.%\"\n\n\
          [replication]\ninitial_role = \"{}\"\npassword_file = \"{}\"\nsemi_sync_timeout_ms = 1000\n\
          peer = {{ mysql = \"{peer}:{DB_PORT}\", agent = \"{peer}:{DB_AGENT_PORT}\" }}\n\n\
-         [replication.failover]\nwitness = \"{LB_SERVER_SIDE}:{LB_METRICS_PORT}\"\nwrite_vip = \"db-write\"\nlease_ms = 1500\n",
+         [replication.failover]\nwitness = \"{LB_SERVER_SIDE}:{LB_METRICS_PORT}\"\nwrite_vip = \"db-write\"\nlease_ms = 1000\n",
         dir.join("db").display(),
         password_file.display(),
         if i == 0 { "primary" } else { "replica" },
