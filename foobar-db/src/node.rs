@@ -410,7 +410,7 @@ impl Node {
                 return self.diverge(primary, &r.io_error.1);
             }
             // Pointed at the primary; a thread an operator stopped stays stopped.
-            if !replication.is_some_and(|r| r.primary == primary.mysql.to_string()) {
+            if replication.is_none_or(|r| r.primary != primary.mysql.to_string()) {
                 self.replicate_from(repl, primary.mysql, false).await?;
             }
             return Ok(());
