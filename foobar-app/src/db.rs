@@ -10,8 +10,8 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -116,6 +116,9 @@ struct Endpoint {
     addr: SocketAddr,
     up: AtomicBool,
     failed_pings: AtomicU32,
+    /// Times it went down: the workers' pools are made again after one (their
+    /// connections are flows to a server that may be gone).
+    outages: AtomicUsize,
 }
 
 /// Both endpoints, their deadlines, health and metrics.
@@ -168,6 +171,7 @@ impl Db {
             addr,
             up: AtomicBool::new(false),
             failed_pings: AtomicU32::new(0),
+            outages: AtomicUsize::new(0),
         };
         let queries = Family::<QueryLabels, Counter>::default();
         let latency = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -261,6 +265,9 @@ impl Db {
         };
         if up != was_up {
             endpoint.up.store(up, Ordering::Relaxed);
+            if !up {
+                endpoint.outages.fetch_add(1, Ordering::Relaxed);
+            }
             if up {
                 info!(endpoint = endpoint.role, addr = %endpoint.addr, "database up");
             } else {
@@ -287,30 +294,33 @@ impl Db {
     /// connections each (at least `floor`).
     pub fn pools(self: &Arc<Self>, workers: usize, floor: usize) -> Pools {
         let max = (self.pool_max / workers.max(1)).max(floor);
-        let pool = |addr: SocketAddr| {
-            let constraints = PoolConstraints::new(0, max).expect("max is above 0");
-            Pool::new(
-                self.opts
-                    .clone()
-                    .ip_or_hostname(addr.ip().to_string())
-                    .tcp_port(addr.port())
-                    // A reset on every return to the pool would also drop the prepared
-                    // statements, so every query would be prepared again: 3× the work.
-                    .pool_opts(
-                        PoolOpts::default()
-                            .with_constraints(constraints)
-                            .with_reset_connection(false)
-                            // Without it, a connection above the pool's minimum (0) is
-                            // closed as soon as it is idle: one connection per query.
-                            .with_inactive_connection_ttl(Duration::from_secs(60)),
-                    ),
-            )
-        };
         Pools {
             db: self.clone(),
-            write: pool(self.write.addr),
-            read: pool(self.read.addr),
+            write: Mutex::new((0, self.pool(self.write.addr, max))),
+            read: Mutex::new((0, self.pool(self.read.addr, max))),
+            max,
         }
+    }
+
+    /// A pool of at most `max` connections to `addr`.
+    fn pool(&self, addr: SocketAddr, max: usize) -> Pool {
+        let constraints = PoolConstraints::new(0, max).expect("max is above 0");
+        Pool::new(
+            self.opts
+                .clone()
+                .ip_or_hostname(addr.ip().to_string())
+                .tcp_port(addr.port())
+                // A reset on every return to the pool would also drop the prepared
+                // statements, so every query would be prepared again: 3× the work.
+                .pool_opts(
+                    PoolOpts::default()
+                        .with_constraints(constraints)
+                        .with_reset_connection(false)
+                        // Without it, a connection above the pool's minimum (0) is
+                        // closed as soon as it is idle: one connection per query.
+                        .with_inactive_connection_ttl(Duration::from_secs(60)),
+                ),
+        )
     }
 
     /// Runs `query` on a connection of `pool` to `endpoint` within the deadlines,
@@ -386,14 +396,33 @@ impl Db {
     }
 }
 
-/// A worker's connections to both endpoints.
+/// A worker's connections to both endpoints, each with its endpoint's outage count
+/// when it was made.
 pub struct Pools {
     db: Arc<Db>,
-    write: Pool,
-    read: Pool,
+    write: Mutex<(usize, Pool)>,
+    read: Mutex<(usize, Pool)>,
+    max: usize,
 }
 
 impl Pools {
+    /// The pool of `endpoint`, made again if the endpoint has been down since.
+    fn of(&self, endpoint: &Endpoint) -> Pool {
+        let slot = if std::ptr::eq(endpoint, &self.db.write) {
+            &self.write
+        } else {
+            &self.read
+        };
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let outages = endpoint.outages.load(Ordering::Relaxed);
+        if slot.0 != outages {
+            let old = std::mem::replace(&mut slot.1, self.db.pool(endpoint.addr, self.max));
+            slot.0 = outages;
+            tokio::spawn(old.disconnect());
+        }
+        slot.1.clone()
+    }
+
     /// Stores a new post; its id and time come from the primary's commit. Also
     /// answers the commit's GTID, for the client's next reads.
     pub async fn insert_post(&self, author: &str, text: &str) -> Result<(Post, String), DbError> {
@@ -402,7 +431,7 @@ impl Pools {
         let (author_owned, text_owned) = (author.to_owned(), text.to_owned());
         let (id, gtid) = self
             .db
-            .run(endpoint, &self.write, |mut conn| async move {
+            .run(endpoint, &self.of(endpoint), |mut conn| async move {
                 conn.exec_drop(
                     "INSERT INTO posts (author, text, created_at) VALUES (?, ?, ?)",
                     (author_owned, text_owned, created_at),
@@ -468,7 +497,7 @@ impl Pools {
                 let replica_params = params.clone();
                 let rows = self
                     .db
-                    .run(endpoint, &self.read, |mut conn| async move {
+                    .run(endpoint, &self.of(endpoint), |mut conn| async move {
                         if let Some(gtid) = after {
                             let reached: Option<i64> = conn
                                 .exec_first(
@@ -496,7 +525,7 @@ impl Pools {
             .inc();
         let endpoint = self.db.usable(&self.db.write)?;
         self.db
-            .run(endpoint, &self.write, |mut conn| async move {
+            .run(endpoint, &self.of(endpoint), |mut conn| async move {
                 conn.exec(sql, params).await
             })
             .await
@@ -506,47 +535,52 @@ impl Pools {
     /// together do not race; returns how many it applied.
     async fn migrate(&self) -> Result<usize, DbError> {
         self.db
-            .run(&self.db.write, &self.write, |mut conn| async move {
-                conn.query_drop(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations (
+            .run(
+                &self.db.write,
+                &self.of(&self.db.write),
+                |mut conn| async move {
+                    conn.query_drop(
+                        "CREATE TABLE IF NOT EXISTS schema_migrations (
                     version INT UNSIGNED NOT NULL PRIMARY KEY,
                     applied_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)
                 ) ENGINE=InnoDB",
-                )
-                .await?;
-                let locked: Option<i64> = conn
-                    .query_first("SELECT GET_LOCK('foobar_migrations', 2)")
-                    .await?;
-                if locked != Some(1) {
-                    return Err(mysql_async::Error::Other(
-                        "another node is migrating".into(),
-                    ));
-                }
-                let applied: Vec<u32> = conn.query("SELECT version FROM schema_migrations").await?;
-                let mut count = 0;
-                for &(version, sql) in MIGRATIONS {
-                    if applied.contains(&version) {
-                        continue;
-                    }
-                    conn.query_drop(sql).await?;
-                    conn.exec_drop(
-                        "INSERT INTO schema_migrations (version) VALUES (?)",
-                        (version,),
                     )
                     .await?;
-                    count += 1;
-                }
-                conn.query_drop("DO RELEASE_LOCK('foobar_migrations')")
-                    .await?;
-                Ok(count)
-            })
+                    let locked: Option<i64> = conn
+                        .query_first("SELECT GET_LOCK('foobar_migrations', 2)")
+                        .await?;
+                    if locked != Some(1) {
+                        return Err(mysql_async::Error::Other(
+                            "another node is migrating".into(),
+                        ));
+                    }
+                    let applied: Vec<u32> =
+                        conn.query("SELECT version FROM schema_migrations").await?;
+                    let mut count = 0;
+                    for &(version, sql) in MIGRATIONS {
+                        if applied.contains(&version) {
+                            continue;
+                        }
+                        conn.query_drop(sql).await?;
+                        conn.exec_drop(
+                            "INSERT INTO schema_migrations (version) VALUES (?)",
+                            (version,),
+                        )
+                        .await?;
+                        count += 1;
+                    }
+                    conn.query_drop("DO RELEASE_LOCK('foobar_migrations')")
+                        .await?;
+                    Ok(count)
+                },
+            )
             .await
     }
 
     /// Closes the pools.
     pub async fn close(&self) {
-        for pool in [&self.write, &self.read] {
-            let _ = pool.clone().disconnect().await;
+        for endpoint in [&self.db.write, &self.db.read] {
+            let _ = self.of(endpoint).disconnect().await;
         }
     }
 }

@@ -248,6 +248,8 @@ pub fn write_cnf(config: &Config, paths: &Paths) -> Result<(), ServerError> {
          sync_relay_log = 1\n\
          relay_log_recovery = ON\n\
          slave_net_timeout = 10\n\
+         slave_parallel_threads = 4\n\
+         slave_parallel_mode = optimistic\n\
          binlog_expire_logs_seconds = 0\n\
          rpl_semi_sync_slave_enabled = ON\n\
          rpl_semi_sync_master_enabled = OFF\n\

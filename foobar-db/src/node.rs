@@ -120,6 +120,9 @@ struct State {
     witness_down_since: Option<Instant>,
     /// Whether semi-sync was active on the primary when last seen.
     primary_semi_sync: Option<bool>,
+    /// Since when the primary has had semi-sync on but this replica attached
+    /// asynchronously.
+    attached_async_since: Option<Instant>,
     promotion_blocked: Option<String>,
     diverged: Option<String>,
     counters: Counters,
@@ -177,6 +180,7 @@ impl Node {
                 primary_lost_since: None,
                 witness_down_since: None,
                 primary_semi_sync: None,
+                attached_async_since: None,
                 promotion_blocked: None,
                 diverged: None,
                 counters: Counters::default(),
@@ -412,6 +416,29 @@ impl Node {
             // Pointed at the primary; a thread an operator stopped stays stopped.
             if replication.is_none_or(|r| r.primary != primary.mysql.to_string()) {
                 self.replicate_from(repl, primary.mysql, false).await?;
+                return Ok(());
+            }
+            // A primary that turned semi-sync on after this replica attached waits
+            // for acknowledgements it never gets: attach again, in semi-sync mode.
+            let semi = &primary.server.semi_sync;
+            let attached_async = semi.enabled
+                && semi.clients == 0
+                && replication.is_some_and(|r| r.io_running == "Yes");
+            let since = {
+                let mut state = self.state();
+                if attached_async {
+                    Some(*state.attached_async_since.get_or_insert_with(Instant::now))
+                } else {
+                    state.attached_async_since = None;
+                    None
+                }
+            };
+            if since.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+                info!("attaching to the primary again in semi-sync mode");
+                let mut conn = self.conn().await?;
+                conn.query_drop("STOP SLAVE IO_THREAD").await?;
+                conn.query_drop("START SLAVE IO_THREAD").await?;
+                self.state().attached_async_since = None;
             }
             return Ok(());
         }
@@ -452,8 +479,7 @@ impl Node {
             return Ok(());
         }
         warn!(primary = %repl.peer.mysql, "the primary is gone and the balancers agree: promoting");
-        self.promote_locked(repl, Some(failover), false, AUTO_FENCE_LIMIT)
-            .await
+        self.promote_locked(repl, Some(failover), false, true).await
     }
 
     async fn as_fenced(
@@ -557,7 +583,7 @@ impl Node {
             _ => {}
         }
         // Without a witness (and without force) the old primary must be fenced.
-        self.promote_locked(repl, repl.failover.as_ref(), force, FENCE_LIMIT)
+        self.promote_locked(repl, repl.failover.as_ref(), force, false)
             .await
     }
 
@@ -574,7 +600,7 @@ impl Node {
         repl: &Replication,
         witness: Option<&Failover>,
         force: bool,
-        fence_limit: Duration,
+        automatic: bool,
     ) -> Result<(), RoleError> {
         if !force && !self.leased(repl) {
             return Err(RoleError::Refused(
@@ -584,16 +610,36 @@ impl Node {
             ));
         }
         let started = Instant::now();
-        let fenced = match peer::request(
+        let mut conn = self.conn().await?;
+        let fence = peer::request(
             repl.peer.agent,
             Method::POST,
             "/fence",
             self.token(),
-            fence_limit,
-        )
-        .await
-        {
-            Ok((200, body)) => Some(String::from_utf8_lossy(&body).trim().to_owned()),
+            if automatic {
+                AUTO_FENCE_LIMIT
+            } else {
+                FENCE_LIMIT
+            },
+        );
+        // Automatic: the old primary's agent has not answered for a lease, so it is
+        // most likely gone; the IO thread is stopped meanwhile (stopping a semi-sync
+        // one waits out a connection to the dead primary), and started again if the
+        // fence works after all.
+        let (answer, io_stopped) = if automatic {
+            let (answer, stopped) = tokio::join!(fence, conn.query_drop("STOP SLAVE IO_THREAD"));
+            stopped?;
+            (answer, true)
+        } else {
+            (fence.await, false)
+        };
+        let fenced = match answer {
+            Ok((200, body)) => {
+                if io_stopped {
+                    conn.query_drop("START SLAVE IO_THREAD").await?;
+                }
+                Some(String::from_utf8_lossy(&body).trim().to_owned())
+            }
             Ok((status, body)) => {
                 return Err(RoleError::Refused(format!(
                     "the old primary's agent refused to fence it ({status}: {}): not promoting",
@@ -625,11 +671,12 @@ impl Node {
             }
         };
         info!(fenced = fenced.is_some(), elapsed = ?started.elapsed(), "fencing the old primary");
-        let mut conn = self.conn().await?;
         let target = match fenced {
             Some(position) => position,
             None => {
-                conn.query_drop("STOP SLAVE IO_THREAD").await?;
+                if !io_stopped {
+                    conn.query_drop("STOP SLAVE IO_THREAD").await?;
+                }
                 info!(elapsed = ?started.elapsed(), "replication's IO thread stopped");
                 let snapshot = Snapshot::read(&mut conn).await?;
                 snapshot

@@ -103,7 +103,7 @@ pub fn web_config(
          [http]\nlisten = \"0.0.0.0:{HTTP_PORT}\"\n\n\
          [https]\nlisten = \"0.0.0.0:{HTTPS_PORT}\"\ncertificate = \"{}\"\nkey = \"{}\"\nhsts_max_age_s = 31536000\n\n\
          [files]\nroot = \"{}\"\n\n\
-         [proxy]\npath = \"/api/\"\nupstreams = [{}]\nmax_fails = 1\nfail_timeout_ms = 5000\nconnect_timeout_ms = 500\nread_timeout_ms = 5000\n",
+         [proxy]\npath = \"/api/\"\nupstreams = [{}]\nmax_fails = 1\nfail_timeout_ms = 5000\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n",
         dir.join("web-access.log").display(),
         maintenance_file.display(),
         pki.cert("www").display(),
@@ -114,13 +114,15 @@ pub fn web_config(
 }
 
 /// A stack server's application node: writes through the write VIP, reads through
-/// the read VIP.
+/// the read VIP. Its database deadlines sit between semi-sync's wait (0.5 s) and the
+/// web node's for its answer (2 s), so a stuck query fails here, not as a timeout
+/// that takes the whole application node out of the web node's rotation.
 pub fn app_config(dir: &Path, name: &str, password_file: &Path) -> String {
     let (write, read) = (db_write_vip(), db_read_vip());
     format!(
         "listen = \"0.0.0.0:{APP_PORT}\"\nname = \"{name}\"\naccess_log = \"{}\"\n\n\
          [database]\nwrite = \"{write}:{DB_PORT}\"\nread = \"{read}:{DB_PORT}\"\nname = \"{DB_SCHEMA}\"\n\
-         user = \"{DB_USER}\"\npassword_file = \"{}\"\n",
+         user = \"{DB_USER}\"\npassword_file = \"{}\"\nconnect_timeout_ms = 500\nquery_timeout_ms = 1500\n",
         dir.join("app-access.log").display(),
         password_file.display(),
     )
@@ -134,9 +136,9 @@ pub fn db_config(dir: &Path, i: usize, password_file: &Path, repl_password_file:
         "name = \"db{n}\"\nserver_id = {n}\nlisten = \"{me}:{DB_PORT}\"\nhttp = \"{me}:{DB_AGENT_PORT}\"\n\
          state_dir = \"{}\"\n\n\
          [app]\ndatabase = \"{DB_SCHEMA}\"\nuser = \"{DB_USER}\"\npassword_file = \"{}\"\nallow_from = \"10.1.0.%\"\n\n\
-         [replication]\ninitial_role = \"{}\"\npassword_file = \"{}\"\nsemi_sync_timeout_ms = 1000\n\
+         [replication]\ninitial_role = \"{}\"\npassword_file = \"{}\"\nsemi_sync_timeout_ms = 500\n\
          peer = {{ mysql = \"{peer}:{DB_PORT}\", agent = \"{peer}:{DB_AGENT_PORT}\" }}\n\n\
-         [replication.failover]\nwitness = \"{LB_SERVER_SIDE}:{LB_METRICS_PORT}\"\nwrite_vip = \"db-write\"\nlease_ms = 1000\n",
+         [replication.failover]\nwitness = \"{LB_SERVER_SIDE}:{LB_METRICS_PORT}\"\nwrite_vip = \"db-write\"\nlease_ms = 800\n",
         dir.join("db").display(),
         password_file.display(),
         if i == 0 { "primary" } else { "replica" },

@@ -52,6 +52,9 @@ struct Upstream {
     /// Its `outcome="ok"` counter, looked up once (the common case, every request).
     ok: Counter,
     health: Mutex<Health>,
+    /// Times it was taken out: workers drop their idle connections to it when this
+    /// moves (a connection kept to a dead node would hang the next request on it).
+    outages: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -72,12 +75,16 @@ pub struct Pool {
     retries: Counter,
 }
 
+/// A worker's idle connections to one upstream, with the upstream's outage count
+/// when they were kept.
+type Idle = (usize, Vec<SendRequest<Full<Bytes>>>);
+
 /// A worker's side of the pool: its own keep-alive connections to each upstream (as
 /// each nginx worker has its own), used only on the worker's thread.
 pub struct WorkerPool {
     pool: Arc<Pool>,
     /// Idle connections, by upstream.
-    idle: Vec<Mutex<Vec<SendRequest<Full<Bytes>>>>>,
+    idle: Vec<Mutex<Idle>>,
 }
 
 /// Why an attempt failed.
@@ -130,6 +137,7 @@ impl Pool {
                         })
                         .clone(),
                     health: Mutex::new(Health::default()),
+                    outages: AtomicUsize::new(0),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -184,6 +192,7 @@ impl Pool {
                 if health.fails >= self.settings.max_fails {
                     warn!(upstream = %upstream.addr, ?failure, "upstream out for {fail_timeout:?}");
                     health.down_until = Some(now + fail_timeout);
+                    upstream.outages.fetch_add(1, Ordering::Relaxed);
                     health.fails = 0;
                     health.window_start = None;
                 }
@@ -198,7 +207,7 @@ impl Pool {
             idle: self
                 .upstreams
                 .iter()
-                .map(|_| Mutex::new(Vec::new()))
+                .map(|_| Mutex::new((0, Vec::new())))
                 .collect(),
         })
     }
@@ -208,7 +217,12 @@ impl WorkerPool {
     /// An idle connection to upstream `i` ready for a request, if one is kept.
     fn checkout(&self, i: usize) -> Option<SendRequest<Full<Bytes>>> {
         let mut idle = self.idle[i].lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(sender) = idle.pop() {
+        let outages = self.pool.upstreams[i].outages.load(Ordering::Relaxed);
+        if idle.0 != outages {
+            // Kept before the upstream was taken out: not to be trusted.
+            *idle = (outages, Vec::new());
+        }
+        while let Some(sender) = idle.1.pop() {
             if sender.is_ready() {
                 return Some(sender);
             }
@@ -219,8 +233,8 @@ impl WorkerPool {
     /// Keeps a connection whose last answer was read whole, up to `keepalive`.
     fn checkin(&self, i: usize, sender: SendRequest<Full<Bytes>>) {
         let mut idle = self.idle[i].lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.pool.settings.keepalive {
-            idle.push(sender);
+        if idle.1.len() < self.pool.settings.keepalive {
+            idle.1.push(sender);
         }
     }
 
@@ -255,18 +269,25 @@ impl WorkerPool {
             request
         };
         let (mut sender, response) = match self.checkout(i) {
-            Some(mut kept) => match kept.send_request(request()).await {
-                Ok(response) => (kept, Ok(response)),
-                // The upstream closed the idle connection meanwhile: the request never
-                // left, so a new connection may carry it.
-                Err(e) if e.is_canceled() || e.is_closed() => {
-                    let mut fresh = self.connect(i).await?;
-                    let response =
-                        tokio::time::timeout(read_timeout, fresh.send_request(request())).await;
-                    (fresh, response.map_err(|_| Failure::Timeout)?)
+            // The read deadline holds on a kept connection too: its node may have
+            // died without a word since (a cut link sends no reset).
+            Some(mut kept) => {
+                match tokio::time::timeout(read_timeout, kept.send_request(request()))
+                    .await
+                    .map_err(|_| Failure::Timeout)?
+                {
+                    Ok(response) => (kept, Ok(response)),
+                    // The upstream closed the idle connection meanwhile: the request never
+                    // left, so a new connection may carry it.
+                    Err(e) if e.is_canceled() || e.is_closed() => {
+                        let mut fresh = self.connect(i).await?;
+                        let response =
+                            tokio::time::timeout(read_timeout, fresh.send_request(request())).await;
+                        (fresh, response.map_err(|_| Failure::Timeout)?)
+                    }
+                    Err(e) => (kept, Err(e)),
                 }
-                Err(e) => (kept, Err(e)),
-            },
+            }
             None => {
                 let mut fresh = self.connect(i).await?;
                 let response =

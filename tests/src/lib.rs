@@ -6,6 +6,6 @@ pub mod browser;
 pub mod e2e;
 pub mod http;
 pub mod nodes;
-pub use foobar_lab::{lab, netns, probe, process, stack};
+pub use foobar_lab::{db, lab, netns, probe, process, stack};
 pub mod packet;
 pub mod packet_lab;

@@ -6,18 +6,14 @@
 //! primary had fallen back to asynchronous replication the pair says so, does not
 //! promote by itself, and refuses the old primary's diverged data.
 
-use std::{
-    path::Path,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
 use serde_json::Value;
 use tests::{
     e2e::one_at_a_time,
     lab::{Lab, LabSpec, web_addr},
     process::wait_until,
-    stack::{DB_AGENT_PORT, SITE, server_dir},
+    stack::SITE,
 };
 
 /// A stack lab with its balancer running and the site ready.
@@ -28,18 +24,8 @@ fn stack_lab(tag: &str) -> Lab {
     lab
 }
 
-/// `GET path` of server `i`'s database agent, from the balancer: status and body.
 fn agent(lab: &Lab, i: usize, path: &str) -> (u16, String) {
-    let out = lab
-        .lb()
-        .command("curl")
-        .args(["-s", "-m", "2", "-w", "\n%{http_code}"])
-        .arg(format!("http://{}:{DB_AGENT_PORT}{path}", web_addr(i)))
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.parse().unwrap_or(0), body.to_owned())
+    lab.db_agent(i, path)
 }
 
 fn status(lab: &Lab, i: usize) -> Value {
@@ -47,58 +33,36 @@ fn status(lab: &Lab, i: usize) -> Value {
 }
 
 fn wait_role(lab: &Lab, i: usize, role: &str, limit: Duration) {
-    wait_until(limit, &format!("db{} {role}", i + 1), || {
-        status(lab, i)["role"] == role
-    });
+    let started = std::time::Instant::now();
+    while !lab.db_role_is(i, role) {
+        assert!(
+            started.elapsed() < limit,
+            "db{} not {role} within {limit:?}: {}\n{}",
+            i + 1,
+            status(lab, i),
+            {
+                let log = lab.log(&lab.server_name(i), "db");
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(25)..].join("\n")
+            }
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
-/// Runs SQL as MariaDB's root on server `i` (over its socket); the rows as text.
 fn sql(lab: &Lab, i: usize, query: &str) -> String {
-    let out = sql_command(lab, i, query).output().expect("mariadb");
-    assert!(
-        out.status.success(),
-        "{query}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    lab.db_sql(i, query).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn sql_command(lab: &Lab, i: usize, query: &str) -> Command {
-    let socket = server_dir(&lab.dir, &lab.server_name(i)).join("db/mysqld.sock");
-    let mut command = lab.webs[i].command("mariadb");
-    command
-        .arg("--no-defaults")
-        .arg(format!("--socket={}", socket.display()))
-        .args(["-uroot", "-N", "-B", "-e", query]);
-    command
-}
-
-/// Posts `text` through the site (HTTPS, the VIP, a web node, an application
-/// node, the write VIP); its id if the post was acknowledged.
+/// Posts `text` through the site; its id if acknowledged.
 fn post(lab: &Lab, text: &str, cookies: Option<&Path>) -> Option<u64> {
-    let body = format!(r#"{{"author":"db-test","text":"{text}"}}"#);
-    // A deadline of 2 s (a commit may wait out semi-sync's 1 s): a write stuck on a
-    // dead server counts as failed soon, so the gap is measured finely.
-    let mut args = vec![
-        "-f",
-        "-m",
-        "2",
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        &body,
-    ];
     let jar = cookies.map(|p| p.display().to_string());
-    if let Some(jar) = &jar {
-        args.extend(["-c", jar, "-b", jar]);
-    }
-    let url = format!("https://{SITE}/api/posts");
-    args.push(&url);
-    let out = lab.site_curl(&args);
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice::<Value>(&out.stdout).ok()?["id"].as_u64()
+    let extra: Vec<&str> = match &jar {
+        Some(jar) => vec!["-c", jar, "-b", jar],
+        None => vec![],
+    };
+    let body = lab.post_through_site(text, &extra).ok()?;
+    serde_json::from_str::<Value>(&body).ok()?["id"].as_u64()
 }
 
 /// `GET /api/posts/{id}` through the site: the HTTP status.
@@ -206,7 +170,8 @@ fn writes_replicate_reads_come_from_the_replica_and_a_client_reads_its_own_write
     // Read-your-writes: the replica held behind (a global read lock stops its SQL
     // thread, not its acknowledgements); a client's own post is still there for it,
     // on any node and connection, but not yet for others.
-    let mut lock = sql_command(&lab, 1, "FLUSH TABLES WITH READ LOCK; SELECT SLEEP(4);")
+    let mut lock = lab
+        .db_sql_command(1, "FLUSH TABLES WITH READ LOCK; SELECT SLEEP(4);")
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("mariadb");
@@ -259,52 +224,33 @@ fn a_crashed_primary_loses_no_acknowledged_write_and_rejoins_as_a_replica() {
 
     // A writer through the whole site; server1 (web, application and database)
     // dies under it: MariaDB killed, the server cut off.
-    let started = Instant::now();
-    let kill_after = Duration::from_millis(1500);
-    let mut killed = None;
-    let mut writes: Vec<(String, Duration, bool)> = Vec::new();
-    for n in 0.. {
-        let at = started.elapsed();
-        if killed.is_none() && at >= kill_after {
-            lab.kill_mariadb(0);
-            lab.cut_server(0);
-            killed = Some(started.elapsed());
-        }
-        let text = format!("w-{n}");
-        let ok = post(&lab, &text, None).is_some();
-        writes.push((text, at, ok));
-        let after_kill = killed.map_or(0, |k| writes.iter().filter(|w| w.2 && w.1 > k).count());
-        if after_kill >= 20 || started.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-    }
-    let killed = killed.expect("the kill");
-    let acknowledged: Vec<&String> = writes.iter().filter(|w| w.2).map(|w| &w.0).collect();
-    let first_failure = writes.iter().find(|w| !w.2 && w.1 >= killed).map(|w| w.1);
-    let resumed = first_failure.and_then(|f| writes.iter().find(|w| w.2 && w.1 > f).map(|w| w.1));
+    let run = lab.crash_primary_under_writes(0, "w");
+    let acknowledged = run.acknowledged();
     wait_role(&lab, 1, "primary", Duration::from_secs(10));
     let present = sql(
         &lab,
         1,
-        "SELECT text FROM foobar.posts WHERE text LIKE 'w-%'",
+        "SELECT text FROM foobar.posts WHERE text LIKE 'w %'",
     );
     let present: std::collections::HashSet<&str> = present.lines().collect();
-    let lost: Vec<&&String> = acknowledged
+    let lost: Vec<&&str> = acknowledged
         .iter()
-        .filter(|t| !present.contains(t.as_str()))
+        .filter(|t| !present.contains(**t))
         .collect();
-    let gap = match (first_failure, resumed) {
-        (Some(f), Some(r)) => r - f,
-        _ => Duration::ZERO,
-    };
     eprintln!(
-        "primary crash: {} writes, {} acknowledged, {} lost, write gap {gap:?}",
-        writes.len(),
+        "primary crash: {} writes, {} acknowledged, {} lost, write gap {:?}, promoted {:?} after the kill",
+        run.writes.len(),
         acknowledged.len(),
-        lost.len()
+        lost.len(),
+        run.gap(),
+        run.promoted,
     );
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
-    assert!(resumed.is_some(), "writes never resumed: {writes:?}");
+    assert!(
+        run.gap().is_some(),
+        "writes never resumed: {:?}",
+        run.writes
+    );
     let promoted = status(&lab, 1);
     assert_eq!(promoted["counters"]["promotions"], 1, "{promoted}");
     assert_eq!(promoted["server"]["read_only"], false);
@@ -326,10 +272,10 @@ fn a_crashed_primary_loses_no_acknowledged_write_and_rejoins_as_a_replica() {
             let rows = sql(
                 &lab,
                 0,
-                "SELECT text FROM foobar.posts WHERE text LIKE 'w-%'",
+                "SELECT text FROM foobar.posts WHERE text LIKE 'w %'",
             );
             let rows: std::collections::HashSet<&str> = rows.lines().collect();
-            acknowledged.iter().all(|t| rows.contains(t.as_str()))
+            acknowledged.iter().all(|t| rows.contains(t))
         },
     );
     wait_until(
@@ -342,7 +288,7 @@ fn a_crashed_primary_loses_no_acknowledged_write_and_rejoins_as_a_replica() {
 #[test]
 fn an_asynchronous_primary_is_not_replaced_by_itself_and_its_diverged_data_is_refused() {
     let _turn = one_at_a_time();
-    let lab = stack_lab("db-async");
+    let mut lab = stack_lab("db-async");
     wait_role(&lab, 0, "primary", Duration::from_secs(20));
     wait_role(&lab, 1, "replica", Duration::from_secs(20));
 
@@ -367,8 +313,11 @@ fn an_asynchronous_primary_is_not_replaced_by_itself_and_its_diverged_data_is_re
     );
     std::thread::sleep(Duration::from_millis(600)); // the replica's next look at it
 
-    // The primary dies now: the replica must not promote itself.
-    lab.kill_mariadb(0);
+    // The primary goes now (its node stopped, the server cut off): the replica must
+    // not promote itself. (Stopped cleanly: killed right after an asynchronous
+    // commit, this MariaDB's crash recovery can refuse to start, "Missing FILE_DELETE
+    // or FILE_MODIFY", which would leave nothing to refuse below.)
+    lab.stop_db(0);
     lab.cut_server(0);
     wait_until(Duration::from_secs(15), "the promotion refused", || {
         !status(&lab, 1)["promotion_blocked"].is_null()
@@ -418,6 +367,7 @@ fn an_asynchronous_primary_is_not_replaced_by_itself_and_its_diverged_data_is_re
 
     // The old primary holds that transaction: it is refused, read-only, and says why.
     lab.reconnect_server(0);
+    lab.start_db(0);
     wait_role(&lab, 0, "diverged", Duration::from_secs(30));
     let diverged = status(&lab, 0);
     let why = diverged["diverged"].as_str().unwrap_or_default();

@@ -1,5 +1,6 @@
 //! `cargo xtask`: setup, test and benchmarks for foobar-lb.
 
+mod bench_db;
 mod bench_failover;
 mod bench_lab;
 mod bench_stack;
@@ -105,6 +106,20 @@ enum Bench {
         #[arg(long, default_value_t = 2)]
         rounds: u32,
     },
+    /// The database tier through the whole stack: API reads and writes with semi-sync
+    /// on and off, replication lag under the write load, and rounds of a primary crash
+    /// (acknowledged writes lost, the write gap), as JSON lines.
+    Db {
+        /// Seconds per wrk run (4 runs).
+        #[arg(long, default_value_t = 5)]
+        duration: u32,
+        /// wrk connections.
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
+        /// Primary crashes, alternating between the servers.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// The gap a client sees when the VRRP master crashes, fails back or stops, and a
     /// dead backend's time to removal, on an HA lab, as JSON lines.
     Failover {
@@ -183,6 +198,19 @@ fn main() -> Result<()> {
             require_root("the lab creates network namespaces and attaches XDP programs")?;
             build_release_bins()?;
             bench_stack::run(duration, connections, rounds)
+        }
+        Task::Bench {
+            which:
+                Bench::Db {
+                    duration,
+                    connections,
+                    rounds,
+                },
+        } => {
+            setup::ensure()?;
+            require_root("the lab creates network namespaces and attaches XDP programs")?;
+            build_release_bins()?;
+            bench_db::run(duration, connections, rounds)
         }
         Task::Bench {
             which: Bench::Failover { rounds },
