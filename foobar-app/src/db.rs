@@ -246,12 +246,16 @@ impl Db {
             .clone()
             .ip_or_hostname(endpoint.addr.ip().to_string())
             .tcp_port(endpoint.addr.port());
+        // The write endpoint must take writes: a server still read-only (starting,
+        // fenced, a replica) is not the primary yet.
+        let writes = std::ptr::eq(endpoint, &self.write);
         let ping = async {
             let mut conn = Conn::new(opts).await?;
-            conn.query_drop("DO 1").await?;
-            conn.disconnect().await
+            let read_only: Option<bool> = conn.query_first("SELECT @@read_only").await?;
+            conn.disconnect().await?;
+            Ok::<_, mysql_async::Error>(!(writes && read_only != Some(false)))
         };
-        matches!(tokio::time::timeout(PING_LIMIT, ping).await, Ok(Ok(())))
+        matches!(tokio::time::timeout(PING_LIMIT, ping).await, Ok(Ok(true)))
     }
 
     /// Two failed checks in a row take an endpoint down; one success brings it back.

@@ -29,7 +29,16 @@ fn stack(tag: &str) -> Sandbox {
         password.display()
     );
     s.start_node("app", "foobar-app", &app, &format!("{APP}/healthz"));
-    wait_until(Duration::from_secs(60), "the database", || healthy(&s));
+    let started = Instant::now();
+    while !healthy(&s) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the application never reached its database:\napp: {}\ndb: {}",
+            s.log("app"),
+            s.log("db")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     s
 }
 

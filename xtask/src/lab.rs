@@ -90,9 +90,11 @@ pub fn up(ha: bool, stack: bool) -> Result<()> {
         println!(
             "lab up: the foobar.com stack: client {PREFIX}-client 10.0.0.2 (DNS {DNS_ADDR}) → \
              {SITE} = VIP {VIP}:80 and :443 on {PREFIX}-lb → server1 {}, server2 {} (foobar-web :80 :443, \
-             foobar-app :8000), MariaDB on server1\n",
+             foobar-app :8000, foobar-db: MariaDB primary on server1, replica on server2, through the write VIP {} and read VIP {}:3306)\n",
             web_addr(0),
-            web_addr(1)
+            web_addr(1),
+            stack::db_write_vip(),
+            stack::db_read_vip(),
         );
         println!("try:");
         println!(
@@ -184,7 +186,7 @@ pub fn demo() -> Result<()> {
     }
     println!(
         "== building the foobar.com lab: client, DNS, balancer (XDP on veth), server1 and server2 \
-         (foobar-web, foobar-app), MariaDB on server1"
+         (foobar-web, foobar-app, foobar-db: a MariaDB primary and its replica)"
     );
     let mut lab = Lab::up(spec(false, false, true));
     lab.start_agent();
