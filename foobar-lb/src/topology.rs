@@ -169,16 +169,25 @@ impl Topology {
             }
         }
 
-        let v4 = handle
+        // One dump at a time: a second started on the socket while the first runs is
+        // refused (EBUSY).
+        let mut routes = handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        let v6 = handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-            .execute();
-        let mut routes = v4.chain(v6);
-        while let Some(route) = routes.try_next().await.map_err(io::Error::other)? {
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(io::Error::other)?;
+        routes.extend(
+            handle
+                .route()
+                .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+                .execute()
+                .try_collect::<Vec<_>>()
+                .await
+                .map_err(io::Error::other)?,
+        );
+        for route in routes {
             let mut table = route.header.table as u32;
             let (mut dst, mut oif, mut gateway, mut metric, mut multipath, mut prefsrc) =
                 (None, None, None, 0, false, None);
