@@ -69,6 +69,11 @@ impl Paths {
     pub fn socket(&self) -> PathBuf {
         self.state.join("mysqld.sock")
     }
+    /// The server's own temporary directory: not the shared /tmp, where another
+    /// server's bootstrap or a cleaner can take its temporary tables' files away.
+    pub fn tmp(&self) -> PathBuf {
+        self.state.join("tmp")
+    }
     /// The server's pid file.
     pub fn pid(&self) -> PathBuf {
         self.state.join("mysqld.pid")
@@ -105,6 +110,8 @@ fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
 pub async fn bootstrap(paths: &Paths) -> Result<bool, ServerError> {
     let state = paths.state.as_path();
     std::fs::create_dir_all(state).map_err(file_error(state))?;
+    let tmp = paths.tmp();
+    std::fs::create_dir_all(&tmp).map_err(file_error(&tmp))?;
     if !paths.agent_password().is_file() {
         let password: String = rand::rng()
             .sample_iter(Alphanumeric)
@@ -121,6 +128,7 @@ pub async fn bootstrap(paths: &Paths) -> Result<bool, ServerError> {
         // --no-defaults must come first; no binary log during bootstrap.
         .arg("--no-defaults")
         .arg(format!("--datadir={}", paths.data().display()))
+        .arg(format!("--tmpdir={}", paths.tmp().display()))
         .args([
             "--user=root",
             "--auth-root-authentication-method=socket",
@@ -234,6 +242,7 @@ pub fn write_cnf(config: &Config, paths: &Paths) -> Result<(), ServerError> {
          datadir = {data}\n\
          socket = {socket}\n\
          pid_file = {pid}\n\
+         tmpdir = {tmp}\n\
          port = {port}\n\
          bind_address = {address}\n\
          skip_name_resolve = ON\n\
@@ -264,6 +273,7 @@ pub fn write_cnf(config: &Config, paths: &Paths) -> Result<(), ServerError> {
         data = paths.data().display(),
         socket = paths.socket().display(),
         pid = paths.pid().display(),
+        tmp = paths.tmp().display(),
         port = config.listen.port(),
         address = config.listen.ip(),
         pool = config.buffer_pool_mb,

@@ -487,6 +487,20 @@ impl Lab {
             net.ip(&["link", "add", bridge, "type", "bridge"]);
             net.ip(&["link", "set", bridge, "up"]);
         }
+        // A switch hands frames on as they are. With br_netfilter loaded, a bridge
+        // passes IPv4 and IPv6 through iptables, which checks headers and silently
+        // drops malformed frames before the balancer could see them.
+        if std::path::Path::new("/proc/sys/net/bridge").exists() {
+            net.exec(
+                "sysctl",
+                &[
+                    "-qw",
+                    "net.bridge.bridge-nf-call-iptables=0",
+                    "net.bridge.bridge-nf-call-ip6tables=0",
+                    "net.bridge.bridge-nf-call-arptables=0",
+                ],
+            );
+        }
         // Plugs interface `inner` of `ns` into `bridge` through port `port`.
         let plug = |ns: &Netns, inner: &str, port: &str, bridge: &str| {
             net.ip(&[

@@ -59,13 +59,29 @@ pub const MAX_NEIGHBOURS: u32 = 65_536;
 pub const FULLNAT_PORT_TRIES: u32 = 8;
 /// The UDP port GUE is sent to unless configured otherwise (Katran's).
 pub const DEFAULT_GUE_PORT: u16 = 6080;
+/// Most access-list rules, over the global list and every VIP's.
+pub const MAX_ACL_RULES: u32 = 4096;
+/// Scopes of access lists: the global one (0) and one per VIP (`1 + vip id`).
+pub const ACL_SCOPE_COUNT: u32 = 1 + MAX_VIPS;
+/// Sources whose new-flow rate is tracked at once (LRU: the least recent go first).
+pub const SOURCE_LIMIT_CAPACITY: u32 = 65_536;
 
 /// Map names, as the agent looks them up in the loaded object.
 pub mod map_names {
     /// [`crate::Endpoint`] → [`crate::VipInfo`].
     pub const VIPS: &str = "VIPS";
-    /// [`crate::VipAddr`] → `u32` reference count: the VIP addresses, for fragments.
+    /// [`crate::VipAddr`] → [`crate::AddrUse`]: the VIP addresses, closed to what is
+    /// not a VIP endpoint unless open.
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    /// Access lists: an LPM trie keyed by [`crate::AclKey`] (scope word, then
+    /// address) → [`crate::AclRule`].
+    pub const ACLS: &str = "ACLS";
+    /// Scope (0 global, `1 + vip id`) → `u32` flags ([`crate::ACL_ANY`], ...).
+    pub const ACL_SCOPES: &str = "ACL_SCOPES";
+    /// Per-CPU `u64` per rule id: packets the rule decided.
+    pub const ACL_STATS: &str = "ACL_STATS";
+    /// [`crate::SourceKey`] → `u64`: when a source may open its next flow (GCRA), LRU.
+    pub const SOURCE_LIMITS: &str = "SOURCE_LIMITS";
     /// `u32` backend id → [`crate::Backend`].
     pub const BACKENDS: &str = "BACKENDS";
     /// `vip_id * SCHEDULE_STRIDE + slot` → backend id.
@@ -112,9 +128,13 @@ pub mod map_names {
     /// Per-CPU [`crate::TrafficStats`] per backend id.
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Every map, for pinning.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 27] = [
         VIPS,
         VIP_ADDRS,
+        ACLS,
+        ACL_SCOPES,
+        ACL_STATS,
+        SOURCE_LIMITS,
         BACKENDS,
         SCHEDULES,
         RR_CURSORS,
@@ -187,6 +207,73 @@ pub struct VipAddr {
 }
 const _: () = assert!(size_of::<VipAddr>() == 16);
 
+/// `AddrUse::flags`: the address is open: what is not for one of its VIP endpoints
+/// passes to the balancer's own stack (otherwise it is dropped).
+pub const ADDR_OPEN: u32 = 1;
+
+/// What the data plane knows of a VIP address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrUse {
+    /// How many VIPs use it.
+    pub vips: u32,
+    /// [`ADDR_OPEN`] or 0.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<AddrUse>() == 8);
+
+/// `AclRule::action`: the rule lets the source in.
+pub const ACL_ALLOW: u32 = 1;
+/// `AclRule::action`: the rule keeps the source out.
+pub const ACL_DENY: u32 = 2;
+/// `ACL_SCOPES` flags: the scope has rules.
+pub const ACL_RULES: u32 = 1;
+/// `ACL_SCOPES` flags: the scope has allow rules, so a source none matches is kept out.
+pub const ACL_DEFAULT_DENY: u32 = 2;
+/// `ACL_SCOPES[0]` flag: some scope has rules (without it, no list is looked at).
+pub const ACL_ANY: u32 = 4;
+
+/// The data of an access-list key: the scope word (scope << 8 | family), matched
+/// whole, then the source address; its LPM prefix length is 32 + the rule's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AclKey {
+    /// [`acl_scope_word`].
+    pub scope: u32,
+    /// The rule's prefix (network order; IPv4 in word 0).
+    pub addr: [u32; 4],
+}
+const _: () = assert!(size_of::<AclKey>() == 20);
+
+/// The scope word of an access-list key, big-endian so the trie matches it first.
+#[inline(always)]
+pub const fn acl_scope_word(scope: u32, family: u8) -> u32 {
+    ((scope << 8) | family as u32).to_be()
+}
+
+/// An access-list rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AclRule {
+    /// Its counter in `ACL_STATS`.
+    pub id: u32,
+    /// [`ACL_ALLOW`] or [`ACL_DENY`].
+    pub action: u32,
+}
+const _: () = assert!(size_of::<AclRule>() == 8);
+
+/// A source of new flows to a VIP, as its limit counts it: the address cut to the
+/// VIP's prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceKey {
+    /// The VIP's id.
+    pub vip_id: u32,
+    /// The source prefix (network order; IPv4 in word 0).
+    pub addr: [u32; 4],
+}
+const _: () = assert!(size_of::<SourceKey>() == 20);
+
 /// `VipInfo::scheduler`: weighted round robin over the ring.
 pub const SCHED_RR: u32 = 0;
 /// `VipInfo::scheduler`: Maglev table indexed by the flow hash.
@@ -204,8 +291,19 @@ pub struct VipInfo {
     pub scheduler: u32,
     /// [`FORWARD_NAT`], [`FORWARD_FULLNAT`], [`FORWARD_DSR_IPIP`] or [`FORWARD_DSR_GUE`].
     pub forwarding: u32,
+    /// New-flow limit per source: nanoseconds a source earns one new flow in; 0: no
+    /// limit. (A GCRA: the rate's inverse, computed by the agent.)
+    pub limit_interval_ns: u32,
+    /// Bits of an IPv4 source that make a source (32: each address).
+    pub limit_prefix_v4: u8,
+    /// Bits of an IPv6 source that make a source (64: each subnet).
+    pub limit_prefix_v6: u8,
+    /// Explicit padding.
+    pub _pad: u16,
+    /// How far ahead of its rate a source may be: `burst × interval`.
+    pub limit_burst_ns: u64,
 }
-const _: () = assert!(size_of::<VipInfo>() == 16);
+const _: () = assert!(size_of::<VipInfo>() == 32);
 
 /// `Backend::flags`: the slot holds a live backend. Flows pointing at a slot
 /// without it are scheduled again.
@@ -537,6 +635,10 @@ mod pod {
     // SAFETY: all of these are repr(C) plain integers with explicit padding.
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::VipAddr {}
+    unsafe impl aya::Pod for super::AddrUse {}
+    unsafe impl aya::Pod for super::AclKey {}
+    unsafe impl aya::Pod for super::AclRule {}
+    unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}

@@ -84,6 +84,10 @@ reasons! {
     DropNoRoom = "drop_no_room", Some(DROP), "The frame could not be grown or shrunk (outer header, ICMP answer).";
     DropNoRoute = "drop_no_route", Some(DROP), "Rewritten but the kernel has no route to forward it.";
     DropForgedReply = "drop_forged_reply", Some(DROP), "From a backend's address and port, but on a client-side interface: forged, not translated.";
+    // Outcomes of edge protection.
+    DropClosedAddress = "drop_closed_address", Some(DROP), "To a VIP address but for none of its VIP endpoints (a port scan, the balancer's own services): the address is closed.";
+    DropAcl = "drop_acl", Some(DROP), "From a source the global access list or its VIP's keeps out.";
+    DropSourceLimit = "drop_source_limit", Some(DROP), "A new flow from a source over its VIP's new-flow rate.";
     // Outcomes of forwarded or answered packets.
     Tx = "tx", Some(TX), "Rewritten and sent back out of the interface it came in on.";
     Redirect = "redirect", Some(REDIRECT), "Rewritten and redirected out of another interface.";
@@ -96,7 +100,7 @@ reasons! {
     FlowReused = "flow_reused", None, "A SYN on an established flow's 5-tuple: a new connection, scheduled afresh.";
     SynRetransmit = "syn_retransmit", None, "A SYN again before its flow was established: it kept its backend.";
     FlowInsertFailed = "flow_insert_failed", None, "The flow table refused a new entry: the flow was forwarded but not remembered.";
-    FlowInsertSkipped = "flow_insert_skipped", None, "A Maglev VIP's new flow during a new-flow flood: not inserted (its hash gives the same backend).";
+    FlowInsertSkipped = "flow_insert_skipped", None, "A new flow during a new-flow flood: placed by its hash and not inserted (the hash gives it the same backend again).";
     NextHopFib = "next_hop_fib", None, "The next hop was not cached (or not valid): the kernel's FIB was asked.";
     Reply = "reply", None, "A backend's reply was rewritten to come from its VIP (NAT or full NAT).";
     FullNat = "fullnat", None, "A client packet left with the balancer's address and port as its source (full NAT).";

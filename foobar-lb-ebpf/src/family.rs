@@ -40,6 +40,10 @@ pub trait Family {
     const IN_IP: u8;
     /// `AF_INET` or `AF_INET6`, for the FIB.
     const AF: u8;
+    /// [`foobar_lb_common::FAMILY_IPV4`] or `FAMILY_IPV6`.
+    const FAMILY: u8;
+    /// Bits in an address.
+    const BITS: u32;
 
     /// The address as four words (IPv4 in word 0).
     fn words(addr: Self::Addr) -> [u32; 4];
@@ -132,6 +136,8 @@ impl Family for V4 {
     const ICMP: u8 = PROTO_ICMP;
     const IN_IP: u8 = PROTO_IPIP;
     const AF: u8 = 2;
+    const FAMILY: u8 = foobar_lb_common::FAMILY_IPV4;
+    const BITS: u32 = 32;
 
     #[inline(always)]
     fn words(addr: u32) -> [u32; 4] {
@@ -229,6 +235,8 @@ impl Family for V6 {
     const ICMP: u8 = PROTO_ICMPV6;
     const IN_IP: u8 = PROTO_IPV6;
     const AF: u8 = 10;
+    const FAMILY: u8 = foobar_lb_common::FAMILY_IPV6;
+    const BITS: u32 = 128;
 
     #[inline(always)]
     fn words(addr: [u32; 4]) -> [u32; 4] {

@@ -18,6 +18,7 @@
     reason = "atomic fetch-add for the round-robin cursor"
 )]
 
+mod edge;
 mod encap;
 mod family;
 mod forward;
@@ -34,10 +35,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use foobar_lb_common::{
-    Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint, FlowKey, FlowKey6, FlowState, Iface,
-    MAX_BACKENDS, MAX_IFINDEX, MAX_NEIGHBOURS, MAX_ROUTES, MAX_TX_PORTS, MAX_VIPS, NatTarget,
-    NextHop, RateWindow, Reason, ReplyTarget, Route, SCHEDULE_STRIDE, Settings, TrafficStats,
-    VipAddr, VipInfo,
+    ACL_SCOPE_COUNT, AclKey, AclRule, AddrUse, Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint,
+    FlowKey, FlowKey6, FlowState, Iface, MAX_ACL_RULES, MAX_BACKENDS, MAX_IFINDEX, MAX_NEIGHBOURS,
+    MAX_ROUTES, MAX_TX_PORTS, MAX_VIPS, NatTarget, NextHop, RateWindow, Reason, ReplyTarget, Route,
+    SCHEDULE_STRIDE, SOURCE_LIMIT_CAPACITY, Settings, SourceKey, TrafficStats, VipAddr, VipInfo,
     reason::{EVENT_COUNT, FIRST_EVENT},
 };
 
@@ -46,7 +47,17 @@ static INTERFACES: Array<Iface> = Array::with_max_entries(MAX_IFINDEX, 0);
 #[map]
 static VIPS: HashMap<Endpoint, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
 #[map]
-static VIP_ADDRS: HashMap<VipAddr, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+static VIP_ADDRS: HashMap<VipAddr, AddrUse> = HashMap::with_max_entries(MAX_VIPS, 0);
+#[map]
+static ACLS: LpmTrie<AclKey, AclRule> = LpmTrie::with_max_entries(MAX_ACL_RULES, 0);
+#[map]
+static ACL_SCOPES: Array<u32> = Array::with_max_entries(ACL_SCOPE_COUNT, 0);
+#[map]
+static ACL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_ACL_RULES, 0);
+/// One LRU list for all CPUs: a source's flows may arrive on any of them.
+#[map]
+static SOURCE_LIMITS: LruHashMap<SourceKey, u64> =
+    LruHashMap::with_max_entries(SOURCE_LIMIT_CAPACITY, 0);
 #[map]
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
@@ -97,6 +108,7 @@ pub struct Scratch {
     nat4: family::NatScratch<family::V4>,
     nat6: family::NatScratch<family::V6>,
     fib: aya_ebpf::bindings::bpf_fib_lookup,
+    edge: edge::EdgeScratch,
 }
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

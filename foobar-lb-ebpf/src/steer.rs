@@ -28,7 +28,8 @@ use foobar_lb_common::{
 
 use crate::{
     BACKEND_ADDRS, BACKEND_STATS, BACKENDS, Events, FLOOD, INTERFACES, REPLIES, RR_CURSORS,
-    SCHEDULES, SCRATCH, SETTINGS, Scratch, Status, VIP_ADDRS, VIP_STATS, VIPS, Verdict, encap,
+    SCHEDULES, SCRATCH, SETTINGS, Scratch, Status, VIP_ADDRS, VIP_STATS, VIPS, Verdict, edge,
+    encap,
     family::{Family, NatScratch, V4, V6, set_words},
     forward::{self, Fit, ask_fib, valid},
     icmp,
@@ -128,7 +129,7 @@ fn front<F: Family>(
         return Status::ICMP;
     }
     if pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
-        return Status::verdict(Verdict::of(Reason::PassNotTcpUdp));
+        return Status::verdict(edge::not_for_a_vip::<F>(pkt.dst, Reason::PassNotTcpUdp));
     }
     if roles & ROLE_CLIENT == 0 {
         return Status::NOT_OURS;
@@ -223,7 +224,7 @@ fn choose_backend<F: Family>(
     let key = F::key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
     if let Some(flow) = F::flows().get_ptr_mut(key) {
         let l4 = parse::l4(ctx, pkt)?;
-        return match established(ctx, &l4, unsafe { &mut *flow }, events) {
+        return match established::<F>(ctx, &l4, unsafe { &mut *flow }, events)? {
             Some((id, nat_port, traffic)) => Ok(Some(Choice::new(id, nat_port, &l4, traffic))),
             // A known flow that needs a backend again: its VIP's schedule.
             None => schedule_new(ctx, pkt, &key, true, events),
@@ -246,8 +247,14 @@ fn schedule_new<F: Family>(
     let Some(vip) = (unsafe { VIPS.get(F::endpoint(pkt.dst, pkt.dport, pkt.proto)) }) else {
         return Ok(None);
     };
+    edge::admit::<F>(vip.id)?;
     let l4 = parse::l4(ctx, pkt)?;
-    if !known && !opens(pkt, &l4) {
+    if opens(pkt, &l4) {
+        // Established flows are never limited: only what opens one is.
+        if !edge::within_limit::<F>(vip) {
+            return Err(Verdict::of(Reason::DropSourceLimit));
+        }
+    } else if !known {
         events.note(Reason::FlowMissNonSyn);
     }
     let (id, nat_port) = new_flow(ctx, pkt, &l4, key, vip, events)?;
@@ -321,7 +328,7 @@ fn reply_to<F: Family>(ctx: &XdpContext, roles: u32, pkt: &Packet<F>) -> Result<
         None => {
             let endpoint = F::endpoint(pkt.src, pkt.sport, pkt.proto);
             let Some(target) = (unsafe { REPLIES.get(endpoint) }) else {
-                return Err(Verdict::of(Reason::PassNotVip));
+                return Err(edge::not_for_a_vip::<F>(pkt.dst, Reason::PassNotVip));
             };
             (core::ptr::null(), target as *const ReplyTarget)
         }
@@ -370,21 +377,24 @@ fn opens<F: Family>(pkt: &Packet<F>, l4: &L4) -> bool {
 /// A packet of a known flow: its backend, or `None` when it must be scheduled again
 /// (the backend is gone, or a SYN opens a new connection on the flow's 5-tuple).
 #[inline(always)]
-fn established(
+fn established<F: Family>(
     ctx: &XdpContext,
     l4: &L4,
     flow: &mut FlowState,
     events: &mut Events,
-) -> Option<(u32, u16, Traffic)> {
+) -> Result<Option<(u32, u16, Traffic)>, Verdict> {
     match BACKENDS.get(flow.backend_id) {
-        Some(b) if b.flags & BACKEND_ACTIVE != 0 && b.generation == flow.generation => {}
+        Some(b) if b.flags & BACKEND_ACTIVE != 0 && b.generation == flow.generation => {
+            // An access list cuts open flows too.
+            edge::admit::<F>(b.vip_id)?;
+        }
         _ => {
             events.note(Reason::FlowBackendGone);
             debug!(
                 ctx,
                 "flow's backend {} is gone: scheduling it again", flow.backend_id
             );
-            return None;
+            return Ok(None);
         }
     }
     if l4.syn {
@@ -392,7 +402,7 @@ fn established(
         // the same SYN again (a retransmission), which must reach the same backend.
         if flow.flags & FLOW_ESTABLISHED != 0 {
             events.note(Reason::FlowReused);
-            return None;
+            return Ok(None);
         }
         events.note(Reason::SynRetransmit);
     } else if flow.flags & FLOW_ESTABLISHED == 0 {
@@ -402,7 +412,11 @@ fn established(
     if closed {
         flow.flags |= FLOW_CLOSING;
     }
-    Some((flow.backend_id, flow.nat_port, Traffic::Forward { closed }))
+    Ok(Some((
+        flow.backend_id,
+        flow.nat_port,
+        Traffic::Forward { closed },
+    )))
 }
 
 /// A client packet without a (usable) flow: schedule it and remember it.
@@ -416,7 +430,13 @@ fn new_flow<F: Family>(
     events: &mut Events,
 ) -> Result<(u32, u16), Verdict> {
     let opening = opens(pkt, l4);
-    let Some(id) = schedule(vip, pkt, opening) else {
+    // During a flood of new flows (random-source SYNs, most of them) new flows are
+    // placed by their hash and not remembered: their packets find the same backend
+    // without an entry, so a flood cannot fill the table and push established flows
+    // out. A flow that lives on gets its entry from its first packet after the flood
+    // (a miss, placed by the same hash). Full NAT needs the table for its port.
+    let hashed = vip.forwarding != FORWARD_FULLNAT && flooding();
+    let Some(id) = schedule(vip, pkt, opening && !hashed) else {
         debug!(
             ctx,
             "VIP {} has no backend in its schedule: dropping", vip.id
@@ -439,11 +459,7 @@ fn new_flow<F: Family>(
     } else {
         0
     };
-    // During a flood of new flows, a Maglev VIP's flows are not remembered: the hash
-    // gives them the same backend on every packet, and the table keeps its
-    // established flows. Round robin needs the table to keep a flow where it went,
-    // and full NAT its source port.
-    if flooding() && vip.scheduler == SCHED_MAGLEV && !fullnat {
+    if hashed && !fullnat {
         events.note(Reason::FlowInsertSkipped);
     } else {
         let flags = if l4.syn { 0 } else { FLOW_ESTABLISHED };

@@ -13,16 +13,20 @@ use std::{
     time::Instant,
 };
 
-use foobar_lb_common::{NEXT_HOP_VALID, Reason, TrafficStats, reason::xdp_action};
+use foobar_lb_common::{
+    ACL_ALLOW, AclRule, NEXT_HOP_VALID, Reason, TrafficStats, reason::xdp_action,
+};
+use ipnet::IpNet;
 use tracing::{error, info, warn};
 
 use crate::{
     api::{
-        ApiError, BackendStatus, Changed, Count, ErrorKind, Explanation, Reply, Request, Stats,
-        Status, Traffic, TrafficCount, VipStatus,
+        AclRuleStatus, ApiError, BackendStatus, Changed, Count, ErrorKind, Explanation, Reply,
+        Request, Stats, Status, Traffic, TrafficCount, VipStatus,
     },
     config::{Config, ConfigError},
     dataplane::{Attached, Dataplane, DataplaneError, LoadOptions},
+    edge::Action,
     health::{BackendHealth, HealthCheck, OnDown},
     pin,
     reconcile::{AppliedVip, ApplyError, ApplyReport, Balancer, Environment},
@@ -400,6 +404,47 @@ impl Agent {
                     Ok(())
                 })
             }
+            Request::AclAdd {
+                vip,
+                action,
+                prefix,
+            } => {
+                let i = vip.as_deref().map(|v| self.find_vip(v)).transpose()?;
+                self.change(|state| {
+                    let acl = match i {
+                        Some(i) => &mut state.vips[i].acl,
+                        None => &mut state.edge.acl,
+                    };
+                    acl.allow.retain(|n| *n != prefix);
+                    acl.deny.retain(|n| *n != prefix);
+                    acl.list_mut(action).push(prefix);
+                    Ok(())
+                })
+            }
+            Request::AclRemove { vip, prefix } => {
+                let i = vip.as_deref().map(|v| self.find_vip(v)).transpose()?;
+                self.change(|state| {
+                    let (acl, list) = match i {
+                        Some(i) => {
+                            let vip = &mut state.vips[i];
+                            (&mut vip.acl, vip.name.clone())
+                        }
+                        None => (&mut state.edge.acl, "the global list".to_owned()),
+                    };
+                    let before = acl.rules().count();
+                    acl.allow.retain(|n| *n != prefix);
+                    acl.deny.retain(|n| *n != prefix);
+                    if acl.rules().count() == before {
+                        return Err(ApiError::new(
+                            ErrorKind::NotFound,
+                            Some("prefix".into()),
+                            format!("{prefix} is not in the access list of {list}"),
+                        ));
+                    }
+                    Ok(())
+                })
+            }
+            Request::AclList => self.acl_rules().map(Reply::Acl),
             Request::BackendDisable { vip, backend } => self.set_disabled(&vip, backend, true),
             Request::BackendEnable { vip, backend } => self.set_disabled(&vip, backend, false),
             Request::BackendSetWeight {
@@ -861,7 +906,51 @@ impl Agent {
                 .collect(),
             vips,
             backends,
+            acl: self.acl_rules()?,
         })
+    }
+
+    /// The running access-list rules, global first, with their counters.
+    fn acl_rules(&mut self) -> Result<Vec<AclRuleStatus>, ApiError> {
+        let names: BTreeMap<u32, String> = self
+            .running()
+            .into_iter()
+            .map(|(spec, applied)| (1 + applied.id, spec.name))
+            .collect();
+        let rules: Vec<((u32, IpNet), AclRule)> = self
+            .balancer
+            .state()
+            .acls
+            .iter()
+            .map(|(k, r)| (*k, *r))
+            .collect();
+        let mut out = Vec::with_capacity(rules.len());
+        for ((scope, prefix), rule) in rules {
+            let list = match scope {
+                0 => "global".to_owned(),
+                s => names
+                    .get(&s)
+                    .cloned()
+                    .unwrap_or_else(|| format!("vip {}", s - 1)),
+            };
+            let action = if rule.action == ACL_ALLOW {
+                Action::Allow
+            } else {
+                Action::Deny
+            };
+            let packets = self
+                .balancer
+                .dataplane()
+                .acl_stats(rule.id)
+                .map_err(dataplane_error)?;
+            out.push(AclRuleStatus {
+                list,
+                action,
+                prefix,
+                packets,
+            });
+        }
+        Ok(out)
     }
 }
 

@@ -14,9 +14,11 @@ use std::{
     time::Duration,
 };
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    edge::Action,
     reconcile::ApplyReport,
     state::{BackendSpec, Protocol, Scheduler, VipSpec},
     vrrp::VrrpStatus,
@@ -93,6 +95,27 @@ pub enum Request {
     },
     /// Re-reads the configuration file.
     Reload,
+    /// Adds a rule to a VIP's access list or the global one (a prefix already listed
+    /// takes the new action).
+    AclAdd {
+        /// Name or `address:port` of the VIP; none: the global list.
+        #[serde(default)]
+        vip: Option<String>,
+        /// Allow or deny.
+        action: Action,
+        /// The sources it matches.
+        prefix: IpNet,
+    },
+    /// Removes a rule from a VIP's access list or the global one.
+    AclRemove {
+        /// Name or `address:port` of the VIP; none: the global list.
+        #[serde(default)]
+        vip: Option<String>,
+        /// The rule's prefix.
+        prefix: IpNet,
+    },
+    /// Every access-list rule with the packets it decided.
+    AclList,
 }
 
 /// A refused request: what was wrong, and where.
@@ -144,6 +167,21 @@ pub enum Reply {
     Changed(Changed),
     /// For `explain`.
     Explained(Explanation),
+    /// For `acl list`.
+    Acl(Vec<AclRuleStatus>),
+}
+
+/// An access-list rule as running, with what it decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclRuleStatus {
+    /// `global`, or the VIP's name.
+    pub list: String,
+    /// Allow or deny.
+    pub action: Action,
+    /// The sources it matches.
+    pub prefix: IpNet,
+    /// Packets it decided (it was their source's longest match).
+    pub packets: u64,
 }
 
 /// What a change did to the maps.
@@ -307,6 +345,9 @@ pub struct Stats {
     pub vips: Vec<TrafficCount>,
     /// Per backend.
     pub backends: Vec<TrafficCount>,
+    /// Per access-list rule.
+    #[serde(default)]
+    pub acl: Vec<AclRuleStatus>,
 }
 
 /// Why the CLI could not get an answer.

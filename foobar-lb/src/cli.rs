@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     agent::OnExit,
     api::{DEFAULT_SOCKET, Request},
+    edge::Action,
     state::{BackendSpec, Forwarding, MAX_WEIGHT, Protocol, Scheduler, VipSpec},
 };
 
@@ -59,6 +60,9 @@ pub enum Command {
     /// List, add, remove, drain, reweight, disable or enable backends of a VIP.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// List, add or remove access-list rules, global or of a VIP.
+    #[command(subcommand)]
+    Acl(AclCommand),
     /// VIPs, backends, weights, flows and rates.
     ///
     /// Examples:
@@ -117,6 +121,68 @@ pub enum Command {
     ///   foobar-lb man > /usr/local/share/man/man8/foobar-lb.8
     #[command(verbatim_doc_comment)]
     Man,
+}
+
+/// `acl` subcommands. A source must pass the global list and its VIP's; in each,
+/// the longest matching prefix decides, and a list with allow rules keeps out every
+/// source it does not match. Changes apply at once, to open connections too.
+#[derive(Debug, Subcommand)]
+pub enum AclCommand {
+    /// List every rule with the packets it decided.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb acl list
+    #[command(verbatim_doc_comment)]
+    List,
+    /// Add a rule (a prefix already listed takes the new action).
+    ///
+    /// Examples:
+    ///   sudo foobar-lb acl add deny 192.0.2.0/24
+    ///   sudo foobar-lb acl add allow 198.51.100.0/24 --vip www
+    #[command(verbatim_doc_comment)]
+    Add {
+        /// allow or deny.
+        #[arg(value_enum)]
+        action: ActionArg,
+        /// The sources it matches, a prefix (an address alone is a /32 or /128).
+        #[arg(value_parser = parse_prefix)]
+        prefix: ipnet::IpNet,
+        /// The VIP (name or address:port) whose list it goes in; none: the global list.
+        #[arg(long)]
+        vip: Option<String>,
+    },
+    /// Remove a rule.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb acl remove 192.0.2.0/24
+    #[command(verbatim_doc_comment)]
+    Remove {
+        /// The rule's prefix.
+        #[arg(value_parser = parse_prefix)]
+        prefix: ipnet::IpNet,
+        /// The VIP whose list it is in; none: the global list.
+        #[arg(long)]
+        vip: Option<String>,
+    },
+}
+
+/// `acl add` actions.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ActionArg {
+    /// Let the sources in.
+    Allow,
+    /// Keep them out.
+    Deny,
+}
+
+/// A prefix, or an address alone (all its bits).
+fn parse_prefix(text: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(net) = text.parse::<ipnet::IpNet>() {
+        return Ok(net);
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| format!("{text:?} is not a prefix like 192.0.2.0/24 or an address"))
 }
 
 /// Options of `decap`.
@@ -416,9 +482,28 @@ impl Command {
                     backends: backends.iter().map(|b| b.0.clone()).collect(),
                     health_check: None,
                     on_backend_down: Default::default(),
+                    acl: Default::default(),
+                    new_flow_limit: None,
                 },
             },
             Command::Vip(VipCommand::Remove { vip }) => Request::VipRemove { vip: vip.clone() },
+            Command::Acl(AclCommand::List) => Request::AclList,
+            Command::Acl(AclCommand::Add {
+                action,
+                prefix,
+                vip,
+            }) => Request::AclAdd {
+                vip: vip.clone(),
+                action: match action {
+                    ActionArg::Allow => Action::Allow,
+                    ActionArg::Deny => Action::Deny,
+                },
+                prefix: *prefix,
+            },
+            Command::Acl(AclCommand::Remove { prefix, vip }) => Request::AclRemove {
+                vip: vip.clone(),
+                prefix: *prefix,
+            },
             Command::Backend(BackendCommand::Add {
                 vip,
                 backend,
@@ -496,6 +581,9 @@ mod tests {
             &["foobar-lb", "vip", "add", "www", "10.0.0.1"],
             &["foobar-lb", "explain", "www", "::1"],
             &["foobar-lb", "status", "-o", "yaml"],
+            &["foobar-lb", "acl", "add", "permit", "10.0.0.0/8"],
+            &["foobar-lb", "acl", "add", "deny", "10.0.0.0/33"],
+            &["foobar-lb", "acl", "remove", "not-a-prefix"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} was accepted");
         }

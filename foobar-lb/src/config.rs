@@ -44,6 +44,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    edge::EdgeSpec,
     state::{DesiredState, StateError, VipSpec},
     vrrp::VrrpConfig,
 };
@@ -322,6 +323,9 @@ pub struct Config {
     /// The VIPs.
     #[serde(default)]
     pub vips: Vec<VipSpec>,
+    /// Access control and limits beyond any one VIP (each VIP has its own too).
+    #[serde(default)]
+    pub edge: EdgeSpec,
     /// Active-passive failover with a peer; none: this balancer holds its VIPs alone.
     #[serde(default)]
     pub vrrp: Option<VrrpConfig>,
@@ -452,6 +456,7 @@ impl Config {
     pub fn desired_state(&self) -> DesiredState {
         DesiredState {
             vips: self.vips.clone(),
+            edge: self.edge.clone(),
         }
     }
 }

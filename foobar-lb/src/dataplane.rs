@@ -24,9 +24,10 @@ use aya::{
 use std::net::IpAddr;
 
 use foobar_lb_common::{
-    Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint, FAMILY_IPV4, FAMILY_IPV6, FlowKey,
-    FlowKey6, FlowState, Iface, MAX_BACKENDS, MAX_IFINDEX, NextHop, ReplyTarget, Route, Settings,
-    TrafficStats, VipAddr, VipInfo, map_names as names, schedule_index,
+    ACL_SCOPE_COUNT, AclKey, AclRule, AddrUse, Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint,
+    FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowKey6, FlowState, Iface, MAX_BACKENDS, MAX_IFINDEX,
+    NextHop, ReplyTarget, Route, Settings, TrafficStats, VipAddr, VipInfo, acl_scope_word,
+    map_names as names, schedule_index,
 };
 use ipnet::IpNet;
 
@@ -299,7 +300,7 @@ impl Dataplane {
                 state.interfaces.insert(index, iface);
             }
         }
-        let addresses: HashMap<_, VipAddr, u32> = map!(self, HashMap, names::VIP_ADDRS);
+        let addresses: HashMap<_, VipAddr, AddrUse> = map!(self, HashMap, names::VIP_ADDRS);
         state.vip_addresses = addresses
             .iter()
             .collect::<std::result::Result<_, _>>()
@@ -311,6 +312,14 @@ impl Dataplane {
             .map_err(map_err(names::BACKEND_ADDRS))?;
         let settings: Array<_, Settings> = map!(self, Array, names::SETTINGS);
         state.settings = settings.get(&0, 0).map_err(map_err(names::SETTINGS))?;
+        state.acls = self.acls()?.into_iter().collect();
+        let scopes: Array<_, u32> = map!(self, Array, names::ACL_SCOPES);
+        for scope in 0..ACL_SCOPE_COUNT {
+            let flags = scopes.get(&scope, 0).map_err(map_err(names::ACL_SCOPES))?;
+            if flags != 0 {
+                state.acl_scopes.insert(scope, flags);
+            }
+        }
         for info in state.vips.values() {
             let schedule = self.schedule(info.id, info.schedule_len)?;
             state.schedules.insert(info.id, schedule);
@@ -355,14 +364,69 @@ impl Dataplane {
         m.remove(vip).map_err(map_err(names::VIPS))
     }
 
-    /// Sets how many VIPs use an address (0 removes it).
-    pub fn set_vip_address_uses(&mut self, addr: &VipAddr, uses: u32) -> Result<()> {
-        let mut m: HashMap<_, VipAddr, u32> = map!(self, HashMap, names::VIP_ADDRS);
-        if uses == 0 {
+    /// Sets how many VIPs use an address and whether it is open (no VIP removes it).
+    pub fn set_vip_address(&mut self, addr: &VipAddr, use_: &AddrUse) -> Result<()> {
+        let mut m: HashMap<_, VipAddr, AddrUse> = map!(self, HashMap, names::VIP_ADDRS);
+        if use_.vips == 0 {
             m.remove(addr).map_err(map_err(names::VIP_ADDRS))
         } else {
-            m.insert(addr, uses, 0).map_err(map_err(names::VIP_ADDRS))
+            m.insert(addr, use_, 0).map_err(map_err(names::VIP_ADDRS))
         }
+    }
+
+    /// Adds or changes an access-list rule of a scope (0 global, `1 + vip id`).
+    pub fn set_acl(&mut self, scope: u32, prefix: &IpNet, rule: &AclRule) -> Result<()> {
+        let mut m: LpmTrie<_, AclKey, AclRule> = map!(self, LpmTrie, names::ACLS);
+        m.insert(&acl_key(scope, prefix), rule, 0)
+            .map_err(map_err(names::ACLS))
+    }
+
+    /// Removes an access-list rule.
+    pub fn remove_acl(&mut self, scope: u32, prefix: &IpNet) -> Result<()> {
+        let mut m: LpmTrie<_, AclKey, AclRule> = map!(self, LpmTrie, names::ACLS);
+        match m.remove(&acl_key(scope, prefix)) {
+            Err(MapError::KeyNotFound) => Ok(()),
+            other => other.map_err(map_err(names::ACLS)),
+        }
+    }
+
+    /// Every access-list rule, by scope and prefix.
+    pub fn acls(&mut self) -> Result<Vec<((u32, IpNet), AclRule)>> {
+        let m: LpmTrie<_, AclKey, AclRule> = map!(self, LpmTrie, names::ACLS);
+        let mut rules = Vec::new();
+        for entry in m.iter() {
+            let (k, rule) = entry.map_err(map_err(names::ACLS))?;
+            let data = k.data();
+            let word = u32::from_be(data.scope);
+            let family = (word & 0xff) as u8;
+            let addr = address_of(&data.addr, family);
+            if let Ok(net) = IpNet::new(addr, (k.prefix_len() - 32) as u8) {
+                rules.push(((word >> 8, net), rule));
+            }
+        }
+        Ok(rules)
+    }
+
+    /// Sets a scope's access-list flags.
+    pub fn set_acl_scope(&mut self, scope: u32, flags: u32) -> Result<()> {
+        let mut m: Array<_, u32> = map!(self, Array, names::ACL_SCOPES);
+        m.set(scope, flags, 0).map_err(map_err(names::ACL_SCOPES))
+    }
+
+    /// Packets an access-list rule id decided, summed over CPUs.
+    pub fn acl_stats(&mut self, id: u32) -> Result<u64> {
+        let m: PerCpuArray<_, u64> = map!(self, PerCpuArray, names::ACL_STATS);
+        let per_cpu = m.get(&id, 0).map_err(map_err(names::ACL_STATS))?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// Zeroes a rule id's counters before it counts for a new rule.
+    pub fn reset_acl_stats(&mut self, id: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e.to_string()))?;
+        let zeros = PerCpuValues::try_from(vec![0u64; cpus])
+            .map_err(|e| DataplaneError::Cpus(e.to_string()))?;
+        let mut m: PerCpuArray<&mut MapData, u64> = map!(self, PerCpuArray, names::ACL_STATS);
+        m.set(id, zeros, 0).map_err(map_err(names::ACL_STATS))
     }
 
     /// Sets how many NAT backends use an address (0 removes it).
@@ -667,6 +731,19 @@ impl Dataplane {
         let mut m: PerCpuArray<&mut MapData, TrafficStats> = map!(self, PerCpuArray, name);
         m.set(index, zeros, 0).map_err(map_err(name))
     }
+}
+
+/// The trie key of a rule: its scope word, matched whole, then its prefix.
+fn acl_key(scope: u32, prefix: &IpNet) -> LpmKey<AclKey> {
+    let family = match prefix {
+        IpNet::V4(_) => FAMILY_IPV4,
+        IpNet::V6(_) => FAMILY_IPV6,
+    };
+    let data = AclKey {
+        scope: acl_scope_word(scope, family),
+        addr: words(prefix.addr()),
+    };
+    LpmKey::new(32 + u32::from(prefix.prefix_len()), data)
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {

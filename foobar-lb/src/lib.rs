@@ -16,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod edge;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -68,6 +68,7 @@ fn json_of(command: &Command, reply: &Reply) -> serde_json::Value {
         (_, Reply::Stats(s)) => value(s),
         (_, Reply::Changed(c)) => value(c),
         (_, Reply::Explained(e)) => value(e),
+        (_, Reply::Acl(rules)) => value(rules),
     }
 }
 
@@ -87,6 +88,7 @@ fn table_of(command: &Command, reply: &Reply) -> anyhow::Result<String> {
         (_, Reply::Stats(s)) => render::stats(s),
         (_, Reply::Changed(c)) => render::changed(c),
         (_, Reply::Explained(e)) => render::explanation(e),
+        (_, Reply::Acl(rules)) => render::acl(rules),
     })
 }
 

@@ -190,6 +190,22 @@ pub fn render(status: &Status, stats: &Stats) -> String {
             .map(|c| (vec![("event", c.name.clone())], c.value))
             .collect(),
     );
+    b.counter(
+        "foobar_lb_acl_packets",
+        "Packets each access-list rule decided (its prefix was the source's longest match)",
+        stats
+            .acl
+            .iter()
+            .map(|r| {
+                let labels = vec![
+                    ("list", r.list.clone()),
+                    ("action", r.action.name().to_owned()),
+                    ("prefix", r.prefix.to_string()),
+                ];
+                (labels, r.packets)
+            })
+            .collect(),
+    );
     b.single(
         "foobar_lb_flow_table_entries",
         "Entries in the flow table",

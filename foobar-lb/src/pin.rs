@@ -14,10 +14,10 @@ use std::{
 
 use aya::maps::MapInfo;
 use foobar_lb_common::{
-    Backend, Counters, Endpoint, FlowKey, FlowKey6, FlowState, Iface, MAX_BACKENDS, MAX_IFINDEX,
-    MAX_NEIGHBOURS, MAX_ROUTES, MAX_TX_PORTS, MAX_VIPS, NatTarget, NextHop, RateWindow,
-    ReplyTarget, Route, SCHEDULE_STRIDE, Settings, TrafficStats, VipAddr, VipInfo,
-    map_names as names,
+    ACL_SCOPE_COUNT, AclKey, AclRule, AddrUse, Backend, Counters, Endpoint, FlowKey, FlowKey6,
+    FlowState, Iface, MAX_ACL_RULES, MAX_BACKENDS, MAX_IFINDEX, MAX_NEIGHBOURS, MAX_ROUTES,
+    MAX_TX_PORTS, MAX_VIPS, NatTarget, NextHop, RateWindow, ReplyTarget, Route, SCHEDULE_STRIDE,
+    SOURCE_LIMIT_CAPACITY, Settings, SourceKey, TrafficStats, VipAddr, VipInfo, map_names as names,
 };
 
 /// The magic number `statfs` reports for bpffs.
@@ -156,7 +156,16 @@ pub fn has_pinned_maps(dir: &Path) -> bool {
 fn expected_layout(name: &str, flow_capacity: u32) -> (usize, Option<usize>, u32) {
     match name {
         names::VIPS => (size_of::<Endpoint>(), Some(size_of::<VipInfo>()), MAX_VIPS),
-        names::VIP_ADDRS => (size_of::<VipAddr>(), Some(4), MAX_VIPS),
+        names::VIP_ADDRS => (size_of::<VipAddr>(), Some(size_of::<AddrUse>()), MAX_VIPS),
+        // The trie's key: prefix length, scope word and address.
+        names::ACLS => (
+            4 + size_of::<AclKey>(),
+            Some(size_of::<AclRule>()),
+            MAX_ACL_RULES,
+        ),
+        names::ACL_SCOPES => (4, Some(4), ACL_SCOPE_COUNT),
+        names::ACL_STATS => (4, Some(8), MAX_ACL_RULES),
+        names::SOURCE_LIMITS => (size_of::<SourceKey>(), Some(8), SOURCE_LIMIT_CAPACITY),
         names::BACKENDS => (4, Some(size_of::<Backend>()), MAX_BACKENDS),
         names::SCHEDULES => (4, Some(4), MAX_VIPS * SCHEDULE_STRIDE),
         names::RR_CURSORS => (4, Some(4), MAX_VIPS),

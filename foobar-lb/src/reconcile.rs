@@ -22,14 +22,16 @@ use std::{
 };
 
 use foobar_lb_common::{
-    BACKEND_ACTIVE, Backend, Endpoint, FAMILY_IPV6, Iface, MAX_BACKENDS, MAX_IFINDEX, MAX_VIPS,
-    NextHop, ReplyTarget, Route, SCHED_MAGLEV, SCHED_RR, Settings, VipAddr, VipInfo,
+    ACL_ANY, ACL_DEFAULT_DENY, ACL_RULES, ADDR_OPEN, AclRule, AddrUse, BACKEND_ACTIVE, Backend,
+    Endpoint, FAMILY_IPV6, Iface, MAX_ACL_RULES, MAX_BACKENDS, MAX_IFINDEX, MAX_VIPS, NextHop,
+    ReplyTarget, Route, SCHED_MAGLEV, SCHED_RR, Settings, VipAddr, VipInfo,
     hash::{flow_hash_v4, flow_hash_v6},
 };
 use ipnet::IpNet;
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
+    edge::{Action, EdgeSpec},
     state::{DesiredState, Forwarding, PlannedVip, Scheduler, StateError, address_of},
     topology::{Topology, words},
 };
@@ -82,7 +84,11 @@ pub struct MapState {
     /// `SCHEDULES`, by VIP id.
     pub schedules: BTreeMap<u32, Vec<u32>>,
     /// `VIP_ADDRS`.
-    pub vip_addresses: BTreeMap<VipAddr, u32>,
+    pub vip_addresses: BTreeMap<VipAddr, AddrUse>,
+    /// `ACLS`, by scope (0 global, `1 + vip id`) and prefix.
+    pub acls: BTreeMap<(u32, IpNet), AclRule>,
+    /// `ACL_SCOPES`, the scopes with flags.
+    pub acl_scopes: BTreeMap<u32, u32>,
     /// `BACKEND_ADDRS`: NAT backends' addresses.
     pub backend_addresses: BTreeMap<VipAddr, u32>,
     /// `INTERFACES`, the ones with a role.
@@ -114,8 +120,16 @@ pub enum Op {
     SetVip(Endpoint, VipInfo),
     /// Removes a VIP entry.
     RemoveVip(Endpoint),
-    /// Sets how many VIPs use an address (0 removes it).
-    SetVipAddress(VipAddr, u32),
+    /// Sets how many VIPs use an address and whether it is open (no VIP removes it).
+    SetVipAddress(VipAddr, AddrUse),
+    /// Zeroes an access-list rule id's counters before it counts for a new rule.
+    FreshAclRule(u32),
+    /// Writes an access-list rule of a scope.
+    SetAcl(u32, IpNet, AclRule),
+    /// Removes an access-list rule.
+    RemoveAcl(u32, IpNet),
+    /// Writes a scope's access-list flags.
+    SetAclScope(u32, u32),
     /// Sets how many NAT backends use an address (0 removes it).
     SetBackendAddress(VipAddr, u32),
     /// Writes an interface's entry (`roles` 0: not ours any more).
@@ -136,7 +150,7 @@ impl MapState {
     /// Records a write that succeeded.
     fn record(&mut self, op: &Op) {
         match op {
-            Op::FreshVipId(_) | Op::FreshBackendId(_) => {}
+            Op::FreshVipId(_) | Op::FreshBackendId(_) | Op::FreshAclRule(_) => {}
             Op::SetBackend(id, b) => {
                 self.backends.insert(*id, *b);
             }
@@ -157,11 +171,23 @@ impl MapState {
                     self.schedules.remove(&info.id);
                 }
             }
-            Op::SetVipAddress(addr, 0) => {
+            Op::SetVipAddress(addr, use_) if use_.vips == 0 => {
                 self.vip_addresses.remove(addr);
             }
-            Op::SetVipAddress(addr, n) => {
-                self.vip_addresses.insert(*addr, *n);
+            Op::SetVipAddress(addr, use_) => {
+                self.vip_addresses.insert(*addr, *use_);
+            }
+            Op::SetAcl(scope, net, rule) => {
+                self.acls.insert((*scope, *net), *rule);
+            }
+            Op::RemoveAcl(scope, net) => {
+                self.acls.remove(&(*scope, *net));
+            }
+            Op::SetAclScope(scope, 0) => {
+                self.acl_scopes.remove(scope);
+            }
+            Op::SetAclScope(scope, flags) => {
+                self.acl_scopes.insert(*scope, *flags);
             }
             Op::SetBackendAddress(addr, 0) => {
                 self.backend_addresses.remove(addr);
@@ -300,6 +326,7 @@ pub struct Plan {
 pub fn plan(
     current: &MapState,
     desired: &[PlannedVip],
+    edge: &EdgeSpec,
     env: &Environment,
 ) -> Result<Plan, StateError> {
     let refuse = |field: &str, message: String| StateError {
@@ -466,6 +493,7 @@ pub fn plan(
             b.plan.report.slots_written += changed;
             b.push(Op::WriteSchedule(vip_id, schedule.clone()));
         }
+        let limit = p.spec.new_flow_limit.as_ref();
         let info = VipInfo {
             id: vip_id,
             schedule_len: schedule.len() as u32,
@@ -474,6 +502,11 @@ pub fn plan(
                 Scheduler::Maglev => SCHED_MAGLEV,
             },
             forwarding: forwarding.code(),
+            limit_interval_ns: limit.map_or(0, |l| l.interval_ns()),
+            limit_prefix_v4: limit.map_or(0, |l| l.prefix_v4),
+            limit_prefix_v6: limit.map_or(0, |l| l.prefix_v6),
+            _pad: 0,
+            limit_burst_ns: limit.map_or(0, |l| l.burst_ns()),
         };
         if b.sim.vips.get(&p.endpoint) != Some(&info) {
             b.push(Op::SetVip(p.endpoint, info));
@@ -509,14 +542,20 @@ pub fn plan(
         .count();
     b.plan.report.backends_removed = active.len() - staying.len();
 
-    // The addresses of the VIPs (fragments to them are dropped, others passed).
-    let mut uses: BTreeMap<VipAddr, u32> = BTreeMap::new();
+    // The addresses of the VIPs: closed but for their VIP endpoints, unless open.
+    let open: BTreeSet<[u32; 4]> = edge.open_addresses.iter().map(|a| words(*a)).collect();
+    let mut uses: BTreeMap<VipAddr, AddrUse> = BTreeMap::new();
     for p in desired {
-        *uses
-            .entry(VipAddr {
-                addr: p.endpoint.addr,
-            })
-            .or_default() += 1;
+        let addr = VipAddr {
+            addr: p.endpoint.addr,
+        };
+        let use_ = uses.entry(addr).or_default();
+        use_.vips += 1;
+        use_.flags = if open.contains(&addr.addr) {
+            ADDR_OPEN
+        } else {
+            0
+        };
     }
     let gone: Vec<VipAddr> = b
         .sim
@@ -526,13 +565,14 @@ pub fn plan(
         .copied()
         .collect();
     for addr in gone {
-        b.push(Op::SetVipAddress(addr, 0));
+        b.push(Op::SetVipAddress(addr, AddrUse::default()));
     }
-    for (addr, n) in uses {
-        if b.sim.vip_addresses.get(&addr) != Some(&n) {
-            b.push(Op::SetVipAddress(addr, n));
+    for (addr, use_) in uses {
+        if b.sim.vip_addresses.get(&addr) != Some(&use_) {
+            b.push(Op::SetVipAddress(addr, use_));
         }
     }
+    plan_acls(&mut b, desired, edge, &vip_ids);
     // The addresses of NAT backends (fragments from them are dropped, not leaked).
     let mut uses: BTreeMap<VipAddr, u32> = BTreeMap::new();
     for p in desired
@@ -620,6 +660,95 @@ pub fn plan(
     Ok(b.plan)
 }
 
+/// The access lists: rules added or changed first, then each scope's flags, then the
+/// rules that go. A rule keeps its id (and counter) while its scope and prefix stay.
+fn plan_acls(
+    b: &mut Builder,
+    desired: &[PlannedVip],
+    edge: &EdgeSpec,
+    vip_ids: &BTreeMap<Endpoint, u32>,
+) {
+    let mut wanted: BTreeMap<(u32, IpNet), Action> = BTreeMap::new();
+    wanted.extend(edge.acl.rules().map(|(net, action)| ((0, net), action)));
+    for p in desired {
+        let scope = 1 + vip_ids[&p.endpoint];
+        wanted.extend(
+            p.spec
+                .acl
+                .rules()
+                .map(|(net, action)| ((scope, net), action)),
+        );
+    }
+    let mut flags: BTreeMap<u32, u32> = BTreeMap::new();
+    for (&(scope, _), action) in &wanted {
+        let f = flags.entry(scope).or_default();
+        *f |= ACL_RULES;
+        if *action == Action::Allow {
+            *f |= ACL_DEFAULT_DENY;
+        }
+    }
+    if !wanted.is_empty() {
+        *flags.entry(0).or_default() |= ACL_ANY;
+    }
+    let leaving: Vec<(u32, IpNet)> = b
+        .sim
+        .acls
+        .keys()
+        .filter(|k| !wanted.contains_key(k))
+        .copied()
+        .collect();
+    let used: BTreeSet<u32> = b.sim.acls.values().map(|r| r.id).collect();
+    let mut free: Vec<u32> = (0..MAX_ACL_RULES)
+        .filter(|id| !used.contains(id))
+        .rev()
+        .collect();
+    let mut leaving_ids = leaving.clone();
+    for (&key, action) in &wanted {
+        let rule = match b.sim.acls.get(&key) {
+            Some(rule) => AclRule {
+                action: action.code(),
+                ..*rule
+            },
+            None => {
+                let id = match free.pop() {
+                    Some(id) => id,
+                    None => {
+                        // Counted: no more rules than ids, so what goes frees enough.
+                        let gone = leaving_ids.pop().expect("a leaving rule");
+                        let id = b.sim.acls[&gone].id;
+                        b.push(Op::RemoveAcl(gone.0, gone.1));
+                        id
+                    }
+                };
+                b.push(Op::FreshAclRule(id));
+                AclRule {
+                    id,
+                    action: action.code(),
+                }
+            }
+        };
+        if b.sim.acls.get(&key) != Some(&rule) {
+            b.push(Op::SetAcl(key.0, key.1, rule));
+        }
+    }
+    let scopes: BTreeSet<u32> = flags
+        .keys()
+        .chain(b.sim.acl_scopes.keys())
+        .copied()
+        .collect();
+    for scope in scopes {
+        let f = flags.get(&scope).copied().unwrap_or(0);
+        if b.sim.acl_scopes.get(&scope).copied().unwrap_or(0) != f {
+            b.push(Op::SetAclScope(scope, f));
+        }
+    }
+    for key in leaving {
+        if b.sim.acls.contains_key(&key) {
+            b.push(Op::RemoveAcl(key.0, key.1));
+        }
+    }
+}
+
 /// A plan being made, and the state it leads to.
 struct Builder {
     sim: MapState,
@@ -695,6 +824,7 @@ pub struct Balancer {
     dataplane: Dataplane,
     state: MapState,
     plans: BTreeMap<Endpoint, PlannedVip>,
+    edge: EdgeSpec,
     env: Environment,
     fail_after: Option<usize>,
 }
@@ -706,6 +836,7 @@ impl Balancer {
             dataplane,
             state: MapState::default(),
             plans: BTreeMap::new(),
+            edge: EdgeSpec::default(),
             env: Environment::default(),
             fail_after: None,
         }
@@ -740,6 +871,7 @@ impl Balancer {
             dataplane,
             state,
             plans,
+            edge: EdgeSpec::default(),
             env: Environment::default(),
             fail_after: None,
         })
@@ -786,7 +918,7 @@ impl Balancer {
     /// if it is invalid.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<ApplyReport, ApplyError> {
         let plans = desired.plan()?;
-        self.apply_plans(plans)
+        self.apply_plans(plans, desired.edge.clone())
     }
 
     /// Changes the environment (interfaces, topology, settings) and writes what it
@@ -794,7 +926,7 @@ impl Balancer {
     pub fn set_environment(&mut self, env: Environment) -> Result<ApplyReport, ApplyError> {
         self.env = env;
         let plans: Vec<PlannedVip> = self.plans.values().cloned().collect();
-        self.apply_plans(plans)
+        self.apply_plans(plans, self.edge.clone())
     }
 
     /// Sets the environment the next [`Balancer::apply`] plans for, writing nothing
@@ -808,8 +940,12 @@ impl Balancer {
         &self.env
     }
 
-    fn apply_plans(&mut self, plans: Vec<PlannedVip>) -> Result<ApplyReport, ApplyError> {
-        let planned = plan(&self.state, &plans, &self.env)?;
+    fn apply_plans(
+        &mut self,
+        plans: Vec<PlannedVip>,
+        edge: EdgeSpec,
+    ) -> Result<ApplyReport, ApplyError> {
+        let planned = plan(&self.state, &plans, &edge, &self.env)?;
         for op in &planned.ops {
             if let Some(n) = self.fail_after.as_mut() {
                 if *n == 0 {
@@ -823,6 +959,7 @@ impl Balancer {
         }
         self.fail_after = None;
         self.plans = plans.into_iter().map(|p| (p.endpoint, p)).collect();
+        self.edge = edge;
         Ok(planned.report)
     }
 
@@ -848,7 +985,11 @@ impl Balancer {
             }
             Op::SetVip(ep, info) => dp.set_vip(ep, info),
             Op::RemoveVip(ep) => dp.remove_vip(ep),
-            Op::SetVipAddress(addr, n) => dp.set_vip_address_uses(addr, *n),
+            Op::SetVipAddress(addr, use_) => dp.set_vip_address(addr, use_),
+            Op::FreshAclRule(id) => dp.reset_acl_stats(*id),
+            Op::SetAcl(scope, net, rule) => dp.set_acl(*scope, net, rule),
+            Op::RemoveAcl(scope, net) => dp.remove_acl(*scope, net),
+            Op::SetAclScope(scope, flags) => dp.set_acl_scope(*scope, *flags),
             Op::SetBackendAddress(addr, n) => dp.set_backend_address_uses(addr, *n),
             Op::SetInterface(index, iface) => dp.set_interface(*index, iface),
             Op::SetRoute(prefix, route) => dp.set_route(prefix, route),
@@ -947,16 +1088,29 @@ mod tests {
                 .collect(),
             health_check: None,
             on_backend_down: Default::default(),
+            acl: Default::default(),
+            new_flow_limit: None,
         }
     }
 
     fn planned(vips: Vec<VipSpec>) -> Vec<PlannedVip> {
-        DesiredState { vips }.plan().unwrap()
+        DesiredState {
+            vips,
+            ..Default::default()
+        }
+        .plan()
+        .unwrap()
     }
 
     /// Plans and "executes" (records) the writes.
     fn step(state: &mut MapState, vips: Vec<VipSpec>) -> Plan {
-        let plan = plan(state, &planned(vips), &Environment::default()).unwrap();
+        let plan = plan(
+            state,
+            &planned(vips),
+            &EdgeSpec::default(),
+            &Environment::default(),
+        )
+        .unwrap();
         for op in &plan.ops {
             state.record(op);
         }
@@ -1039,7 +1193,79 @@ mod tests {
             .iter()
             .map(|v| planned(vec![v.clone()]).remove(0))
             .collect();
-        let refused = plan(&state, &plans, &Environment::default()).unwrap_err();
+        let refused = plan(
+            &state,
+            &plans,
+            &EdgeSpec::default(),
+            &Environment::default(),
+        )
+        .unwrap_err();
         assert_eq!(refused.field, "vips");
+    }
+
+    #[test]
+    fn access_lists_keep_rule_ids_and_add_before_they_remove() {
+        let mut state = MapState::default();
+        let vips = planned(vec![vip(1, &[1])]);
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let mut edge = EdgeSpec::default();
+        edge.acl.deny = vec![net("192.0.2.0/24")];
+        let apply = |state: &mut MapState, edge: &EdgeSpec| {
+            let p = plan(state, &vips, edge, &Environment::default()).unwrap();
+            for op in &p.ops {
+                state.record(op);
+            }
+            p.ops
+        };
+        apply(&mut state, &edge);
+        let kept = state.acls[&(0, net("192.0.2.0/24"))];
+        assert_eq!(state.acl_scopes.get(&0), Some(&(ACL_ANY | ACL_RULES)));
+
+        // A VIP's allow list: its scope defaults to deny; the global rule keeps its id.
+        let mut with_vip_list = edge.clone();
+        let mut vips_with_list = vips.clone();
+        vips_with_list[0].spec.acl.allow = vec![net("10.0.0.0/8")];
+        let p = plan(
+            &state,
+            &vips_with_list,
+            &with_vip_list,
+            &Environment::default(),
+        )
+        .unwrap();
+        for op in &p.ops {
+            state.record(op);
+        }
+        assert_eq!(state.acls[&(0, net("192.0.2.0/24"))], kept);
+        let scope = 1 + state.vips.values().next().unwrap().id;
+        assert_eq!(
+            state.acl_scopes.get(&scope),
+            Some(&(ACL_RULES | ACL_DEFAULT_DENY))
+        );
+
+        // A replaced rule: the new one is written before the old one goes.
+        with_vip_list.acl.deny = vec![net("198.51.100.0/24")];
+        let ops = plan(
+            &state,
+            &vips_with_list,
+            &with_vip_list,
+            &Environment::default(),
+        )
+        .unwrap()
+        .ops;
+        let set = ops
+            .iter()
+            .position(|op| matches!(op, Op::SetAcl(0, n, _) if *n == net("198.51.100.0/24")));
+        let removed = ops
+            .iter()
+            .position(|op| matches!(op, Op::RemoveAcl(0, n) if *n == net("192.0.2.0/24")));
+        assert!(set.unwrap() < removed.unwrap(), "{ops:?}");
+
+        // No rule left: every scope is cleared.
+        let ops = apply(&mut state, &EdgeSpec::default());
+        assert!(
+            ops.iter().any(|op| matches!(op, Op::SetAclScope(0, 0))),
+            "{ops:?}"
+        );
+        assert!(state.acls.is_empty() && state.acl_scopes.is_empty());
     }
 }

@@ -2,7 +2,9 @@
 
 use comfy_table::{Cell, CellAlignment, Table, presets::NOTHING};
 
-use crate::api::{BackendStatus, Changed, Explanation, Stats, Status, Traffic, VipStatus};
+use crate::api::{
+    AclRuleStatus, BackendStatus, Changed, Explanation, Stats, Status, Traffic, VipStatus,
+};
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -210,7 +212,27 @@ pub fn stats(s: &Stats) -> String {
             right(c.reply_bytes),
         ]);
     }
-    format!("{counts}\n\n{traffic}")
+    if s.acl.is_empty() {
+        return format!("{counts}\n\n{traffic}");
+    }
+    format!("{counts}\n\n{traffic}\n\n{}", acl(&s.acl))
+}
+
+/// Access-list rules and what each decided.
+pub fn acl(rules: &[AclRuleStatus]) -> String {
+    if rules.is_empty() {
+        return "no access-list rules: every source is let in".into();
+    }
+    let mut t = table(&["LIST", "ACTION", "PREFIX", "PACKETS"]);
+    for r in rules {
+        t.add_row(vec![
+            Cell::new(&r.list),
+            Cell::new(r.action.name()),
+            Cell::new(r.prefix),
+            right(r.packets),
+        ]);
+    }
+    t.to_string()
 }
 
 /// Any change: what it wrote.

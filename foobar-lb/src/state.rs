@@ -10,6 +10,7 @@ use foobar_lb_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    edge::{Acl, EdgeSpec, NewFlowLimit},
     health::{HealthCheck, OnDown},
     schedule::{self, DEFAULT_MAGLEV_SIZE, Weighted},
 };
@@ -160,6 +161,12 @@ pub struct VipSpec {
     /// What happens to a backend's open flows when its checks take it down.
     #[serde(default)]
     pub on_backend_down: OnDown,
+    /// Who may reach it (after the global list, `edge.acl`).
+    #[serde(default, skip_serializing_if = "Acl::is_empty")]
+    pub acl: Acl,
+    /// How many new flows per second one source may open; none: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flow_limit: Option<NewFlowLimit>,
 }
 
 /// Every VIP the balancer should serve.
@@ -169,6 +176,9 @@ pub struct DesiredState {
     /// The VIPs.
     #[serde(default)]
     pub vips: Vec<VipSpec>,
+    /// Access control and limits beyond any one VIP.
+    #[serde(default)]
+    pub edge: EdgeSpec,
 }
 
 /// A refused configuration: the field at fault and why.
@@ -232,6 +242,8 @@ impl PlannedVip {
                 .collect(),
             health_check: None,
             on_backend_down: OnDown::Keep,
+            acl: Acl::default(),
+            new_flow_limit: None,
         };
         Self {
             endpoint,
@@ -332,6 +344,10 @@ impl DesiredState {
                     .validate(&format!("{at}.health_check"))
                     .map_err(|(field, message)| invalid(field, message))?;
             }
+            vip.acl.validate(&format!("{at}.acl"))?;
+            if let Some(limit) = &vip.new_flow_limit {
+                limit.validate(&format!("{at}.new_flow_limit"))?;
+            }
             if let Some(other) = vips_seen.insert(vip_ep, v) {
                 return Err(invalid(
                     at,
@@ -403,6 +419,15 @@ impl DesiredState {
                 schedule,
             });
         }
+        let addresses = self.vips.iter().map(|v| v.address).collect();
+        self.edge.validate(&addresses)?;
+        let rules = self.edge.acl.rules().count()
+            + self
+                .vips
+                .iter()
+                .map(|v| v.acl.rules().count())
+                .sum::<usize>();
+        crate::edge::check_rule_count(rules)?;
         // VIPs keyed by their endpoint must not collide with any backend either.
         for p in &planned {
             if let Some(backend) = backends_seen.get(&p.endpoint) {
@@ -439,6 +464,8 @@ mod tests {
                 .collect(),
             health_check: None,
             on_backend_down: OnDown::Keep,
+            acl: Acl::default(),
+            new_flow_limit: None,
         }
     }
 
@@ -454,6 +481,7 @@ mod tests {
                 "10.0.0.100",
                 &[("10.1.0.11", 8080, 3), ("10.1.0.12", 8080, 1)],
             )],
+            ..Default::default()
         };
         let plan = state.plan().unwrap();
         assert_eq!(plan[0].schedule, vec![0, 0, 1, 0]);
@@ -464,6 +492,7 @@ mod tests {
     fn names_the_bad_field() {
         let mut s = DesiredState {
             vips: vec![vip("web", "10.0.0.100", &[("10.1.0.11", 8080, 300)])],
+            ..Default::default()
         };
         assert_eq!(field_of(s.clone()), "vips[0].backends[0].weight");
         s.vips[0].backends[0].weight = 1;

@@ -65,3 +65,13 @@ pub fn running_state(lab: &Lab) -> serde_json::Value {
     }
     status["vips"].take()
 }
+
+/// One outcome or event counter from `stats`.
+pub fn counter(lab: &Lab, name: &str) -> u64 {
+    let stats = json(lab, &["stats"]);
+    ["outcomes", "events"]
+        .iter()
+        .flat_map(|k| stats[k].as_array().unwrap().iter())
+        .find(|c| c["name"] == name)
+        .map_or(0, |c| c["value"].as_u64().unwrap())
+}

@@ -18,16 +18,28 @@ pub const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Opens a TCP connection from inside `ns`, from `local_port` if given.
 pub fn connect(ns: &Netns, to: SocketAddrV4, local_port: Option<u16>) -> io::Result<TcpStream> {
+    let from = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port.unwrap_or(0));
+    connect_from(ns, from, to, TIMEOUT)
+}
+
+/// Opens a TCP connection from inside `ns`, from a given address and port (0: any),
+/// giving up after `timeout`.
+pub fn connect_from(
+    ns: &Netns,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     // A socket belongs to the namespace it was created in, whichever thread uses it.
     let _inside = ns.enter();
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     // Close with RST: the same port can be used again at once.
     socket.set_linger(Some(Duration::ZERO))?;
-    if let Some(port) = local_port {
-        socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    if from != SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0) {
+        socket.bind(&SocketAddr::V4(from).into())?;
     }
-    socket.connect_timeout(&SocketAddr::V4(to).into(), TIMEOUT)?;
+    socket.connect_timeout(&SocketAddr::V4(to).into(), timeout)?;
     let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;

@@ -315,7 +315,15 @@ impl PacketLab {
 
     /// Applies a set of VIPs, panicking if refused.
     pub fn apply(&mut self, vips: Vec<VipSpec>) {
-        self.balancer.apply(&DesiredState { vips }).expect("apply");
+        self.apply_state(DesiredState {
+            vips,
+            ..Default::default()
+        });
+    }
+
+    /// Applies a whole desired state (VIPs and edge rules), panicking if refused.
+    pub fn apply_state(&mut self, state: DesiredState) {
+        self.balancer.apply(&state).expect("apply");
     }
 
     /// Runs one frame through the program as arriving on `side`.
@@ -413,6 +421,8 @@ pub fn vip_spec(
             .collect(),
         health_check: None,
         on_backend_down: Default::default(),
+        acl: Default::default(),
+        new_flow_limit: None,
     }
 }
 
@@ -451,6 +461,8 @@ pub fn mode_vip(
             .collect(),
         health_check: None,
         on_backend_down: Default::default(),
+        acl: Default::default(),
+        new_flow_limit: None,
     }
 }
 

@@ -14,7 +14,7 @@ use foobar_lab::{
     netns::Netns,
     process::{bin, spawn_logged, terminate, wait_until},
 };
-use tests::e2e::{json, one_at_a_time};
+use tests::e2e::{counter, json, one_at_a_time};
 
 /// Which VIP address each mode uses (IPv4 and IPv6 alike): `vip_addr(i)`.
 const NAT: u8 = 0;
@@ -164,16 +164,6 @@ fn vip_stats(lab: &Lab, name: &str) -> serde_json::Value {
         .find(|v| v["name"] == name)
         .unwrap_or_else(|| panic!("no VIP {name} in {stats}"))
         .clone()
-}
-
-/// One outcome or event counter from `stats`.
-fn counter(lab: &Lab, name: &str) -> u64 {
-    let stats = json(lab, &["stats"]);
-    ["outcomes", "events"]
-        .iter()
-        .flat_map(|k| stats[k].as_array().unwrap().iter())
-        .find(|c| c["name"] == name)
-        .map_or(0, |c| c["value"].as_u64().unwrap())
 }
 
 fn lab_with_router(tag: &str, config_text: &str) -> Lab {

@@ -6,7 +6,10 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use foobar_lb::state::{BackendSpec, Protocol, Scheduler, VipSpec};
+use foobar_lb::{
+    edge::{Acl, NewFlowLimit},
+    state::{BackendSpec, DesiredState, Protocol, Scheduler, VipSpec},
+};
 use foobar_lb_common::{Reason, reason::xdp_action::*};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tests::{
@@ -60,6 +63,17 @@ fn reply(backend: u8, client: Ipv4Addr, client_port: u16) -> Frame {
             Tcp::SynAck,
         )
     }
+}
+
+/// The flow-table key of the client's TCP flow from `sport` to `VIP:80`.
+fn flow_key(sport: u16) -> foobar_lb_common::FlowKey {
+    foobar_lb_common::FlowKey::new(
+        u32::from_ne_bytes(CLIENT.octets()),
+        u32::from_ne_bytes(VIP.octets()),
+        sport.to_be(),
+        80u16.to_be(),
+        6,
+    )
 }
 
 fn outcome_total(lab: &mut PacketLab) -> u64 {
@@ -117,31 +131,9 @@ fn icmp_neither_echo_nor_error_to_vip_passes() {
 }
 
 #[test]
-fn gre_to_vip_passes() {
-    let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
-    let mut frame = syn(1000).build();
-    frame[IP + 9] = 47;
-    untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassNotTcpUdp);
-}
-
-#[test]
 fn tcp_to_other_address_passes() {
     let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
     let frame = Frame::tcp(CLIENT, 1000, Ipv4Addr::new(10, 0, 0, 1), 80, Tcp::Syn).build();
-    untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassNotVip);
-}
-
-#[test]
-fn tcp_to_vip_address_on_other_port_passes() {
-    let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
-    let frame = Frame::tcp(CLIENT, 1000, VIP, 443, Tcp::Syn).build();
-    untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassNotVip);
-}
-
-#[test]
-fn udp_to_tcp_vip_passes() {
-    let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
-    let frame = Frame::udp(CLIENT, 1000, VIP, 80).build();
     untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassNotVip);
 }
 
@@ -660,14 +652,10 @@ fn a_round_robin_flow_the_table_lost_is_placed_by_its_hash_not_the_cursor() {
         let lost = forwarded(&mut lab, &ack(4000)).dst;
         seen.insert(lost);
         // Forget it again, as an eviction would.
-        let key = foobar_lb_common::FlowKey::new(
-            u32::from_ne_bytes(CLIENT.octets()),
-            u32::from_ne_bytes(VIP.octets()),
-            4000u16.to_be(),
-            80u16.to_be(),
-            6,
-        );
-        lab.balancer.dataplane().remove_flow(&key).unwrap();
+        lab.balancer
+            .dataplane()
+            .remove_flow(&flow_key(4000))
+            .unwrap();
     }
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(lab.count(Reason::FlowMissNonSyn), 5);
@@ -689,6 +677,7 @@ fn flows_of_a_removed_backend_are_rescheduled_by_its_generation() {
     assert_eq!(backend_index(&on_1), 1);
     let report = lab.balancer.apply(&foobar_lb::state::DesiredState {
         vips: vec![vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[1])],
+        ..Default::default()
     });
     assert_eq!(report.unwrap().backends_removed, 1);
     // No flow entry was deleted: the slot's generation moved on, so its flow is
@@ -771,7 +760,10 @@ fn refused_change_leaves_the_data_plane_as_it_was() {
     bad.backends[2].weight = 10_000;
     let err = lab
         .balancer
-        .apply(&foobar_lb::state::DesiredState { vips: vec![bad] })
+        .apply(&foobar_lb::state::DesiredState {
+            vips: vec![bad],
+            ..Default::default()
+        })
         .unwrap_err();
     assert!(
         err.to_string().contains("vips[0].backends[2].weight"),
@@ -1249,7 +1241,7 @@ fn a_packet_without_df_bigger_than_the_egress_mtu_goes_to_the_kernel_to_fragment
 }
 
 #[test]
-fn during_a_new_flow_flood_maglev_stops_inserting_and_round_robin_does_not() {
+fn during_a_new_flow_flood_new_flows_are_placed_by_hash_and_not_inserted() {
     let mut lab = PacketLab::new();
     lab.apply(vec![
         vip_spec("m", VIP, 80, Protocol::Tcp, Scheduler::Maglev, &[1, 1]),
@@ -1275,15 +1267,16 @@ fn during_a_new_flow_flood_maglev_stops_inserting_and_round_robin_does_not() {
     for (p, dst) in (0..10).zip(&maglev) {
         assert_eq!(forwarded(&mut lab, &ack(2000 + p)).dst, *dst);
     }
-    // Round robin keeps inserting: its answer needs the table.
+    // Round robin too: placed by the hash over its ring, not remembered.
     let rr = Frame::tcp(CLIENT, 3000, VIP, 81, Tcp::Syn);
-    forwarded(&mut lab, &rr);
-    assert_eq!(lab.count(Reason::FlowInsertSkipped), 7 + 7);
-    forwarded(&mut lab, &Frame::tcp(CLIENT, 3000, VIP, 81, Tcp::Ack));
+    let dst = forwarded(&mut lab, &rr).dst;
+    assert_eq!(lab.count(Reason::FlowInsertSkipped), 7 + 7 + 1);
+    let ack = Frame::tcp(CLIENT, 3000, VIP, 81, Tcp::Ack);
+    assert_eq!(forwarded(&mut lab, &ack).dst, dst);
     assert_eq!(
         lab.count(Reason::FlowMissNonSyn),
-        7,
-        "the rr flow was remembered"
+        7 + 1,
+        "the rr flow was not remembered"
     );
 }
 
@@ -1314,6 +1307,7 @@ fn a_failed_apply_is_repaired_by_the_next() {
         lab.balancer.inject_failure_after(writes);
         let desired = foobar_lb::state::DesiredState {
             vips: bigger.clone(),
+            ..Default::default()
         };
         assert!(
             lab.balancer.apply(&desired).is_err(),
@@ -1375,11 +1369,282 @@ fn forty_vips_swapped_for_forty_others_fit_in_sixty_four_ids() {
     lab.apply(vips(10));
     let report = lab
         .balancer
-        .apply(&foobar_lb::state::DesiredState { vips: vips(20) })
+        .apply(&foobar_lb::state::DesiredState {
+            vips: vips(20),
+            ..Default::default()
+        })
         .expect("the swap fits by removing first");
     assert_eq!((report.vips_added, report.vips_removed), (40, 40));
     let read = lab.balancer.dataplane().read_state().unwrap();
     assert_eq!(read.vips.len(), 40);
     assert!(read.vips.keys().all(|ep| ep.addr[0].to_ne_bytes()[2] == 20));
     assert_eq!(&read, lab.balancer.state());
+}
+
+// ---------------------------------------------------------------- edge protection
+
+/// The one-VIP setup of [`PacketLab::with_vip`], with edge rules.
+fn with_edge(
+    scheduler: Scheduler,
+    weights: &[u32],
+    edit: impl FnOnce(&mut DesiredState),
+) -> PacketLab {
+    let mut lab = PacketLab::new();
+    let mut state = DesiredState {
+        vips: vec![vip_spec("web", VIP, 80, Protocol::Tcp, scheduler, weights)],
+        ..Default::default()
+    };
+    edit(&mut state);
+    lab.apply_state(state);
+    lab
+}
+
+fn acl(allow: &[&str], deny: &[&str]) -> Acl {
+    Acl {
+        allow: allow.iter().map(|s| s.parse().unwrap()).collect(),
+        deny: deny.iter().map(|s| s.parse().unwrap()).collect(),
+    }
+}
+
+/// Expects `frame` from the client side refused (dropped), unchanged, under `reason`.
+fn refused(lab: &mut PacketLab, frame: &Frame, reason: Reason) {
+    untouched(lab, Side::Client, &frame.build(), DROP, reason);
+}
+
+#[test]
+fn a_vip_address_is_closed_to_what_is_for_none_of_its_vips() {
+    let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1]);
+    refused(
+        &mut lab,
+        &Frame::tcp(CLIENT, 1000, VIP, 443, Tcp::Syn),
+        Reason::DropClosedAddress,
+    );
+    refused(
+        &mut lab,
+        &Frame::udp(CLIENT, 1000, VIP, 80),
+        Reason::DropClosedAddress,
+    );
+    let mut gre = syn(1000).build();
+    gre[IP + 9] = 47;
+    untouched(
+        &mut lab,
+        Side::Client,
+        &gre,
+        DROP,
+        Reason::DropClosedAddress,
+    );
+    // ICMP that is neither an echo nor an error about a flow passes (echoes are
+    // answered, see the ICMP cases), and so does anything for another address.
+    let other = Frame::tcp(CLIENT, 1000, Ipv4Addr::new(10, 0, 0, 1), 443, Tcp::Syn).build();
+    untouched(&mut lab, Side::Client, &other, PASS, Reason::PassNotVip);
+}
+
+#[test]
+fn an_open_vip_address_passes_what_is_for_none_of_its_vips() {
+    let mut lab = with_edge(Scheduler::Rr, &[1], |s| {
+        s.edge.open_addresses = vec![VIP.into()];
+    });
+    let frame = Frame::tcp(CLIENT, 1000, VIP, 443, Tcp::Syn).build();
+    untouched(&mut lab, Side::Client, &frame, PASS, Reason::PassNotVip);
+    let mut gre = syn(1000).build();
+    gre[IP + 9] = 47;
+    untouched(&mut lab, Side::Client, &gre, PASS, Reason::PassNotTcpUdp);
+    let udp = Frame::udp(CLIENT, 1000, VIP, 80).build();
+    untouched(&mut lab, Side::Client, &udp, PASS, Reason::PassNotVip);
+}
+
+#[test]
+fn a_global_deny_drops_a_source_and_counts_the_rule() {
+    let mut lab = with_edge(Scheduler::Rr, &[1], |s| {
+        s.edge.acl = acl(&[], &["10.0.0.0/24"]);
+    });
+    refused(&mut lab, &syn(1000), Reason::DropAcl);
+    assert_eq!(lab.count(Reason::FlowNew), 0, "no flow for a denied source");
+    let rules = lab.balancer.dataplane().acls().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        lab.balancer.dataplane().acl_stats(rules[0].1.id).unwrap(),
+        1
+    );
+    // Another source is not matched.
+    let other = Frame::tcp(Ipv4Addr::new(10, 0, 1, 9), 1000, VIP, 80, Tcp::Syn);
+    forwarded(&mut lab, &other);
+}
+
+#[test]
+fn an_allow_list_keeps_out_whoever_it_does_not_name() {
+    let mut lab = with_edge(Scheduler::Rr, &[1], |s| {
+        s.vips[0].acl = acl(&[&format!("{CLIENT}/32")], &[]);
+    });
+    forwarded(&mut lab, &syn(1000));
+    let stranger = Frame::tcp(Ipv4Addr::new(10, 0, 0, 3), 1000, VIP, 80, Tcp::Syn);
+    refused(&mut lab, &stranger, Reason::DropAcl);
+}
+
+#[test]
+fn the_longest_matching_prefix_decides() {
+    // A deny inside an allow.
+    let mut lab = with_edge(Scheduler::Rr, &[1], |s| {
+        s.vips[0].acl = acl(&["10.0.0.0/8"], &["10.0.0.0/24"]);
+    });
+    refused(&mut lab, &syn(1000), Reason::DropAcl);
+    forwarded(
+        &mut lab,
+        &Frame::tcp(Ipv4Addr::new(10, 9, 0, 1), 1000, VIP, 80, Tcp::Syn),
+    );
+    // An allow inside a deny.
+    let mut lab = with_edge(Scheduler::Rr, &[1], |s| {
+        s.vips[0].acl = acl(&[&format!("{CLIENT}/32")], &["10.0.0.0/8"]);
+    });
+    forwarded(&mut lab, &syn(1000));
+    refused(
+        &mut lab,
+        &Frame::tcp(Ipv4Addr::new(10, 0, 0, 3), 1000, VIP, 80, Tcp::Syn),
+        Reason::DropAcl,
+    );
+}
+
+#[test]
+fn the_global_list_and_the_vips_must_both_let_a_source_in() {
+    let mut lab = with_edge(Scheduler::Rr, &[1], |s| {
+        s.edge.acl = acl(&[], &[&format!("{CLIENT}/32")]);
+        s.vips[0].acl = acl(&["10.0.0.0/8"], &[]);
+    });
+    refused(&mut lab, &syn(1000), Reason::DropAcl);
+    forwarded(
+        &mut lab,
+        &Frame::tcp(Ipv4Addr::new(10, 0, 0, 3), 1000, VIP, 80, Tcp::Syn),
+    );
+}
+
+#[test]
+fn rules_of_one_family_never_match_the_other() {
+    // A deny of every IPv4 source leaves IPv6 alone, and the other way round.
+    let mut lab = PacketLab::new();
+    let mut state = DesiredState {
+        vips: vec![
+            mode_vip(
+                Family::V4,
+                Default::default(),
+                80,
+                Protocol::Tcp,
+                Scheduler::Rr,
+                &[1],
+            ),
+            mode_vip(
+                Family::V6,
+                Default::default(),
+                80,
+                Protocol::Tcp,
+                Scheduler::Rr,
+                &[1],
+            ),
+        ],
+        ..Default::default()
+    };
+    state.edge.acl = acl(&[], &["0.0.0.0/0"]);
+    lab.apply_state(state.clone());
+    let v6 = Frame::tcp(Family::V6.client(), 1000, Family::V6.vip(), 80, Tcp::Syn);
+    assert_eq!(
+        action_name(lab.run(Side::Client, &v6.build()).action),
+        "REDIRECT"
+    );
+    refused(&mut lab, &syn(1000), Reason::DropAcl);
+    state.edge.acl = acl(&[], &["::/0"]);
+    lab.apply_state(state);
+    assert_eq!(
+        action_name(lab.run(Side::Client, &syn(2000).build()).action),
+        "REDIRECT"
+    );
+    refused(
+        &mut lab,
+        &Frame::tcp(Family::V6.client(), 2000, Family::V6.vip(), 80, Tcp::Syn),
+        Reason::DropAcl,
+    );
+}
+
+#[test]
+fn a_changed_list_cuts_an_established_flow_and_keeps_rule_counters() {
+    let mut state = DesiredState {
+        vips: vec![vip_spec("web", VIP, 80, Protocol::Tcp, Scheduler::Rr, &[1])],
+        ..Default::default()
+    };
+    state.edge.acl = acl(&[], &["192.0.2.0/24"]);
+    let mut lab = PacketLab::new();
+    lab.apply_state(state.clone());
+    forwarded(&mut lab, &syn(1000));
+    forwarded(&mut lab, &ack(1000));
+    let kept = lab.balancer.dataplane().acls().unwrap()[0].1;
+    state.edge.acl = acl(&[], &["192.0.2.0/24", &format!("{CLIENT}/32")]);
+    lab.apply_state(state.clone());
+    refused(&mut lab, &ack(1000), Reason::DropAcl);
+    let rules = lab.balancer.dataplane().acls().unwrap();
+    assert_eq!(rules.len(), 2);
+    assert!(
+        rules.iter().any(|r| r.1 == kept),
+        "an unchanged rule keeps its id"
+    );
+    state.edge.acl = Acl::default();
+    lab.apply_state(state);
+    assert!(lab.balancer.dataplane().acls().unwrap().is_empty());
+    forwarded(&mut lab, &ack(1000));
+}
+
+#[test]
+fn a_source_over_its_new_flow_limit_is_dropped_and_established_flows_are_not() {
+    let mut lab = with_edge(Scheduler::Rr, &[1, 1], |s| {
+        s.vips[0].new_flow_limit = Some(NewFlowLimit {
+            rate: 1,
+            burst: Some(2),
+            prefix_v4: 24,
+            prefix_v6: 64,
+        });
+    });
+    forwarded(&mut lab, &syn(1000));
+    forwarded(&mut lab, &syn(1001));
+    refused(&mut lab, &syn(1002), Reason::DropSourceLimit);
+    // The same /24 is the same source; another /24 is not.
+    refused(
+        &mut lab,
+        &Frame::tcp(Ipv4Addr::new(10, 0, 0, 3), 1000, VIP, 80, Tcp::Syn),
+        Reason::DropSourceLimit,
+    );
+    forwarded(
+        &mut lab,
+        &Frame::tcp(Ipv4Addr::new(10, 0, 1, 3), 1000, VIP, 80, Tcp::Syn),
+    );
+    // Packets of flows it opened, and their retransmitted SYNs, pass.
+    forwarded(&mut lab, &ack(1000));
+    forwarded(&mut lab, &syn(1001));
+}
+
+#[test]
+fn a_flood_places_round_robin_flows_by_hash_without_remembering_them() {
+    let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1, 1, 1]);
+    lab.set_settings(foobar_lb_common::Settings {
+        flood_threshold: 10,
+        ..lab.balancer.environment().settings
+    });
+    for port in 0..10 {
+        forwarded(&mut lab, &syn(3000 + port));
+    }
+    assert_eq!(lab.count(Reason::FlowInsertSkipped), 0);
+    // Over the threshold: placed by the hash, the same for every packet of a flow.
+    let first = forwarded(&mut lab, &syn(1000)).dst;
+    assert_eq!(lab.count(Reason::FlowInsertSkipped), 1);
+    assert_eq!(
+        forwarded(&mut lab, &syn(1000)).dst,
+        first,
+        "a retransmission"
+    );
+    assert_eq!(
+        forwarded(&mut lab, &ack(1000)).dst,
+        first,
+        "its handshake's end"
+    );
+    assert_eq!(
+        lab.balancer.dataplane().flow(&flow_key(1000)).unwrap(),
+        None,
+        "not remembered"
+    );
 }

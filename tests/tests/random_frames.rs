@@ -3,7 +3,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use foobar_lb::state::{Forwarding, Protocol, Scheduler};
+use foobar_lb::{
+    edge::NewFlowLimit,
+    state::{DesiredState, Forwarding, Protocol, Scheduler},
+};
 use foobar_lb_common::{Reason, reason::xdp_action};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tests::{
@@ -129,7 +132,25 @@ fn a_million_random_and_mutated_frames_never_abort(mode: Forwarding) {
             &[],
         ));
     }
-    lab.apply(vips);
+    // Edge rules loaded: a global deny, per-VIP allow lists, new-flow limits.
+    let mut state = DesiredState {
+        vips,
+        ..Default::default()
+    };
+    state.edge.acl.deny = vec![
+        "10.0.0.128/25".parse().unwrap(),
+        "fd00::8000/113".parse().unwrap(),
+    ];
+    for vip in &mut state.vips {
+        vip.acl.allow = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/16".parse().unwrap()];
+        vip.new_flow_limit = Some(NewFlowLimit {
+            rate: 200,
+            burst: Some(50),
+            prefix_v4: 24,
+            prefix_v6: 64,
+        });
+    }
+    lab.apply_state(state);
     let mut rng = StdRng::seed_from_u64(0x00fb_1b00 ^ mode.code() as u64);
     let mut actions = [0u64; 5];
     for i in 0..FRAMES {

@@ -116,6 +116,7 @@ fn main() -> ExitCode {
                 schedule_len: len,
                 scheduler,
                 forwarding: FORWARD_NAT,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -199,6 +200,7 @@ fn main() -> ExitCode {
                 schedule_len: 1,
                 scheduler: SCHED_MAGLEV,
                 forwarding,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -397,7 +397,10 @@ fn main() -> ExitCode {
                         .collect(),
                     health_check: None,
                     on_backend_down: Default::default(),
+                    acl: Default::default(),
+                    new_flow_limit: None,
                 }],
+                ..Default::default()
             })
             .expect("apply");
         drop(_inside);
