@@ -545,7 +545,10 @@ pub struct RateWindow {
     /// When the window started (`bpf_ktime_get_ns`).
     pub started_ns: u64,
     /// Events in it.
-    pub count: u64,
+    pub count: u32,
+    /// 1 if the window before it was over its limit (a flood is held for a whole
+    /// window after the one it was seen in).
+    pub previous_over: u32,
 }
 const _: () = assert!(size_of::<RateWindow>() == 16);
 

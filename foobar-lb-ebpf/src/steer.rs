@@ -839,11 +839,11 @@ fn schedule<F: Family>(vip: &VipInfo, pkt: &Packet<F>, opening: bool) -> Option<
 }
 
 /// Whether this CPU sees a flood of new flows: more than the configured number in
-/// the current one-second window.
+/// the current one-second window, or in the one before.
 #[inline(always)]
 fn flooding() -> bool {
     match SETTINGS.get(0) {
-        Some(s) if s.flood_threshold != 0 => rate::over(&FLOOD, s.flood_threshold),
+        Some(s) if s.flood_threshold != 0 => rate::over_or_was(&FLOOD, s.flood_threshold),
         _ => false,
     }
 }

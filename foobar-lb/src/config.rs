@@ -13,12 +13,18 @@
 //! gue_port = 6080
 //! icmp_rate = 1000                # ICMP answers per second per CPU
 //!
+//! [edge]                          # optional: edge protection (module edge)
+//! acl = { deny = ["192.0.2.0/24"] }         # the global access list
+//! open_addresses = []             # VIP addresses open to what is not a VIP endpoint
+//!
 //! [[vips]]
 //! name = "www"
 //! address = "203.0.113.10"
 //! port = 80
 //! scheduler = "rr"                # rr | maglev
 //! forwarding = "nat"              # nat | fullnat | dsr-ipip | dsr-gue
+//! acl = { allow = ["198.51.100.0/24"] }     # who may reach this VIP
+//! new_flow_limit = { rate = 50, burst = 100 } # new flows/s per source
 //! backends = [
 //!   { address = "10.1.0.11", port = 8080, weight = 1 },
 //!   { address = "10.1.0.12", port = 8080, weight = 1 },

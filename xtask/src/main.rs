@@ -120,6 +120,13 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// Legitimate clients during a random-source SYN flood (hping3), through
+    /// foobar-lb and through nftables DNAT behind its SYN proxy, as JSON lines.
+    Flood {
+        /// Seconds each setup is flooded.
+        #[arg(long, default_value_t = 10)]
+        duration: u32,
+    },
     /// The gap a client sees when the VRRP master crashes, fails back or stops, and a
     /// dead backend's time to removal, on an HA lab, as JSON lines.
     Failover {
@@ -211,6 +218,14 @@ fn main() -> Result<()> {
             require_root("the lab creates network namespaces and attaches XDP programs")?;
             build_release_bins()?;
             bench_db::run(duration, connections, rounds)
+        }
+        Task::Bench {
+            which: Bench::Flood { duration },
+        } => {
+            setup::ensure()?;
+            require_root("the benchmark creates network namespaces and attaches XDP programs")?;
+            build_release_bins()?;
+            run(Command::new("target/release/bench-flood").arg(duration.to_string()))
         }
         Task::Bench {
             which: Bench::Failover { rounds },
