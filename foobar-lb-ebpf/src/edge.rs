@@ -84,6 +84,10 @@ pub fn within_limit<F: Family>(vip: &VipInfo) -> bool {
 /// due; it may be up to the burst ahead of now. (CPUs race on an entry without
 /// harm: at worst a flow more passes.)
 #[inline(never)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is passed where it is, in the scratch map, not copied to the stack"
+)]
 fn source_within_limit<F: Family>(vip: &VipInfo) -> bool {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return true;
@@ -116,7 +120,7 @@ fn source_within_limit<F: Family>(vip: &VipInfo) -> bool {
         }
         None => {
             // A full table forgets its least recent source: at worst it starts over.
-            let _ = SOURCE_LIMITS.insert(&*key, &(now + interval), 0);
+            let _ = SOURCE_LIMITS.insert(&*key, now + interval, 0);
         }
     }
     true
