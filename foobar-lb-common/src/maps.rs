@@ -82,6 +82,9 @@ pub mod map_names {
     pub const ACL_STATS: &str = "ACL_STATS";
     /// [`crate::SourceKey`] → `u64`: when a source may open its next flow (GCRA), LRU.
     pub const SOURCE_LIMITS: &str = "SOURCE_LIMITS";
+    /// One `u32`: flows opened by SYN cookies, not yet closed by their clients (while
+    /// non-zero, TCP packets of NAT VIPs look for their flow's sequence delta).
+    pub const PROXIED: &str = "PROXIED";
     /// `u32` backend id → [`crate::Backend`].
     pub const BACKENDS: &str = "BACKENDS";
     /// `vip_id * SCHEDULE_STRIDE + slot` → backend id.
@@ -128,7 +131,8 @@ pub mod map_names {
     /// Per-CPU [`crate::TrafficStats`] per backend id.
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Every map, for pinning.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
+        PROXIED,
         VIPS,
         VIP_ADDRS,
         ACLS,
@@ -438,6 +442,14 @@ impl FlowKey6 {
 pub const FLOW_ESTABLISHED: u16 = 1;
 /// `FlowState::flags`: the client sent a FIN or RST (counted once, as a closed flow).
 pub const FLOW_CLOSING: u16 = 2;
+/// `FlowState::flags`: opened by a proven SYN cookie; the balancer sent the backend
+/// its SYN and waits for its SYN-ACK. `FlowState::seq` holds the cookie (the
+/// sequence number the client was given).
+pub const FLOW_SYN_SENT: u16 = 4;
+/// `FlowState::flags`: a proxied flow whose backend answered: `FlowState::seq` is
+/// the cookie minus the backend's initial sequence number, added to the backend's
+/// sequence numbers and taken from the client's acknowledgements.
+pub const FLOW_SEQ_ADJUSTED: u16 = 8;
 
 /// Where a flow goes.
 #[repr(C)]
@@ -451,8 +463,9 @@ pub struct FlowState {
     pub flags: u16,
     /// Full NAT: the source port allocated to the flow (network order); 0 otherwise.
     pub nat_port: u16,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// A proxied flow's cookie or sequence delta ([`FLOW_SYN_SENT`],
+    /// [`FLOW_SEQ_ADJUSTED`]); 0 otherwise.
+    pub seq: u32,
 }
 const _: () = assert!(size_of::<FlowState>() == 16);
 

@@ -88,11 +88,14 @@ reasons! {
     DropClosedAddress = "drop_closed_address", Some(DROP), "To a VIP address but for none of its VIP endpoints (a port scan, the balancer's own services): the address is closed.";
     DropAcl = "drop_acl", Some(DROP), "From a source the global access list or its VIP's keeps out.";
     DropSourceLimit = "drop_source_limit", Some(DROP), "A new flow from a source over its VIP's new-flow rate.";
+    DropSynProxyPending = "drop_syn_proxy_pending", Some(DROP), "A packet of a flow opened by a SYN cookie whose backend has not answered yet.";
     // Outcomes of forwarded or answered packets.
     Tx = "tx", Some(TX), "Rewritten and sent back out of the interface it came in on.";
     Redirect = "redirect", Some(REDIRECT), "Rewritten and redirected out of another interface.";
     IcmpEchoReply = "icmp_echo_reply", Some(TX), "An echo request to a VIP, answered.";
     IcmpTooBig = "icmp_too_big", Some(TX), "Too big for the next hop (with the outer header, in DSR): answered with ICMP fragmentation needed / packet too big.";
+    SynCookie = "syn_cookie", Some(TX), "A SYN to a NAT VIP during a new-flow flood, answered by the balancer with a SYN cookie (nothing remembered).";
+    SynProxyAck = "syn_proxy_ack", Some(TX), "A backend's SYN-ACK of a proxied flow sent again: answered with the client's ACK.";
     // Events (flow hits are not counted: they are packets minus new flows).
     FlowNew = "flow_new", None, "A flow was scheduled onto a backend (a SYN, or a flow-table miss).";
     FlowMissNonSyn = "flow_miss_non_syn", None, "A non-SYN packet missed the flow table (evicted, or a takeover).";
@@ -108,6 +111,7 @@ reasons! {
     EncapGue = "encap_gue", None, "A client packet was encapsulated in GUE to its backend (DSR).";
     IcmpToBackend = "icmp_to_backend", None, "An ICMP error about a VIP flow was sent on to the flow's backend.";
     IcmpToClient = "icmp_to_client", None, "An ICMP error from a backend's side was translated for the client.";
+    SynCookieValid = "syn_cookie_valid", None, "A client's ACK proved its SYN cookie: its flow was opened, and the backend sent a SYN.";
 }
 
 /// Index of the first event reason: every reason from here on is an event.

@@ -3,6 +3,10 @@
 //! key (16 bytes for IPv4, 40 for IPv6), so IPv4 pays nothing for IPv6.
 
 use aya_ebpf::{
+    helpers::generated::{
+        bpf_tcp_raw_check_syncookie_ipv4, bpf_tcp_raw_check_syncookie_ipv6,
+        bpf_tcp_raw_gen_syncookie_ipv4, bpf_tcp_raw_gen_syncookie_ipv6,
+    },
     maps::{LruHashMap, lpm_trie::Key},
     programs::XdpContext,
 };
@@ -14,7 +18,7 @@ use foobar_lb_common::{
 
 use crate::{
     FLOWS, FLOWS6, NAT_FLOWS, NAT_FLOWS6, NEIGHBOURS, NEIGHBOURS6, ROUTES, ROUTES6, Scratch,
-    Verdict,
+    Verdict, encap,
     icmp::Quoted,
     parse::{self, Packet, ptr_at},
 };
@@ -97,6 +101,40 @@ pub trait Family {
         l3: usize,
         old: Self::Addr,
         new: Self::Addr,
+    ) -> Result<(), Verdict>;
+    /// The MSS the balancer offers in a SYN cookie's SYN-ACK and asks of a backend
+    /// in the SYN it sends for the client: an Ethernet path's.
+    const MSS: u16;
+    /// The kernel's SYN cookie for a SYN (`bpf_tcp_raw_gen_syncookie_*`): the cookie in
+    /// the low 32 bits; negative: none. `ip` is the fixed header in the packet.
+    ///
+    /// # Safety
+    /// `ip` must point to a whole fixed IP header, `tcp` to `tcp_len` bytes.
+    unsafe fn syn_cookie(ip: *mut u8, tcp: *mut u8, tcp_len: u32) -> i64;
+    /// Whether an ACK's acknowledgement is a cookie this host gave its SYN (0: it is).
+    ///
+    /// # Safety
+    /// `ip` must point to a whole fixed IP header, `tcp` to a 20-byte TCP header.
+    unsafe fn check_cookie(ip: *mut u8, tcp: *mut u8) -> i64;
+    /// The fixed IP header at `l3`, checked to be inside the frame.
+    fn fixed_header(ctx: &XdpContext, l3: usize) -> Option<*mut u8>;
+    /// The transport pseudo-header's sum (addresses, protocol, length), unfolded.
+    fn pseudo_sum(src: Self::Addr, dst: Self::Addr, proto: u8, len: u16) -> u32 {
+        let (src, dst) = (Self::words(src), Self::words(dst));
+        let mut sum = (proto as u16).to_be() as u32 + len.to_be() as u32;
+        for i in 0..4 {
+            sum += (src[i] & 0xffff) + (src[i] >> 16) + (dst[i] & 0xffff) + (dst[i] >> 16);
+        }
+        sum
+    }
+    /// Writes the IP header of a packet of `payload` bytes from `src` to `dst` at `l3`.
+    fn write_header(
+        ctx: &XdpContext,
+        l3: usize,
+        payload: u16,
+        proto: u8,
+        src: Self::Addr,
+        dst: Self::Addr,
     ) -> Result<(), Verdict>;
 }
 
@@ -220,6 +258,34 @@ impl Family for V4 {
         unsafe { check.write_unaligned(checksum::replace4(check.read_unaligned(), old, new)) };
         Ok(())
     }
+    const MSS: u16 = 1460;
+    #[inline(always)]
+    unsafe fn syn_cookie(ip: *mut u8, tcp: *mut u8, tcp_len: u32) -> i64 {
+        unsafe { bpf_tcp_raw_gen_syncookie_ipv4(ip.cast(), tcp.cast(), tcp_len) }
+    }
+    #[inline(always)]
+    unsafe fn check_cookie(ip: *mut u8, tcp: *mut u8) -> i64 {
+        unsafe { bpf_tcp_raw_check_syncookie_ipv4(ip.cast(), tcp.cast()) }
+    }
+    #[inline(always)]
+    fn fixed_header(ctx: &XdpContext, l3: usize) -> Option<*mut u8> {
+        ptr_at::<[u8; 20]>(ctx, l3).map(|p| p.cast())
+    }
+    #[inline(always)]
+    fn write_header(
+        ctx: &XdpContext,
+        l3: usize,
+        payload: u16,
+        proto: u8,
+        src: u32,
+        dst: u32,
+    ) -> Result<(), Verdict> {
+        let first = u16::from_be_bytes([0x45, 0]).to_be();
+        let length = (20 + payload).to_be();
+        let dont_fragment = 0x4000u16.to_be();
+        let ttl_proto = u16::from_be_bytes([64, proto]).to_be();
+        encap::write_ipv4(ctx, l3, [first, length, dont_fragment, ttl_proto], src, dst)
+    }
 }
 
 /// IPv6.
@@ -329,5 +395,31 @@ impl Family for V6 {
     #[inline(always)]
     fn header_checksum(_: &XdpContext, _: usize, _: [u32; 4], _: [u32; 4]) -> Result<(), Verdict> {
         Ok(())
+    }
+    const MSS: u16 = 1440;
+    #[inline(always)]
+    unsafe fn syn_cookie(ip: *mut u8, tcp: *mut u8, tcp_len: u32) -> i64 {
+        unsafe { bpf_tcp_raw_gen_syncookie_ipv6(ip.cast(), tcp.cast(), tcp_len) }
+    }
+    #[inline(always)]
+    unsafe fn check_cookie(ip: *mut u8, tcp: *mut u8) -> i64 {
+        unsafe { bpf_tcp_raw_check_syncookie_ipv6(ip.cast(), tcp.cast()) }
+    }
+    #[inline(always)]
+    fn fixed_header(ctx: &XdpContext, l3: usize) -> Option<*mut u8> {
+        ptr_at::<[u8; 40]>(ctx, l3).map(|p| p.cast())
+    }
+    #[inline(always)]
+    fn write_header(
+        ctx: &XdpContext,
+        l3: usize,
+        payload: u16,
+        proto: u8,
+        src: [u32; 4],
+        dst: [u32; 4],
+    ) -> Result<(), Verdict> {
+        let first = 0x6000_0000u32.to_be();
+        let second = ((payload as u32) << 16 | (proto as u32) << 8 | 64).to_be();
+        encap::write_ipv6(ctx, l3, [first, second], &src, &dst)
     }
 }

@@ -27,6 +27,7 @@ mod nat;
 mod parse;
 mod rate;
 mod steer;
+mod synproxy;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
@@ -95,6 +96,9 @@ static NEIGHBOURS6: HashMap<[u32; 4], NextHop> = HashMap::with_max_entries(MAX_N
 static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+/// Flows opened by SYN cookies, not yet closed by their clients (one counter).
+#[map]
+static PROXIED: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static FLOOD: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -109,6 +113,7 @@ pub struct Scratch {
     nat6: family::NatScratch<family::V6>,
     fib: aya_ebpf::bindings::bpf_fib_lookup,
     edge: edge::EdgeScratch,
+    syn: synproxy::SynScratch,
 }
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -163,6 +168,14 @@ impl Status {
     pub const NOT_OURS: Status = Status(1);
     /// ICMP, for the ICMP functions.
     pub const ICMP: Status = Status(2);
+    /// A client's ACK proved its SYN cookie (see `synproxy`).
+    pub const PROVEN: Status = Status(3);
+    /// A SYN counted in the flood window, no flood (see `synproxy`).
+    pub const CALM: Status = Status(4);
+    /// A SYN counted in the flood window during a flood, without a cookie.
+    pub const FLOODED: Status = Status(5);
+    /// A client's zero-window probe proved its SYN cookie (see `synproxy`).
+    pub const PROBE_PROVEN: Status = Status(6);
     const VERDICT: u64 = 1 << 63;
     const TOO_BIG: u64 = 1 << 62;
 

@@ -20,10 +20,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use foobar_lb_common::{
-    BACKEND_ACTIVE, Backend, FLOW_CLOSING, FLOW_ESTABLISHED, FORWARD_DSR_GUE, FORWARD_DSR_IPIP,
-    FORWARD_FULLNAT, FULLNAT_PORT_TRIES, FlowState, NatTarget, NextHop, PROTO_TCP, PROTO_UDP,
-    ROLE_BACKEND, ROLE_CLIENT, ROUTE_GATEWAY, ROUTE_LOCAL, Reason, ReplyTarget, SCHED_MAGLEV,
-    TrafficStats, VipAddr, VipInfo, schedule_index,
+    BACKEND_ACTIVE, Backend, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SEQ_ADJUSTED, FLOW_SYN_SENT,
+    FORWARD_DSR_GUE, FORWARD_DSR_IPIP, FORWARD_FULLNAT, FORWARD_NAT, FULLNAT_PORT_TRIES, FlowState,
+    NatTarget, NextHop, PROTO_TCP, PROTO_UDP, ROLE_BACKEND, ROLE_CLIENT, ROUTE_GATEWAY,
+    ROUTE_LOCAL, Reason, ReplyTarget, SCHED_MAGLEV, TrafficStats, VipAddr, VipInfo, schedule_index,
 };
 
 use crate::{
@@ -35,7 +35,7 @@ use crate::{
     icmp,
     nat::{self, End},
     parse::{self, L4, Packet},
-    rate,
+    rate, synproxy,
 };
 
 /// The whole decision for one frame.
@@ -86,10 +86,19 @@ fn family<F: Family>(
             icmp::Outcome::Done(verdict) => Ok(verdict),
             icmp::Outcome::Encapsulate(id) => {
                 events.note(Reason::IcmpToBackend);
-                let choice = Choice::new(id, 0, &L4::NONE, Traffic::Forward { closed: false });
+                let traffic = Traffic::Forward { closed: false };
+                let choice = Choice::new(id, 0, &L4::NONE, traffic);
                 verdict_of(deliver(ctx, pkt, &choice, events))
             }
         };
+    }
+    // Replies of flows opened by SYN cookies are adjusted first (only while there are
+    // any: one array lookup).
+    if pkt.proto == PROTO_TCP && roles & ROLE_BACKEND != 0 && synproxy::live() {
+        let adjusted = synproxy::reply_step::<F>(ctx);
+        if let Some(verdict) = adjusted.into_verdict() {
+            return Ok(verdict);
+        }
     }
     let sent = from_backend(ctx, roles, pkt, events);
     match sent.mtu() {
@@ -249,15 +258,42 @@ fn schedule_new<F: Family>(
     };
     edge::admit::<F>(vip.id)?;
     let l4 = parse::l4(ctx, pkt)?;
-    if opens(pkt, &l4) {
+    // No flow, a NAT VIP: a SYN during a flood may be answered with a cookie, an ACK
+    // may prove one.
+    let cookie_step = if !known && pkt.proto == PROTO_TCP && vip.forwarding == FORWARD_NAT {
+        synproxy::cookie_step::<F>(ctx).check()?
+    } else {
+        Status::GO_ON
+    };
+    // An ACK that proved its SYN cookie opens its flow (and its SYN goes to the
+    // backend); the cookie was the client's sequence number from the balancer.
+    let probe = cookie_step == Status::PROBE_PROVEN;
+    let cookie = if cookie_step == Status::PROVEN || probe {
+        events.note(Reason::SynCookieValid);
+        synproxy::ack_number(ctx, pkt.l4).wrapping_sub(1)
+    } else {
+        0
+    };
+    if opens(pkt, &l4) || cookie != 0 {
         // Established flows are never limited: only what opens one is.
         if !edge::within_limit::<F>(vip) {
             return Err(Verdict::of(Reason::DropSourceLimit));
         }
-    } else if !known {
+    }
+    // The flood window counts every new flow once (a SYN of a NAT VIP was counted
+    // when it was asked whether it gets a cookie).
+    let flood = match cookie_step {
+        Status::FLOODED => true,
+        Status::CALM => false,
+        _ => flooding(),
+    };
+    if cookie == 0 && !known && !opens(pkt, &l4) {
         events.note(Reason::FlowMissNonSyn);
     }
-    let (id, nat_port) = new_flow(ctx, pkt, &l4, key, vip, events)?;
+    let (id, nat_port) = new_flow(ctx, pkt, &l4, key, vip, flood, cookie, events)?;
+    if cookie != 0 {
+        synproxy::ack_into_syn::<F>(ctx, probe).check()?;
+    }
     let traffic = Traffic::NewFlow { closed: l4.closing };
     Ok(Some(Choice::new(id, nat_port, &l4, traffic)))
 }
@@ -408,9 +444,16 @@ fn established<F: Family>(
     } else if flow.flags & FLOW_ESTABLISHED == 0 {
         flow.flags |= FLOW_ESTABLISHED;
     }
+    if flow.flags & FLOW_SYN_SENT != 0 {
+        // Opened by a cookie; the backend has not answered its SYN yet.
+        return Err(Verdict::of(Reason::DropSynProxyPending));
+    }
     let closed = l4.closing && flow.flags & FLOW_CLOSING == 0;
     if closed {
         flow.flags |= FLOW_CLOSING;
+    }
+    if closed && flow.flags & FLOW_SEQ_ADJUSTED != 0 {
+        synproxy::flow_closed();
     }
     Ok(Some((
         flow.backend_id,
@@ -421,21 +464,28 @@ fn established<F: Family>(
 
 /// A client packet without a (usable) flow: schedule it and remember it.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined: the arguments are registers"
+)]
 fn new_flow<F: Family>(
     ctx: &XdpContext,
     pkt: &Packet<F>,
     l4: &L4,
     key: &F::Key,
     vip: &VipInfo,
+    flood: bool,
+    cookie: u32,
     events: &mut Events,
 ) -> Result<(u32, u16), Verdict> {
-    let opening = opens(pkt, l4);
+    // A proven cookie opens a connection as a SYN does.
+    let opening = opens(pkt, l4) || cookie != 0;
     // During a flood of new flows (random-source SYNs, most of them) new flows are
     // placed by their hash and not remembered: their packets find the same backend
     // without an entry, so a flood cannot fill the table and push established flows
     // out. A flow that lives on gets its entry from its first packet after the flood
     // (a miss, placed by the same hash). Full NAT needs the table for its port.
-    let hashed = vip.forwarding != FORWARD_FULLNAT && flooding();
+    let hashed = vip.forwarding != FORWARD_FULLNAT && flood && cookie == 0;
     let Some(id) = schedule(vip, pkt, opening && !hashed) else {
         debug!(
             ctx,
@@ -462,16 +512,24 @@ fn new_flow<F: Family>(
     if hashed && !fullnat {
         events.note(Reason::FlowInsertSkipped);
     } else {
-        let flags = if l4.syn { 0 } else { FLOW_ESTABLISHED };
+        let flags = if cookie != 0 {
+            FLOW_SYN_SENT
+        } else if l4.syn {
+            0
+        } else {
+            FLOW_ESTABLISHED
+        };
         let state = FlowState {
             backend_id: id,
             generation: backend.generation,
             flags: flags | if l4.closing { FLOW_CLOSING } else { 0 },
             nat_port,
-            _pad: 0,
+            seq: cookie,
         };
         if F::flows().insert(key, state, 0).is_err() {
             events.note(Reason::FlowInsertFailed);
+        } else if cookie != 0 {
+            synproxy::flow_opened();
         }
     }
     Ok((id, nat_port))
@@ -637,6 +695,11 @@ fn forward_to<F: Family>(
                 Fit::TooBig(mtu) => return Ok(icmp::too_big(ctx, pkt, mtu)),
                 Fit::Fragment => fragment = true,
                 Fit::Fits => {}
+            }
+            // A flow opened by a SYN cookie: the client acknowledges the cookie's
+            // sequence numbers, the backend expects its own.
+            if pkt.proto == PROTO_TCP && synproxy::live() {
+                synproxy::shift_client_ack::<F>(ctx, l4.check as usize).check()?;
             }
             if mode == FORWARD_FULLNAT {
                 if choice.nat_port == 0 {
@@ -841,7 +904,7 @@ fn schedule<F: Family>(vip: &VipInfo, pkt: &Packet<F>, opening: bool) -> Option<
 /// Whether this CPU sees a flood of new flows: more than the configured number in
 /// the current one-second window, or in the one before.
 #[inline(always)]
-fn flooding() -> bool {
+pub fn flooding() -> bool {
     match SETTINGS.get(0) {
         Some(s) if s.flood_threshold != 0 => rate::over_or_was(&FLOOD, s.flood_threshold),
         _ => false,

@@ -1,8 +1,9 @@
 //! A flood of new flows from random sources (SYNs to a round-robin VIP, bare ACKs to
 //! a Maglev VIP), through the balancer, while a keep-alive connection to each VIP and
 //! a stream of new connections to both keep working: nothing may break. The flood
-//! threshold is set low so that Maglev's flood mode (new flows not inserted) is what
-//! carries its VIP through.
+//! threshold is set low so that flood mode is what carries both VIPs through: SYN
+//! cookies answered by the balancer for the round-robin VIP (NAT), new flows placed
+//! by hash and not inserted for the Maglev one.
 
 use std::{
     net::SocketAddrV4,
@@ -188,6 +189,18 @@ fn a_flood_of_new_flows_breaks_no_connection() {
         "the flood was too thin to prove anything: {flood_flows} new flows"
     );
     assert!(grew("flow_insert_skipped") > 0, "flood mode never engaged");
+    // The round-robin VIP is NAT: its flood of SYNs was answered with cookies, and the
+    // legitimate connections opened during it proved theirs.
+    eprintln!(
+        "SYN cookies: {} sent, {} proven",
+        grew("syn_cookie"),
+        grew("syn_cookie_valid")
+    );
+    assert!(grew("syn_cookie") > 0, "no SYN was answered with a cookie");
+    assert!(
+        grew("syn_cookie_valid") > 0,
+        "no legitimate client proved a cookie"
+    );
     assert!(broken.is_empty(), "{broken:?}");
     assert!(failed.is_empty(), "{failed:?}");
 }

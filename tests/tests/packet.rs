@@ -1242,42 +1242,39 @@ fn a_packet_without_df_bigger_than_the_egress_mtu_goes_to_the_kernel_to_fragment
 
 #[test]
 fn during_a_new_flow_flood_new_flows_are_placed_by_hash_and_not_inserted() {
+    // UDP: the flood mode without cookies (TCP SYNs of NAT VIPs get cookies, see
+    // below; DSR and full NAT VIPs do not).
     let mut lab = PacketLab::new();
     lab.apply(vec![
-        vip_spec("m", VIP, 80, Protocol::Tcp, Scheduler::Maglev, &[1, 1]),
+        vip_spec("m", VIP, 80, Protocol::Udp, Scheduler::Maglev, &[1, 1]),
         VipSpec {
             backends: vec![BackendSpec {
                 address: backend_addr(5).into(),
                 port: BACKEND_PORT,
                 weight: 1,
             }],
-            ..vip_spec("r", VIP, 81, Protocol::Tcp, Scheduler::Rr, &[])
+            ..vip_spec("r", VIP, 81, Protocol::Udp, Scheduler::Rr, &[])
         },
     ]);
     lab.set_settings(foobar_lb_common::Settings {
         flood_threshold: 3,
         ..lab.balancer.environment().settings
     });
+    let datagram = |sport, port| Frame::udp(CLIENT, sport, VIP, port);
     let maglev: Vec<IpAddr> = (0..10)
-        .map(|p| forwarded(&mut lab, &syn(2000 + p)).dst)
+        .map(|p| forwarded(&mut lab, &datagram(2000 + p, 80)).dst)
         .collect();
-    // Past the threshold, Maglev's new flows are not remembered...
+    // Past the threshold, new flows are not remembered...
     assert_eq!(lab.count(Reason::FlowInsertSkipped), 7);
     // ...yet every later packet of theirs reaches the same backend, by the hash.
     for (p, dst) in (0..10).zip(&maglev) {
-        assert_eq!(forwarded(&mut lab, &ack(2000 + p)).dst, *dst);
+        assert_eq!(forwarded(&mut lab, &datagram(2000 + p, 80)).dst, *dst);
     }
+    assert_eq!(lab.count(Reason::FlowInsertSkipped), 7 + 7);
     // Round robin too: placed by the hash over its ring, not remembered.
-    let rr = Frame::tcp(CLIENT, 3000, VIP, 81, Tcp::Syn);
-    let dst = forwarded(&mut lab, &rr).dst;
-    assert_eq!(lab.count(Reason::FlowInsertSkipped), 7 + 7 + 1);
-    let ack = Frame::tcp(CLIENT, 3000, VIP, 81, Tcp::Ack);
-    assert_eq!(forwarded(&mut lab, &ack).dst, dst);
-    assert_eq!(
-        lab.count(Reason::FlowMissNonSyn),
-        7 + 1,
-        "the rr flow was not remembered"
-    );
+    let dst = forwarded(&mut lab, &datagram(3000, 81)).dst;
+    assert_eq!(forwarded(&mut lab, &datagram(3000, 81)).dst, dst);
+    assert_eq!(lab.count(Reason::FlowInsertSkipped), 7 + 7 + 2);
 }
 
 #[test]
@@ -1620,31 +1617,181 @@ fn a_source_over_its_new_flow_limit_is_dropped_and_established_flows_are_not() {
 
 #[test]
 fn a_flood_places_round_robin_flows_by_hash_without_remembering_them() {
-    let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1, 1, 1]);
+    let mut lab = PacketLab::new();
+    lab.apply(vec![vip_spec(
+        "dns",
+        VIP,
+        53,
+        Protocol::Udp,
+        Scheduler::Rr,
+        &[1, 1, 1],
+    )]);
     lab.set_settings(foobar_lb_common::Settings {
         flood_threshold: 10,
         ..lab.balancer.environment().settings
     });
+    let datagram = |sport| Frame::udp(CLIENT, sport, VIP, 53);
     for port in 0..10 {
-        forwarded(&mut lab, &syn(3000 + port));
+        forwarded(&mut lab, &datagram(3000 + port));
     }
     assert_eq!(lab.count(Reason::FlowInsertSkipped), 0);
-    // Over the threshold: placed by the hash, the same for every packet of a flow.
-    let first = forwarded(&mut lab, &syn(1000)).dst;
-    assert_eq!(lab.count(Reason::FlowInsertSkipped), 1);
+    // Over the threshold: placed by the hash, the same for every packet of a flow,
+    // which the table never holds.
+    let first = forwarded(&mut lab, &datagram(1000)).dst;
+    for _ in 0..3 {
+        assert_eq!(forwarded(&mut lab, &datagram(1000)).dst, first);
+    }
+    assert_eq!(lab.count(Reason::FlowInsertSkipped), 4, "not remembered");
+}
+
+// ---------------------------------------------------------------- SYN cookies
+
+/// A TCP field (host order) of an untagged IPv4 frame.
+fn tcp_u32(frame: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(frame[TCP + at..TCP + at + 4].try_into().unwrap())
+}
+
+/// Sets a TCP field of an untagged IPv4 frame, its checksum kept right.
+fn set_tcp_u32(frame: &mut [u8], at: usize, value: u32) {
+    use foobar_lb_common::checksum::replace4;
+    let old = u32::from_ne_bytes(frame[TCP + at..TCP + at + 4].try_into().unwrap());
+    frame[TCP + at..TCP + at + 4].copy_from_slice(&value.to_be_bytes());
+    let new = u32::from_ne_bytes(value.to_be_bytes());
+    let check = u16::from_ne_bytes([frame[TCP + 16], frame[TCP + 17]]);
+    frame[TCP + 16..TCP + 18].copy_from_slice(&replace4(check, old, new).to_ne_bytes());
+}
+
+const SEQ: usize = 4;
+const ACK_NO: usize = 8;
+
+#[test]
+fn during_a_flood_syns_get_cookies_and_only_a_proven_ack_opens_a_flow() {
+    let mut lab = PacketLab::with_vip(Scheduler::Rr, &[1, 1]);
+    lab.set_settings(foobar_lb_common::Settings {
+        flood_threshold: 1,
+        ..lab.balancer.environment().settings
+    });
+    forwarded(&mut lab, &syn(900));
+    // Over the threshold: the balancer answers, remembering nothing.
+    let out = lab.run(Side::Client, &syn(1000).build());
+    assert_eq!(action_name(out.action), "TX");
+    assert_eq!(lab.count(Reason::SynCookie), 1);
+    let answer = parse(&out.packet);
+    assert_eq!((answer.src, answer.dst), (v4(VIP), v4(CLIENT)));
+    assert_eq!((answer.sport, answer.dport), (80, 1000));
+    assert_eq!(out.packet[TCP + 13], 0x12, "SYN+ACK");
+    assert_eq!(tcp_u32(&out.packet, ACK_NO), 1001, "the client's ISN + 1");
+    assert_eq!(&out.packet[TCP + 14..TCP + 16], &[0, 0], "a zero window");
     assert_eq!(
-        forwarded(&mut lab, &syn(1000)).dst,
-        first,
-        "a retransmission"
+        &out.packet[TCP + 20..TCP + 24],
+        &[2, 4, 0x05, 0xb4],
+        "MSS 1460"
     );
-    assert_eq!(
-        forwarded(&mut lab, &ack(1000)).dst,
-        first,
-        "its handshake's end"
-    );
+    assert_eq!(out.packet.len(), TCP + 24);
+    let cookie = tcp_u32(&out.packet, SEQ);
     assert_eq!(
         lab.balancer.dataplane().flow(&flow_key(1000)).unwrap(),
-        None,
-        "not remembered"
+        None
     );
+
+    // A wrong acknowledgement proves nothing: no flow, placed by its hash.
+    let mut wrong = ack(1000).build();
+    set_tcp_u32(&mut wrong, SEQ, 1001);
+    set_tcp_u32(&mut wrong, ACK_NO, cookie ^ 0x5a5a_5a5a);
+    let out = lab.run(Side::Client, &wrong);
+    assert_eq!(action_name(out.action), "REDIRECT");
+    assert_eq!(lab.count(Reason::SynCookieValid), 0);
+    assert_eq!(
+        lab.balancer.dataplane().flow(&flow_key(1000)).unwrap(),
+        None
+    );
+
+    // The right one opens the flow, and becomes the backend's SYN.
+    let mut proof = ack(1000).build();
+    set_tcp_u32(&mut proof, SEQ, 1001);
+    set_tcp_u32(&mut proof, ACK_NO, cookie.wrapping_add(1));
+    let out = lab.run(Side::Client, &proof);
+    assert_eq!(action_name(out.action), "REDIRECT");
+    assert_eq!(lab.count(Reason::SynCookieValid), 1);
+    let to_backend = parse(&out.packet);
+    let backend = backend_index(&to_backend);
+    assert_eq!(out.packet[TCP + 13], 0x02, "a SYN");
+    assert_eq!(tcp_u32(&out.packet, SEQ), 1000, "the client's ISN");
+    assert_eq!(&out.packet[TCP + 20..TCP + 24], &[2, 4, 0x05, 0xb4]);
+    assert!(
+        lab.balancer
+            .dataplane()
+            .flow(&flow_key(1000))
+            .unwrap()
+            .is_some()
+    );
+
+    // Until the backend answers, the client's packets wait.
+    let mut early = ack(1000).build();
+    set_tcp_u32(&mut early, ACK_NO, cookie.wrapping_add(1));
+    let out = lab.run(Side::Client, &early);
+    assert_eq!(action_name(out.action), "DROP");
+    assert_eq!(lab.count(Reason::DropSynProxyPending), 1);
+
+    // The backend's SYN-ACK becomes the ACK that opens the client's window.
+    let backend_isn = 7_000_000u32;
+    let mut syn_ack = reply(backend, CLIENT, 1000).build();
+    set_tcp_u32(&mut syn_ack, SEQ, backend_isn);
+    set_tcp_u32(&mut syn_ack, ACK_NO, 1001);
+    let out = lab.run(Side::Backend, &syn_ack);
+    assert_eq!(action_name(out.action), "REDIRECT", "to the client");
+    let to_client = parse(&out.packet);
+    assert_eq!((to_client.src, to_client.sport), (v4(VIP), 80));
+    assert_eq!(out.packet[TCP + 13], 0x10, "an ACK");
+    assert_eq!(tcp_u32(&out.packet, SEQ), cookie.wrapping_add(1));
+    assert_eq!(tcp_u32(&out.packet, ACK_NO), 1001);
+
+    // From then on the sequence numbers are shifted, both ways.
+    let mut data = ack(1000).build();
+    set_tcp_u32(&mut data, SEQ, 1001);
+    set_tcp_u32(&mut data, ACK_NO, cookie.wrapping_add(1 + 500));
+    let out = lab.run(Side::Client, &data);
+    assert_eq!(action_name(out.action), "REDIRECT");
+    parse(&out.packet);
+    assert_eq!(tcp_u32(&out.packet, ACK_NO), backend_isn + 1 + 500);
+    let mut answer = reply(backend, CLIENT, 1000).build();
+    answer[TCP + 13] = 0x10;
+    let fix = u16::from_ne_bytes([answer[TCP + 16], answer[TCP + 17]]);
+    let fixed = foobar_lb_common::checksum::replace2(
+        fix,
+        u16::from_ne_bytes([answer[TCP + 12], 0x12]),
+        u16::from_ne_bytes([answer[TCP + 12], 0x10]),
+    );
+    answer[TCP + 16..TCP + 18].copy_from_slice(&fixed.to_ne_bytes());
+    set_tcp_u32(&mut answer, SEQ, backend_isn + 1);
+    let out = lab.run(Side::Backend, &answer);
+    parse(&out.packet);
+    assert_eq!(tcp_u32(&out.packet, SEQ), cookie.wrapping_add(1));
+
+    // A client whose ACK was lost sends zero-window probes (one sequence number
+    // back): a probe proves the cookie as well. (The cookie's MSS index absorbs an
+    // error of one in the sequence number, so for a SYN without an MSS option, as
+    // here, a probe passes as the ACK itself; a real client's SYN, MSS 1460, is the
+    // last index, and only the probe's check passes.)
+    let out = lab.run(Side::Client, &syn(1100).build());
+    assert_eq!(action_name(out.action), "TX");
+    let other_cookie = tcp_u32(&out.packet, SEQ);
+    let mut probe = ack(1100).build();
+    set_tcp_u32(&mut probe, SEQ, 1000);
+    set_tcp_u32(&mut probe, ACK_NO, other_cookie.wrapping_add(1));
+    let out = lab.run(Side::Client, &probe);
+    assert_eq!(action_name(out.action), "REDIRECT");
+    assert_eq!(out.packet[TCP + 13], 0x02, "a SYN");
+    assert_eq!(lab.count(Reason::SynCookieValid), 2);
+
+    // The backend's SYN-ACK sent again (it never got the client's ACK): answered.
+    let out = lab.run(Side::Backend, &syn_ack);
+    assert_eq!(action_name(out.action), "TX");
+    assert_eq!(lab.count(Reason::SynProxyAck), 1);
+    let ack_back = parse(&out.packet);
+    assert_eq!((ack_back.src, ack_back.sport), (v4(CLIENT), 1000));
+    assert_eq!(ack_back.dst, v4(backend_addr(backend)));
+    assert_eq!(out.packet[TCP + 13], 0x10);
+    assert_eq!(tcp_u32(&out.packet, SEQ), 1001);
+    assert_eq!(tcp_u32(&out.packet, ACK_NO), backend_isn + 1);
 }

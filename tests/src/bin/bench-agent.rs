@@ -71,7 +71,7 @@ fn main() -> ExitCode {
                     generation: 1,
                     flags: FLOW_ESTABLISHED,
                     nat_port: 0,
-                    _pad: 0,
+                    seq: 0,
                 },
             )
         })

@@ -144,7 +144,7 @@ fn main() -> ExitCode {
                 generation: 1,
                 flags,
                 nat_port: 0,
-                _pad: 0,
+                seq: 0,
             },
         )
     };
@@ -213,7 +213,7 @@ fn main() -> ExitCode {
             } else {
                 0
             },
-            _pad: 0,
+            seq: 0,
         };
         if ipv6 {
             let key = FlowKey6::new(client6, vip.addr, 40_000u16.to_be(), vip.port, vip.proto);

@@ -152,10 +152,23 @@ fn main() -> ExitCode {
             .and_then(|c| c["value"].as_u64())
             .unwrap_or(0)
     };
+    let outcome = |name: &str| {
+        stats["outcomes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == name))
+            .and_then(|c| c["value"].as_u64())
+            .unwrap_or(0)
+    };
     println!(
-        "foobar-lb: {} new flows, {} placed by hash during the flood and not remembered",
+        "foobar-lb: {} SYNs answered with cookies, {} proven, {} new flows ({} placed by \
+         hash during the flood and not remembered), {} packets of proxied flows waiting \
+         for their backend dropped, {} backend SYN-ACKs answered",
+        outcome("syn_cookie"),
+        event("syn_cookie_valid"),
         event("flow_new"),
-        event("flow_insert_skipped")
+        event("flow_insert_skipped"),
+        outcome("drop_syn_proxy_pending"),
+        outcome("syn_proxy_ack"),
     );
     if ours.succeeded == 0 || nftables.succeeded == 0 {
         eprintln!("a setup let no legitimate connection through: see the lab's logs");
