@@ -82,8 +82,8 @@ pub mod map_names {
     pub const ACL_STATS: &str = "ACL_STATS";
     /// [`crate::SourceKey`] → `u64`: when a source may open its next flow (GCRA), LRU.
     pub const SOURCE_LIMITS: &str = "SOURCE_LIMITS";
-    /// One `u32`: flows opened by SYN cookies, not yet closed by their clients (while
-    /// non-zero, TCP packets of NAT VIPs look for their flow's sequence delta).
+    /// Two `u64`: whether flows were ever opened by SYN cookies (then TCP packets of
+    /// NAT VIPs look for their flow's sequence delta), and when a cookie was last sent.
     pub const PROXIED: &str = "PROXIED";
     /// `u32` backend id → [`crate::Backend`].
     pub const BACKENDS: &str = "BACKENDS";

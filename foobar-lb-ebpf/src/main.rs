@@ -96,9 +96,9 @@ static NEIGHBOURS6: HashMap<[u32; 4], NextHop> = HashMap::with_max_entries(MAX_N
 static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
-/// Flows opened by SYN cookies, not yet closed by their clients (one counter).
+/// SYN cookies: whether flows were opened by them, when one was last sent.
 #[map]
-static PROXIED: Array<u32> = Array::with_max_entries(1, 0);
+static PROXIED: Array<u64> = Array::with_max_entries(2, 0);
 #[map]
 static FLOOD: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
 #[map]

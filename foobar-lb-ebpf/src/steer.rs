@@ -233,10 +233,23 @@ fn choose_backend<F: Family>(
     let key = F::key(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
     if let Some(flow) = F::flows().get_ptr_mut(key) {
         let l4 = parse::l4(ctx, pkt)?;
-        return match established::<F>(ctx, &l4, unsafe { &mut *flow }, events)? {
-            Some((id, nat_port, traffic)) => Ok(Some(Choice::new(id, nat_port, &l4, traffic))),
+        return match established::<F>(ctx, &l4, unsafe { &mut *flow }, events) {
+            Ok(Some((id, nat_port, traffic))) => Ok(Some(Choice::new(id, nat_port, &l4, traffic))),
             // A known flow that needs a backend again: its VIP's schedule.
-            None => schedule_new(ctx, pkt, &key, true, events),
+            Ok(None) => schedule_new(ctx, pkt, &key, true, events),
+            // Opened by a cookie, its backend silent: the client's ACK again, or its
+            // probe, sends the backend its SYN again (it may have been lost).
+            Err(pending) if pending.is(Reason::DropSynProxyPending) => {
+                let step = synproxy::cookie_step::<F>(ctx).check()?;
+                if step != Status::PROVEN && step != Status::PROBE_PROVEN {
+                    return Err(pending);
+                }
+                let id = unsafe { (*flow).backend_id };
+                synproxy::ack_into_syn::<F>(ctx, step == Status::PROBE_PROVEN).check()?;
+                let traffic = Traffic::Forward { closed: false };
+                Ok(Some(Choice::new(id, 0, &l4, traffic)))
+            }
+            Err(v) => Err(v),
         };
     }
     schedule_new(ctx, pkt, &key, false, events)
@@ -438,6 +451,9 @@ fn established<F: Family>(
         // the same SYN again (a retransmission), which must reach the same backend.
         if flow.flags & FLOW_ESTABLISHED != 0 {
             events.note(Reason::FlowReused);
+            // A new connection: nothing of a proxied one carries over.
+            flow.flags &= !(FLOW_SYN_SENT | FLOW_SEQ_ADJUSTED);
+            flow.seq = 0;
             return Ok(None);
         }
         events.note(Reason::SynRetransmit);
@@ -451,9 +467,6 @@ fn established<F: Family>(
     let closed = l4.closing && flow.flags & FLOW_CLOSING == 0;
     if closed {
         flow.flags |= FLOW_CLOSING;
-    }
-    if closed && flow.flags & FLOW_SEQ_ADJUSTED != 0 {
-        synproxy::flow_closed();
     }
     Ok(Some((
         flow.backend_id,
@@ -497,6 +510,10 @@ fn new_flow<F: Family>(
         Some(b) if b.flags & BACKEND_ACTIVE != 0 => b,
         _ => return Err(Verdict::of(Reason::DropNoBackend)),
     };
+    if cookie != 0 && backend.forwarding != FORWARD_NAT {
+        // The VIP's mode changed under the handshake: only NAT can carry it.
+        return Err(Verdict::of(Reason::DropNoBackend));
+    }
     events.note(Reason::FlowNew);
     // The slot's mode, not the VIP's: they differ for a moment while a change of mode
     // is being written, and the packet leaves by the slot's.

@@ -13,11 +13,12 @@
 //! balancer gives it to them when they send their SYN-ACK again.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_csum_diff, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_csum_diff, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
+    },
     programs::XdpContext,
 };
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
 use foobar_lb_common::{
     FLOW_ESTABLISHED, FLOW_SEQ_ADJUSTED, FLOW_SYN_SENT, PROTO_TCP, Reason, checksum,
 };
@@ -142,10 +143,22 @@ pub fn cookie_step<F: Family>(ctx: &XdpContext) -> Status {
         }
         return answered;
     }
-    if flags == ACK {
+    if flags == ACK && cookies_recent() {
         return proves_cookie::<F>(ctx);
     }
     Status::GO_ON
+}
+
+/// Whether a cookie was sent in the last two minutes (they are valid that long): an
+/// ACK that misses the table is checked only then.
+#[inline(always)]
+fn cookies_recent() -> bool {
+    match PROXIED.get(COOKIE_SENT) {
+        Some(&sent) if sent != 0 => {
+            unsafe { bpf_ktime_get_ns() }.wrapping_sub(sent) < 120_000_000_000
+        }
+        _ => false,
+    }
 }
 
 /// Answers the parsed packet, a SYN, with a SYN-ACK whose sequence number is its
@@ -163,27 +176,30 @@ fn answer_syn<F: Family>(ctx: &XdpContext) -> Status {
     if l4 != l3 + F::HEADER_LEN {
         return Status::NOT_OURS;
     }
-    let Some(offset) = ptr_at::<[u8; 2]>(ctx, l4 + 12) else {
-        return Status::NOT_OURS;
-    };
-    // The options' length, read through a volatile so that LLVM cannot fold the
-    // sum below back into a mask the verifier cannot bound from below (20 to 60).
-    let words = (unsafe { (*offset)[0] } >> 4) as u32;
-    let options = unsafe { core::ptr::read_volatile(&words.wrapping_sub(5)) };
-    if options > 10 {
+    // The cookie is made for a copy of the SYN's header whose only option is the
+    // largest MSS: the client's own is not passed on (the backend is offered the
+    // balancer's), and at the cookie's last MSS index an acknowledgement one off
+    // (a zero-window probe) no longer passes for the handshake's ACK.
+    let header = scratch.syn.header.as_mut_ptr();
+    if unsafe { bpf_xdp_load_bytes(ctx.ctx, l4 as u32, header.cast(), 20) } != 0 {
         return Status::NOT_OURS;
     }
-    let len = 20 + options * 4;
-    let header = scratch.syn.header.as_mut_ptr();
-    if unsafe { bpf_xdp_load_bytes(ctx.ctx, l4 as u32, header.cast(), len) } != 0 {
-        return Status::NOT_OURS;
+    unsafe {
+        *header.add(12) = 0x60;
+        header
+            .add(20)
+            .cast::<u32>()
+            .write_unaligned(u32::from_ne_bytes([2, 4, 0xff, 0xff]));
     }
     let Some(ip) = F::fixed_header(ctx, l3) else {
         return Status::NOT_OURS;
     };
-    let cookie = unsafe { F::syn_cookie(ip, header, len) };
+    let cookie = unsafe { F::syn_cookie(ip, header, WITH_MSS as u32) };
     if cookie < 0 {
         return Status::NOT_OURS;
+    }
+    if let Some(sent) = PROXIED.get_ptr_mut(COOKIE_SENT) {
+        unsafe { *sent = bpf_ktime_get_ns() };
     }
     let Some(client_seq) = read_u32(ctx, l4 + SEQ_AT) else {
         return Status::NOT_OURS;
@@ -401,25 +417,24 @@ pub fn shift_client_ack<F: Family>(ctx: &XdpContext, check_at: usize) -> Status 
     Status::of(shift(ctx, pkt.l4 + ACK_AT, check_at, less))
 }
 
-/// Whether flows opened by SYN cookies are open (their packets need adjusting).
+/// `PROXIED` entries: flows were opened by cookies (non-zero), and when a cookie was
+/// last sent (ns).
+const OPENED: u32 = 0;
+const COOKIE_SENT: u32 = 1;
+
+/// Whether flows have been opened by SYN cookies in this data plane's life (their
+/// packets may need adjusting; without any, nothing else is looked up). It is never
+/// cleared: a flow's end is not always seen.
 #[inline(always)]
 pub fn live() -> bool {
-    matches!(PROXIED.get(0), Some(count) if *count != 0)
+    matches!(PROXIED.get(OPENED), Some(opened) if *opened != 0)
 }
 
-/// One more flow opened by a SYN cookie.
+/// A flow was opened by a SYN cookie.
 #[inline(always)]
 pub fn flow_opened() {
-    if let Some(count) = PROXIED.get_ptr_mut(0) {
-        unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(count, 1) };
-    }
-}
-
-/// One fewer (its client closed it).
-#[inline(always)]
-pub fn flow_closed() {
-    if let Some(count) = PROXIED.get_ptr_mut(0) {
-        unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(count, u32::MAX) };
+    if let Some(opened) = PROXIED.get_ptr_mut(OPENED) {
+        unsafe { *opened = 1 };
     }
 }
 
@@ -453,8 +468,24 @@ pub fn reply_step<F: Family>(ctx: &XdpContext) -> Status {
     let Some(header) = ptr_at::<[u8; 2]>(ctx, l4 + FLAGS_AT - 1) else {
         return Status::GO_ON;
     };
-    let syn_ack = unsafe { (*header)[1] } & (SYN | ACK) == SYN | ACK;
+    let flags = unsafe { (*header)[1] };
+    let syn_ack = flags & (SYN | ACK) == SYN | ACK;
     if flow.flags & FLOW_SYN_SENT != 0 {
+        if flags & RST != 0 {
+            // The backend refused the SYN: the client hears it in the cookie's
+            // sequence space (the one it acknowledged), and the flow is over.
+            let Some(seq) = read_u32(ctx, l4 + SEQ_AT) else {
+                return Status::GO_ON;
+            };
+            let shifted = shift(
+                ctx,
+                l4 + SEQ_AT,
+                l4 + CHECK_AT,
+                flow.seq.wrapping_add(1).wrapping_sub(seq),
+            );
+            let _ = F::flows().remove(&*key);
+            return Status::of(shifted);
+        }
         if syn_ack {
             let done = syn_ack_to_client::<F>(ctx, flow.seq);
             if done >> 32 == 0 {

@@ -166,7 +166,7 @@ fn expected_layout(name: &str, flow_capacity: u32) -> (usize, Option<usize>, u32
         names::ACL_SCOPES => (4, Some(4), ACL_SCOPE_COUNT),
         names::ACL_STATS => (4, Some(8), MAX_ACL_RULES),
         names::SOURCE_LIMITS => (size_of::<SourceKey>(), Some(8), SOURCE_LIMIT_CAPACITY),
-        names::PROXIED => (4, Some(4), 1),
+        names::PROXIED => (4, Some(8), 2),
         names::BACKENDS => (4, Some(size_of::<Backend>()), MAX_BACKENDS),
         names::SCHEDULES => (4, Some(4), MAX_VIPS * SCHEDULE_STRIDE),
         names::RR_CURSORS => (4, Some(4), MAX_VIPS),

@@ -1726,12 +1726,17 @@ fn during_a_flood_syns_get_cookies_and_only_a_proven_ack_opens_a_flow() {
             .is_some()
     );
 
-    // Until the backend answers, the client's packets wait.
+    // Until the backend answers, the client's packets wait; the proof again (the
+    // backend's SYN may have been lost) sends the SYN again.
     let mut early = ack(1000).build();
-    set_tcp_u32(&mut early, ACK_NO, cookie.wrapping_add(1));
+    set_tcp_u32(&mut early, ACK_NO, cookie ^ 0x5a5a_5a5a);
     let out = lab.run(Side::Client, &early);
     assert_eq!(action_name(out.action), "DROP");
     assert_eq!(lab.count(Reason::DropSynProxyPending), 1);
+    let out = lab.run(Side::Client, &proof);
+    assert_eq!(action_name(out.action), "REDIRECT");
+    assert_eq!(out.packet[TCP + 13], 0x02, "the SYN again");
+    assert_eq!(tcp_u32(&out.packet, SEQ), 1000);
 
     // The backend's SYN-ACK becomes the ACK that opens the client's window.
     let backend_isn = 7_000_000u32;
@@ -1769,10 +1774,7 @@ fn during_a_flood_syns_get_cookies_and_only_a_proven_ack_opens_a_flow() {
     assert_eq!(tcp_u32(&out.packet, SEQ), cookie.wrapping_add(1));
 
     // A client whose ACK was lost sends zero-window probes (one sequence number
-    // back): a probe proves the cookie as well. (The cookie's MSS index absorbs an
-    // error of one in the sequence number, so for a SYN without an MSS option, as
-    // here, a probe passes as the ACK itself; a real client's SYN, MSS 1460, is the
-    // last index, and only the probe's check passes.)
+    // back): a probe proves the cookie as well, and tells its ISN right.
     let out = lab.run(Side::Client, &syn(1100).build());
     assert_eq!(action_name(out.action), "TX");
     let other_cookie = tcp_u32(&out.packet, SEQ);
@@ -1782,7 +1784,7 @@ fn during_a_flood_syns_get_cookies_and_only_a_proven_ack_opens_a_flow() {
     let out = lab.run(Side::Client, &probe);
     assert_eq!(action_name(out.action), "REDIRECT");
     assert_eq!(out.packet[TCP + 13], 0x02, "a SYN");
-    assert_eq!(lab.count(Reason::SynCookieValid), 2);
+    assert_eq!(tcp_u32(&out.packet, SEQ), 1000, "the client's ISN");
 
     // The backend's SYN-ACK sent again (it never got the client's ACK): answered.
     let out = lab.run(Side::Backend, &syn_ack);
