@@ -63,6 +63,15 @@ fn request_from(lab: &Lab, from: Ipv4Addr) -> std::io::Result<String> {
     get(&mut stream)
 }
 
+/// A keep-alive connection from the client's first address, one request answered.
+fn held_open(lab: &Lab) -> std::net::TcpStream {
+    let to = SocketAddrV4::new(VIP, 80);
+    let from = SocketAddrV4::new(CLIENT, 0);
+    let mut held = connect_from(&lab.client, from, to, Duration::from_secs(2)).expect("connect");
+    get(&mut held).expect("first answer");
+    held
+}
+
 #[test]
 fn a_vip_address_shows_only_its_vip_ports_and_malformed_frames_reach_the_program() {
     let _turn = one_at_a_time();
@@ -155,15 +164,7 @@ fn access_lists_change_live_and_cut_open_connections() {
     assert!(counter(&lab, "drop_acl") > 0);
 
     // A connection held open while the lists change.
-    let to = SocketAddrV4::new(VIP, 80);
-    let mut held = connect_from(
-        &lab.client,
-        SocketAddrV4::new(CLIENT, 0),
-        to,
-        Duration::from_secs(2),
-    )
-    .expect("connect");
-    get(&mut held).expect("first answer");
+    let mut held = held_open(&lab);
 
     // Let the other address in live: the held connection goes on.
     lab.cli_ok(&[
@@ -232,15 +233,7 @@ fn a_source_over_its_new_flow_limit_is_cut_and_others_are_not() {
         &config("new_flow_limit = { rate = 1, burst = 3 }", ""),
     );
     // An established connection of the limited source, opened first.
-    let to = SocketAddrV4::new(VIP, 80);
-    let mut held = connect_from(
-        &lab.client,
-        SocketAddrV4::new(CLIENT, 0),
-        to,
-        Duration::from_secs(2),
-    )
-    .expect("connect");
-    get(&mut held).expect("first answer");
+    let mut held = held_open(&lab);
 
     let (mut accepted, mut refused) = (0, 0);
     for i in 0..20 {

@@ -68,6 +68,13 @@ fn main() -> ExitCode {
     assert!(repeat >= 20, "repeat must be at least 20");
     // Room for a million flows in each CPU's LRU list.
     let mut lab = PacketLab::with_flow_capacity(3 * BIG_TABLE);
+    // The paths themselves, not flood mode: the new-flow cases send 200,000 SYNs in
+    // well under a second, a flood by the default threshold (SYN cookies would
+    // answer them).
+    lab.set_settings(foobar_lb_common::Settings {
+        flood_threshold: 0,
+        ..lab.balancer.environment().settings
+    });
 
     // Two VIPs on VIP:80 (maglev) and VIP:81 (rr), each the backend of itself, and a
     // next hop that leaves the frame's MACs as they are, for backends and for the
