@@ -56,6 +56,11 @@ fn foobar_pair(tag: &str) -> Lab {
     }
     wait_role(&lab.balancers[0], "master");
     wait_role(&lab.balancers[1], "backup");
+    // A backup starts as one before it has heard the master (its first advert is at
+    // most an interval away).
+    wait_until(LIMIT, "lb2 to hear lb1", || {
+        vrrp(&lab.balancers[1])["master"] == "10.0.0.3"
+    });
     lab
 }
 
