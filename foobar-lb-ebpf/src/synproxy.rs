@@ -46,10 +46,10 @@ pub const SYN: u8 = 0x02;
 pub const RST: u8 = 0x04;
 pub const ACK: u8 = 0x10;
 
-/// Room in the scratch map for a copy of a SYN's TCP header (the cookie helper reads
-/// its options for the MSS; in the scratch map, its length needs no packet bounds).
+/// Room in the scratch map for a copy of a TCP header with an MSS option: what a
+/// cookie is made for, or checked on (a probe's, one sequence number on).
 pub struct SynScratch {
-    header: [u8; 60],
+    header: [u8; WITH_MSS],
 }
 
 /// A TCP packet's flags; 0 when it is cut short (parsing checked it is not).

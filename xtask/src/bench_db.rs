@@ -30,7 +30,7 @@ use foobar_lab::{
 };
 use serde_json::{Value, json};
 
-use crate::wrk::{Figures, parse_wrk};
+use crate::wrk::{self, Figures};
 
 /// Runs everything once (the failover `rounds` times); prints JSON lines.
 pub fn run(duration: u32, connections: u32, rounds: u32) -> Result<()> {
@@ -329,23 +329,17 @@ fn wrk(
     duration: u32,
     connections: u32,
 ) -> Result<Figures> {
-    let mut command = resolving_command(&lab.client, "wrk");
-    command.args([
-        "-t2",
-        &format!("-c{connections}"),
-        &format!("-d{duration}s"),
-        "--latency",
-    ]);
-    if let Some(script) = script {
-        command.arg("-s").arg(script);
-    }
-    let out = command
-        .arg(format!("https://{SITE}{path}"))
-        .output()
-        .context("running wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    }
-    parse_wrk(&text).with_context(|| format!("reading wrk's output:\n{text}"))
+    let script = script.map(|s| s.display().to_string());
+    let extra: Vec<&str> = match &script {
+        Some(script) => vec!["-s", script],
+        None => Vec::new(),
+    };
+    let url = format!("https://{SITE}{path}");
+    wrk::run(
+        resolving_command(&lab.client, "wrk"),
+        connections,
+        duration,
+        &extra,
+        &url,
+    )
 }

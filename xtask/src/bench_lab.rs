@@ -15,7 +15,7 @@ use std::{process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
 
-use crate::wrk::{Figures, parse_wrk};
+use crate::wrk::{self, Figures};
 use foobar_lab::lab::{Lab, LabSpec, VIP, VIP_PORT, WEB_PORT, terminate, wait_until, web_addr};
 use foobar_lab::netns::unique_name;
 
@@ -170,21 +170,16 @@ fn measure(lab: &Lab, load: &Load, url: &str) -> Result<Vec<(&'static str, Figur
 }
 
 fn wrk(lab: &Lab, load: &Load, url: &str, close: bool) -> Result<Figures> {
-    let mut cmd = lab.client.command("wrk");
-    cmd.args([
-        "-t2",
-        &format!("-c{}", load.connections),
-        &format!("-d{}s", load.duration),
-        "--latency",
+    let extra: &[&str] = if close {
+        &["-H", "Connection: close"]
+    } else {
+        &[]
+    };
+    wrk::run(
+        lab.client.command("wrk"),
+        load.connections,
+        load.duration,
+        extra,
         url,
-    ]);
-    if close {
-        cmd.args(["-H", "Connection: close"]);
-    }
-    let out = cmd.output().context("running wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    }
-    parse_wrk(&text).with_context(|| format!("reading wrk's output:\n{text}"))
+    )
 }

@@ -20,7 +20,7 @@ use foobar_lab::{
     stack::{APP_PORT, SITE, balancer_config, resolving_command, vip_section},
 };
 
-use crate::wrk::{Figures, parse_wrk};
+use crate::wrk::{self, Figures};
 
 /// nginx's ports on the servers and on the VIP.
 const NGINX_HTTP: u16 = 8080;
@@ -136,21 +136,13 @@ pub fn run(duration: u32, connections: u32, rounds: u32) -> Result<()> {
 }
 
 fn wrk(lab: &Lab, url: &str, duration: u32, connections: u32) -> Result<Figures> {
-    let out = resolving_command(&lab.client, "wrk")
-        .args([
-            "-t2",
-            &format!("-c{connections}"),
-            &format!("-d{duration}s"),
-            "--latency",
-            url,
-        ])
-        .output()
-        .context("running wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    }
-    parse_wrk(&text).with_context(|| format!("reading wrk's output:\n{text}"))
+    wrk::run(
+        resolving_command(&lab.client, "wrk"),
+        connections,
+        duration,
+        &[],
+        url,
+    )
 }
 
 /// nginx beside foobar-web on server `i`.

@@ -166,17 +166,13 @@ fn main() -> Result<()> {
         Task::Bench {
             which: Bench::Agent,
         } => {
-            setup::ensure()?;
-            require_root("the benchmark creates network namespaces and attaches XDP programs")?;
-            build_release_bins()?;
+            prepare_bench()?;
             run(&mut Command::new("target/release/bench-agent"))
         }
         Task::Bench {
             which: Bench::Packets { frames },
         } => {
-            setup::ensure()?;
-            require_root("the benchmark creates network namespaces and attaches XDP programs")?;
-            cargo(&["build", "--release", "--bins"])?;
+            prepare_bench()?;
             run(Command::new("target/release/bench-packets").arg(frames.to_string()))
         }
         Task::Bench {
@@ -185,9 +181,7 @@ fn main() -> Result<()> {
                 connections,
             },
         } => {
-            setup::ensure()?;
-            require_root("the lab creates network namespaces and attaches XDP programs")?;
-            build_release_bins()?;
+            prepare_bench()?;
             bench_lab::run(&bench_lab::Load {
                 duration,
                 connections,
@@ -201,9 +195,7 @@ fn main() -> Result<()> {
                     rounds,
                 },
         } => {
-            setup::ensure()?;
-            require_root("the lab creates network namespaces and attaches XDP programs")?;
-            build_release_bins()?;
+            prepare_bench()?;
             bench_stack::run(duration, connections, rounds)
         }
         Task::Bench {
@@ -214,33 +206,29 @@ fn main() -> Result<()> {
                     rounds,
                 },
         } => {
-            setup::ensure()?;
-            require_root("the lab creates network namespaces and attaches XDP programs")?;
-            build_release_bins()?;
+            prepare_bench()?;
             bench_db::run(duration, connections, rounds)
         }
         Task::Bench {
             which: Bench::Flood { duration },
         } => {
-            setup::ensure()?;
-            require_root("the benchmark creates network namespaces and attaches XDP programs")?;
-            build_release_bins()?;
+            prepare_bench()?;
             run(Command::new("target/release/bench-flood").arg(duration.to_string()))
         }
         Task::Bench {
             which: Bench::Failover { rounds },
         } => {
-            setup::ensure()?;
-            require_root("the lab creates network namespaces and attaches XDP programs")?;
-            build_release_bins()?;
+            prepare_bench()?;
             bench_failover::run(rounds)
         }
     }
 }
 
-/// Release servers and agent for the lab benchmarks: a debug web server would be what
-/// is measured.
-fn build_release_bins() -> Result<()> {
+/// Setup, root, and release servers and agent for the benchmarks that run the lab: a
+/// debug web server would be what is measured.
+fn prepare_bench() -> Result<()> {
+    setup::ensure()?;
+    require_root("the benchmark creates network namespaces and attaches XDP programs")?;
     cargo(&["build", "--release", "--bins"])
 }
 

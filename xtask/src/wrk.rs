@@ -1,4 +1,6 @@
-//! wrk's output, read into figures.
+//! wrk, run and its output read into figures.
+
+use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
@@ -12,6 +14,34 @@ pub struct Figures {
     pub requests: u64,
     /// Socket errors and non-2xx/3xx answers.
     pub errors: u64,
+}
+
+/// Runs `wrk` (a command made in the client's namespace) with two threads,
+/// `connections` connections for `duration` seconds against `url`, options `extra`
+/// first; its figures, or why it failed.
+pub fn run(
+    mut wrk: Command,
+    connections: u32,
+    duration: u32,
+    extra: &[&str],
+    url: &str,
+) -> Result<Figures> {
+    let out = wrk
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{duration}s"),
+            "--latency",
+        ])
+        .args(extra)
+        .arg(url)
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_wrk(&text).with_context(|| format!("reading wrk's output:\n{text}"))
 }
 
 /// Reads `wrk --latency`'s report.

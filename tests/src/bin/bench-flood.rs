@@ -145,17 +145,12 @@ fn main() -> ExitCode {
         );
     }
     let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
-    let event = |name: &str| {
-        stats["events"]
-            .as_array()
-            .and_then(|a| a.iter().find(|c| c["name"] == name))
-            .and_then(|c| c["value"].as_u64())
-            .unwrap_or(0)
-    };
-    let outcome = |name: &str| {
-        stats["outcomes"]
-            .as_array()
-            .and_then(|a| a.iter().find(|c| c["name"] == name))
+    // An outcome or event counter of `stats`.
+    let count = |name: &str| {
+        ["outcomes", "events"]
+            .iter()
+            .flat_map(|k| stats[k].as_array().into_iter().flatten())
+            .find(|c| c["name"] == name)
             .and_then(|c| c["value"].as_u64())
             .unwrap_or(0)
     };
@@ -163,12 +158,12 @@ fn main() -> ExitCode {
         "foobar-lb: {} SYNs answered with cookies, {} proven, {} new flows ({} placed by \
          hash during the flood and not remembered), {} packets of proxied flows waiting \
          for their backend dropped, {} backend SYN-ACKs answered",
-        outcome("syn_cookie"),
-        event("syn_cookie_valid"),
-        event("flow_new"),
-        event("flow_insert_skipped"),
-        outcome("drop_syn_proxy_pending"),
-        outcome("syn_proxy_ack"),
+        count("syn_cookie"),
+        count("syn_cookie_valid"),
+        count("flow_new"),
+        count("flow_insert_skipped"),
+        count("drop_syn_proxy_pending"),
+        count("syn_proxy_ack"),
     );
     if ours.succeeded == 0 || nftables.succeeded == 0 {
         eprintln!("a setup let no legitimate connection through: see the lab's logs");
