@@ -278,7 +278,8 @@ pub struct SourceKey {
 }
 const _: () = assert!(size_of::<SourceKey>() == 20);
 
-/// `VipInfo::scheduler`: weighted round robin over the ring.
+/// `VipInfo::scheduler`: the next slot of the ring for each new flow: weighted round
+/// robin, or least connections (a ring the agent rewrites from the counts).
 pub const SCHED_RR: u32 = 0;
 /// `VipInfo::scheduler`: Maglev table indexed by the flow hash.
 pub const SCHED_MAGLEV: u32 = 1;
@@ -302,12 +303,19 @@ pub struct VipInfo {
     pub limit_prefix_v4: u8,
     /// Bits of an IPv6 source that make a source (64: each subnet).
     pub limit_prefix_v6: u8,
-    /// Explicit padding.
-    pub _pad: u16,
+    /// Bits of an IPv4 client address its hash covers, with [`crate::hash::HASH_SOURCE`].
+    pub hash_prefix_v4: u8,
+    /// The same for IPv6.
+    pub hash_prefix_v6: u8,
     /// How far ahead of its rate a source may be: `burst × interval`.
     pub limit_burst_ns: u64,
+    /// What of a flow its hash covers: [`crate::hash::HASH_FLOW`] (the 5-tuple),
+    /// [`crate::hash::HASH_SOURCE`], [`crate::hash::HASH_DESTINATION_PORT`].
+    pub hash: u32,
+    /// Explicit padding.
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<VipInfo>() == 32);
+const _: () = assert!(size_of::<VipInfo>() == 40);
 
 /// `Backend::flags`: the slot holds a live backend. Flows pointing at a slot
 /// without it are scheduled again.
@@ -440,7 +448,7 @@ impl FlowKey6 {
 /// established entry opens a new connection on a reused 5-tuple (scheduled afresh);
 /// on an entry that is not, it is a retransmission and keeps its backend.
 pub const FLOW_ESTABLISHED: u16 = 1;
-/// `FlowState::flags`: the client sent a FIN or RST (counted once, as a closed flow).
+/// `FlowState::flags`: the client sent a FIN or RST.
 pub const FLOW_CLOSING: u16 = 2;
 /// `FlowState::flags`: opened by a proven SYN cookie; the balancer sent the backend
 /// its SYN and waits for its SYN-ACK. `FlowState::seq` holds the cookie (the
@@ -450,6 +458,15 @@ pub const FLOW_SYN_SENT: u16 = 4;
 /// the cookie minus the backend's initial sequence number, added to the backend's
 /// sequence numbers and taken from the client's acknowledgements.
 pub const FLOW_SEQ_ADJUSTED: u16 = 8;
+/// `FlowState::flags`: the backend sent a FIN or RST (seen in NAT and full NAT, whose
+/// replies pass the balancer).
+pub const FLOW_REPLY_CLOSING: u16 = 16;
+/// `FlowState::flags`: the connection is over (FIN both ways, an RST, or the client's
+/// FIN in DSR, whose replies are never seen) and was counted closed, once.
+pub const FLOW_CLOSED: u16 = 32;
+/// `FlowState::seen` is `bpf_ktime_get_coarse_ns() >> FLOW_CLOCK_SHIFT`: a tick of
+/// about a second (2^30 ns), so a flow's entry is written once a second at most.
+pub const FLOW_CLOCK_SHIFT: u32 = 30;
 
 /// Where a flow goes.
 #[repr(C)]
@@ -459,15 +476,19 @@ pub struct FlowState {
     pub backend_id: u32,
     /// The slot's [`Backend::generation`] when the flow was scheduled.
     pub generation: u32,
-    /// [`FLOW_ESTABLISHED`], [`FLOW_CLOSING`].
+    /// [`FLOW_ESTABLISHED`], [`FLOW_CLOSING`], ... Changed with atomic ORs of the
+    /// 32-bit word it shares with `nat_port` (CPUs may see both ends at once).
     pub flags: u16,
     /// Full NAT: the source port allocated to the flow (network order); 0 otherwise.
     pub nat_port: u16,
     /// A proxied flow's cookie or sequence delta ([`FLOW_SYN_SENT`],
     /// [`FLOW_SEQ_ADJUSTED`]); 0 otherwise.
     pub seq: u32,
+    /// When a packet of the flow was last seen, in ticks of [`FLOW_CLOCK_SHIFT`]: the
+    /// agent forgets flows idle for longer than their timeout.
+    pub seen: u32,
 }
-const _: () = assert!(size_of::<FlowState>() == 16);
+const _: () = assert!(size_of::<FlowState>() == 20);
 
 /// Where a full-NAT reply goes back to: the flow as the client sees it.
 #[repr(C)]
@@ -593,10 +614,13 @@ pub struct TrafficStats {
     pub reply_packets: u64,
     /// Their bytes.
     pub reply_bytes: u64,
-    /// Flows whose client sent a FIN or RST: active flows are `new_flows` minus these.
+    /// Flow-table entries that ended ([`FLOW_CLOSED`]): active connections are
+    /// `opened_flows` minus these (less what the agent forgot as idle).
     pub closed_flows: u64,
+    /// Flow-table entries made: connections opened.
+    pub opened_flows: u64,
 }
-const _: () = assert!(size_of::<TrafficStats>() == 48);
+const _: () = assert!(size_of::<TrafficStats>() == 56);
 
 impl TrafficStats {
     /// Adds another CPU's counters to these.
@@ -607,6 +631,7 @@ impl TrafficStats {
         self.reply_packets += other.reply_packets;
         self.reply_bytes += other.reply_bytes;
         self.closed_flows += other.closed_flows;
+        self.opened_flows += other.opened_flows;
     }
 }
 

@@ -8,7 +8,7 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use foobar_lb_common::{
     ACL_ALLOW, ACL_ANY, ACL_DEFAULT_DENY, ACL_RULES, ADDR_OPEN, AclKey, FAMILY_IPV6, Reason,
-    SourceKey, VipAddr, VipInfo, acl_scope_word,
+    SourceKey, VipAddr, VipInfo, acl_scope_word, hash::masked,
 };
 
 use crate::{
@@ -124,19 +124,6 @@ fn source_within_limit<F: Family>(vip: &VipInfo) -> bool {
         }
     }
     true
-}
-
-/// The bits of an address word (network order) that a prefix of `prefix` bits keeps;
-/// the word holds bits `first..first + 32` of the address.
-#[inline(always)]
-fn masked(word: u32, prefix: u32, first: u32) -> u32 {
-    if prefix >= first + 32 {
-        word
-    } else if prefix <= first {
-        0
-    } else {
-        word & (u32::MAX << (32 - (prefix - first))).to_be()
-    }
 }
 
 /// What becomes of a packet to `dst` that is for no VIP endpoint and no reply:

@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use foobar_lb_common::{
     Endpoint, FlowKey, FlowKey6, FlowState, NatTarget, NextHop, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_IPIP, PROTO_IPV6, Route, checksum,
-    hash::{flow_hash_v4, flow_hash_v6},
+    PROTO_IPIP, PROTO_IPV6, Route, VipInfo, checksum,
+    hash::{flow_hash_v4, flow_hash_v6, vip_hash_v4, vip_hash_v6},
 };
 
 use crate::{
@@ -65,6 +65,15 @@ pub trait Family {
     fn key(src: Self::Addr, dst: Self::Addr, sport: u16, dport: u16, proto: u8) -> Self::Key;
     /// A flow's hash (the Maglev slot, the outer source of DSR).
     fn hash(src: Self::Addr, dst: Self::Addr, sport: u16, dport: u16, proto: u8) -> u32;
+    /// A flow's hash over the fields its VIP chose (the slot of a new flow).
+    fn vip_hash(
+        vip: &VipInfo,
+        src: Self::Addr,
+        dst: Self::Addr,
+        sport: u16,
+        dport: u16,
+        proto: u8,
+    ) -> u32;
     /// The flow table.
     fn flows() -> &'static LruHashMap<Self::Key, FlowState>;
     /// Full NAT's reverse entries.
@@ -202,6 +211,14 @@ impl Family for V4 {
         flow_hash_v4(src, dst, sport, dport, proto)
     }
     #[inline(always)]
+    fn vip_hash(vip: &VipInfo, src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+        vip_hash_v4(
+            vip.hash,
+            vip.hash_prefix_v4,
+            (src, dst, sport, dport, proto),
+        )
+    }
+    #[inline(always)]
     fn flows() -> &'static LruHashMap<FlowKey, FlowState> {
         &FLOWS
     }
@@ -335,6 +352,21 @@ impl Family for V6 {
     #[inline(always)]
     fn hash(src: [u32; 4], dst: [u32; 4], sport: u16, dport: u16, proto: u8) -> u32 {
         flow_hash_v6(src, dst, sport, dport, proto)
+    }
+    #[inline(always)]
+    fn vip_hash(
+        vip: &VipInfo,
+        src: [u32; 4],
+        dst: [u32; 4],
+        sport: u16,
+        dport: u16,
+        proto: u8,
+    ) -> u32 {
+        vip_hash_v6(
+            vip.hash,
+            vip.hash_prefix_v6,
+            (src, dst, sport, dport, proto),
+        )
     }
     #[inline(always)]
     fn flows() -> &'static LruHashMap<FlowKey6, FlowState> {

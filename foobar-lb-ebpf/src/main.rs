@@ -15,9 +15,10 @@
 #![feature(core_intrinsics)]
 #![expect(
     internal_features,
-    reason = "atomic fetch-add for the round-robin cursor"
+    reason = "atomic fetch-add for the round-robin cursor, fetch-or for flow flags"
 )]
 
+mod conn;
 mod edge;
 mod encap;
 mod family;

@@ -296,6 +296,8 @@ pub struct L4 {
     pub syn: bool,
     /// A FIN or RST: the sender is closing the connection.
     pub closing: bool,
+    /// An RST: the connection is over at once.
+    pub reset: bool,
     /// UDP (its checksum may be 0: none).
     pub udp: bool,
 }
@@ -306,6 +308,7 @@ impl L4 {
         check: 0,
         syn: false,
         closing: false,
+        reset: false,
         udp: false,
     };
 }
@@ -319,6 +322,7 @@ pub fn l4<F: Family>(ctx: &XdpContext, pkt: &Packet<F>) -> Result<L4, Verdict> {
             check: (pkt.l4 + 6) as u16,
             syn: false,
             closing: false,
+            reset: false,
             udp: true,
         });
     }
@@ -332,6 +336,7 @@ pub fn l4<F: Family>(ctx: &XdpContext, pkt: &Packet<F>) -> Result<L4, Verdict> {
         check: (pkt.l4 + 16) as u16,
         syn: tcp.syn() != 0 && tcp.ack() == 0,
         closing: tcp.fin() != 0 || tcp.rst() != 0,
+        reset: tcp.rst() != 0,
         udp: false,
     })
 }

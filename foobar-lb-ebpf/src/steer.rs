@@ -20,15 +20,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use foobar_lb_common::{
-    BACKEND_ACTIVE, Backend, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SEQ_ADJUSTED, FLOW_SYN_SENT,
-    FORWARD_DSR_GUE, FORWARD_DSR_IPIP, FORWARD_FULLNAT, FORWARD_NAT, FULLNAT_PORT_TRIES, FlowState,
-    NatTarget, NextHop, PROTO_TCP, PROTO_UDP, ROLE_BACKEND, ROLE_CLIENT, ROUTE_GATEWAY,
-    ROUTE_LOCAL, Reason, ReplyTarget, SCHED_MAGLEV, TrafficStats, VipAddr, VipInfo, schedule_index,
+    BACKEND_ACTIVE, Backend, FLOW_CLOSED, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SEQ_ADJUSTED,
+    FLOW_SYN_SENT, FORWARD_DSR_GUE, FORWARD_DSR_IPIP, FORWARD_FULLNAT, FORWARD_NAT,
+    FULLNAT_PORT_TRIES, FlowState, NatTarget, NextHop, PROTO_TCP, PROTO_UDP, ROLE_BACKEND,
+    ROLE_CLIENT, ROUTE_GATEWAY, ROUTE_LOCAL, Reason, ReplyTarget, SCHED_MAGLEV, TrafficStats,
+    VipAddr, VipInfo, schedule_index,
 };
 
 use crate::{
     BACKEND_ADDRS, BACKEND_STATS, BACKENDS, Events, FLOOD, INTERFACES, REPLIES, RR_CURSORS,
-    SCHEDULES, SCRATCH, SETTINGS, Scratch, Status, VIP_ADDRS, VIP_STATS, VIPS, Verdict, edge,
+    SCHEDULES, SCRATCH, SETTINGS, Scratch, Status, VIP_ADDRS, VIP_STATS, VIPS, Verdict, conn, edge,
     encap,
     family::{Family, NatScratch, V4, V6, set_words},
     forward::{self, Fit, ask_fib, valid},
@@ -156,7 +157,7 @@ pub struct Choice {
     nat_port: u32,
     /// Offset of the transport checksum.
     check: u32,
-    /// [`Choice::UDP`], [`Choice::NEW_FLOW`], [`Choice::CLOSED`].
+    /// [`Choice::UDP`], [`Choice::NEW_FLOW`], [`Choice::CLOSED`], [`Choice::OPENED`].
     flags: u32,
 }
 
@@ -164,13 +165,14 @@ impl Choice {
     const UDP: u32 = 1;
     const NEW_FLOW: u32 = 2;
     const CLOSED: u32 = 4;
+    const OPENED: u32 = 8;
 
     #[inline(always)]
     fn new(id: u32, nat_port: u16, l4: &L4, traffic: Traffic) -> Self {
-        let (new_flow, closed) = match traffic {
-            Traffic::NewFlow { closed } => (true, closed),
-            Traffic::Forward { closed } => (false, closed),
-            Traffic::Reply => (false, false),
+        let (new_flow, closed, opened) = match traffic {
+            Traffic::NewFlow { closed, opened } => (true, closed, opened),
+            Traffic::Forward { closed } => (false, closed, false),
+            Traffic::Reply { .. } => (false, false, false),
         };
         Self {
             id,
@@ -178,7 +180,8 @@ impl Choice {
             check: l4.check as u32,
             flags: if l4.udp { Self::UDP } else { 0 }
                 | if new_flow { Self::NEW_FLOW } else { 0 }
-                | if closed { Self::CLOSED } else { 0 },
+                | if closed { Self::CLOSED } else { 0 }
+                | if opened { Self::OPENED } else { 0 },
         }
     }
 
@@ -189,6 +192,7 @@ impl Choice {
             check: self.check as u16,
             syn: false,
             closing: false,
+            reset: false,
             udp: self.flags & Self::UDP != 0,
         }
     }
@@ -197,7 +201,8 @@ impl Choice {
     fn traffic(&self) -> Traffic {
         let closed = self.flags & Self::CLOSED != 0;
         if self.flags & Self::NEW_FLOW != 0 {
-            Traffic::NewFlow { closed }
+            let opened = self.flags & Self::OPENED != 0;
+            Traffic::NewFlow { closed, opened }
         } else {
             Traffic::Forward { closed }
         }
@@ -303,12 +308,11 @@ fn schedule_new<F: Family>(
     if cookie == 0 && !known && !opens(pkt, &l4) {
         events.note(Reason::FlowMissNonSyn);
     }
-    let (id, nat_port) = new_flow(ctx, pkt, &l4, key, vip, flood, cookie, events)?;
+    let choice = new_flow(ctx, pkt, &l4, key, vip, flood, cookie, events)?;
     if cookie != 0 {
         synproxy::ack_into_syn::<F>(ctx, probe).check()?;
     }
-    let traffic = Traffic::NewFlow { closed: l4.closing };
-    Ok(Some(Choice::new(id, nat_port, &l4, traffic)))
+    Ok(Some(choice))
 }
 
 /// Sends a client packet to the backend chosen.
@@ -342,6 +346,7 @@ fn from_backend<F: Family>(
         Err(v) => return Status::verdict(v),
     };
     let to = &to;
+    let closed = to.l4.closing && reply_closes(pkt, to);
     // The entries stay valid for the whole run of the program (RCU).
     let rewrite = if to.nat.is_null() {
         let target = unsafe { &*to.target };
@@ -351,6 +356,7 @@ fn from_backend<F: Family>(
             fullnat: false,
             vip_id: target.vip_id,
             backend_id: target.backend_id,
+            closed,
         }
     } else {
         let nat = unsafe { &*to.nat };
@@ -360,6 +366,7 @@ fn from_backend<F: Family>(
             fullnat: true,
             vip_id: nat.vip_id,
             backend_id: nat.backend_id,
+            closed,
         }
     };
     match reply(ctx, pkt, &to.l4, &rewrite, events) {
@@ -432,10 +439,11 @@ fn established<F: Family>(
     flow: &mut FlowState,
     events: &mut Events,
 ) -> Result<Option<(u32, u16, Traffic)>, Verdict> {
-    match BACKENDS.get(flow.backend_id) {
+    let (one_way, vip_id) = match BACKENDS.get(flow.backend_id) {
         Some(b) if b.flags & BACKEND_ACTIVE != 0 && b.generation == flow.generation => {
             // An access list cuts open flows too.
             edge::admit::<F>(b.vip_id)?;
+            (one_way(b), b.vip_id)
         }
         _ => {
             events.note(Reason::FlowBackendGone);
@@ -445,12 +453,16 @@ fn established<F: Family>(
             );
             return Ok(None);
         }
-    }
+    };
     if l4.syn {
         // A SYN on an established 5-tuple opens a new connection; before that, it is
         // the same SYN again (a retransmission), which must reach the same backend.
         if flow.flags & FLOW_ESTABLISHED != 0 {
             events.note(Reason::FlowReused);
+            // The connection before it is over, whether or not its ends were seen.
+            if conn::close(flow, conn::closing_bits(true, true), true) {
+                count_closed(vip_id, flow.backend_id);
+            }
             // A new connection: nothing of a proxied one carries over.
             flow.flags &= !(FLOW_SYN_SENT | FLOW_SEQ_ADJUSTED);
             flow.seq = 0;
@@ -458,16 +470,14 @@ fn established<F: Family>(
         }
         events.note(Reason::SynRetransmit);
     } else if flow.flags & FLOW_ESTABLISHED == 0 {
-        flow.flags |= FLOW_ESTABLISHED;
+        conn::set_flags(flow, FLOW_ESTABLISHED);
     }
+    conn::touch(flow);
     if flow.flags & FLOW_SYN_SENT != 0 {
         // Opened by a cookie; the backend has not answered its SYN yet.
         return Err(Verdict::of(Reason::DropSynProxyPending));
     }
-    let closed = l4.closing && flow.flags & FLOW_CLOSING == 0;
-    if closed {
-        flow.flags |= FLOW_CLOSING;
-    }
+    let closed = l4.closing && conn::close(flow, conn::closing_bits(true, l4.reset), one_way);
     Ok(Some((
         flow.backend_id,
         flow.nat_port,
@@ -490,7 +500,7 @@ fn new_flow<F: Family>(
     flood: bool,
     cookie: u32,
     events: &mut Events,
-) -> Result<(u32, u16), Verdict> {
+) -> Result<Choice, Verdict> {
     // A proven cookie opens a connection as a SYN does.
     let opening = opens(pkt, l4) || cookie != 0;
     // During a flood of new flows (random-source SYNs, most of them) new flows are
@@ -526,9 +536,15 @@ fn new_flow<F: Family>(
     } else {
         0
     };
+    let (mut opened, mut closed) = (false, false);
     if hashed && !fullnat {
         events.note(Reason::FlowInsertSkipped);
     } else {
+        let closing = if l4.closing {
+            conn::born_closing(conn::closing_bits(true, l4.reset), one_way(backend))
+        } else {
+            0
+        };
         let flags = if cookie != 0 {
             FLOW_SYN_SENT
         } else if l4.syn {
@@ -539,17 +555,63 @@ fn new_flow<F: Family>(
         let state = FlowState {
             backend_id: id,
             generation: backend.generation,
-            flags: flags | if l4.closing { FLOW_CLOSING } else { 0 },
+            flags: flags | closing,
             nat_port,
             seq: cookie,
+            seen: conn::now(),
         };
         if F::flows().insert(key, state, 0).is_err() {
             events.note(Reason::FlowInsertFailed);
-        } else if cookie != 0 {
-            synproxy::flow_opened();
+        } else {
+            (opened, closed) = (true, closing & FLOW_CLOSED != 0);
+            if cookie != 0 {
+                synproxy::flow_opened();
+            }
         }
     }
-    Ok((id, nat_port))
+    let traffic = Traffic::NewFlow { closed, opened };
+    Ok(Choice::new(id, nat_port, l4, traffic))
+}
+
+/// Whether a backend's flows are seen from the client's end only (DSR: the backend
+/// answers the client itself).
+#[inline(always)]
+fn one_way(backend: &Backend) -> bool {
+    backend.forwarding == FORWARD_DSR_IPIP || backend.forwarding == FORWARD_DSR_GUE
+}
+
+/// Counts a connection over that no packet forwarded here accounts for.
+#[inline(always)]
+fn count_closed(vip_id: u32, backend_id: u32) {
+    for (stats, id) in [(&VIP_STATS, vip_id), (&BACKEND_STATS, backend_id)] {
+        if let Some(s) = stats.get_ptr_mut(id) {
+            unsafe { (*s).closed_flows += 1 };
+        }
+    }
+}
+
+/// A backend's FIN or RST: its end of the flow closes. True if that made the
+/// connection over. (The flow is found by the client's 5-tuple: the reply's
+/// destination and the VIP, or full NAT's reverse entry.)
+#[inline(never)]
+fn reply_closes<F: Family>(pkt: &Packet<F>, to: &Reply) -> bool {
+    let (key, backend_id) = if to.nat.is_null() {
+        let target = unsafe { &*to.target };
+        let vip = F::from_words(&target.vip.addr);
+        let key = F::key(pkt.dst, vip, pkt.dport, target.vip.port, pkt.proto);
+        (key, target.backend_id)
+    } else {
+        let nat = unsafe { &*to.nat };
+        let (client, vip) = (F::from_words(&nat.client), F::from_words(&nat.vip));
+        let key = F::key(client, vip, nat.client_port, nat.vip_port, pkt.proto);
+        (key, nat.backend_id)
+    };
+    match F::flows().get_ptr_mut(key) {
+        Some(flow) if unsafe { (*flow).backend_id } == backend_id => {
+            conn::close(flow, conn::closing_bits(false, to.l4.reset), false)
+        }
+        _ => false,
+    }
 }
 
 /// Full NAT: a source port toward `backend` that no other flow uses, claimed in the
@@ -810,6 +872,8 @@ struct Rewrite<F: Family> {
     fullnat: bool,
     vip_id: u32,
     backend_id: u32,
+    /// The reply ended its connection.
+    closed: bool,
 }
 
 /// Rewrites a backend's reply for its client and sends it (or says it is too big,
@@ -856,8 +920,9 @@ fn reply<F: Family>(
         )?;
     }
     events.note(Reason::Reply);
-    account(&VIP_STATS, to.vip_id, pkt.frame_len, Traffic::Reply);
-    account(&BACKEND_STATS, to.backend_id, pkt.frame_len, Traffic::Reply);
+    let traffic = Traffic::Reply { closed: to.closed };
+    account(&VIP_STATS, to.vip_id, pkt.frame_len, traffic);
+    account(&BACKEND_STATS, to.backend_id, pkt.frame_len, traffic);
     Ok(Status::verdict(match hop {
         Ok(_) if fragment => Verdict::of(Reason::PassTooBig),
         Ok(hop) => forward::send(ctx, &hop),
@@ -907,7 +972,7 @@ fn schedule<F: Family>(vip: &VipInfo, pkt: &Packet<F>, opening: bool) -> Option<
         return None;
     }
     let slot = if vip.scheduler == SCHED_MAGLEV || !opening {
-        F::hash(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto) % len
+        F::vip_hash(vip, pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto) % len
     } else {
         // One cursor per VIP shared by all CPUs, so consecutive new flows take
         // consecutive ring slots whatever CPU they arrive on.
@@ -942,12 +1007,13 @@ unsafe fn take_ticket(cursor: *mut u32) -> u32 {
 /// What a packet counts as in a VIP's or backend's traffic stats.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Traffic {
-    /// The first packet of a flow, client to backend (and whether it closes it).
-    NewFlow { closed: bool },
-    /// Any later packet, client to backend (and whether it is the flow's first FIN/RST).
+    /// The first packet of a flow, client to backend: whether it made a flow-table
+    /// entry (a connection opened), and whether it also ended it.
+    NewFlow { closed: bool, opened: bool },
+    /// Any later packet, client to backend (and whether it ended the connection).
     Forward { closed: bool },
-    /// Backend to client.
-    Reply,
+    /// Backend to client (and whether it ended the connection).
+    Reply { closed: bool },
 }
 
 /// Counts one packet with one lookup of this CPU's stats entry.
@@ -958,14 +1024,21 @@ fn account(stats: &PerCpuArray<TrafficStats>, index: u32, bytes: u32, traffic: T
     };
     let s = unsafe { &mut *s };
     match traffic {
-        Traffic::Reply => {
+        Traffic::Reply { closed } => {
             s.reply_packets += 1;
             s.reply_bytes += bytes as u64;
+            s.closed_flows += closed as u64;
         }
-        Traffic::NewFlow { closed } | Traffic::Forward { closed } => {
+        Traffic::NewFlow { closed, opened } => {
             s.packets += 1;
             s.bytes += bytes as u64;
-            s.new_flows += matches!(traffic, Traffic::NewFlow { .. }) as u64;
+            s.new_flows += 1;
+            s.opened_flows += opened as u64;
+            s.closed_flows += closed as u64;
+        }
+        Traffic::Forward { closed } => {
+            s.packets += 1;
+            s.bytes += bytes as u64;
             s.closed_flows += closed as u64;
         }
     }

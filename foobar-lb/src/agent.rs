@@ -25,6 +25,7 @@ use crate::{
         Request, Stats, Status, Traffic, TrafficCount, VipStatus,
     },
     config::{Config, ConfigError},
+    connections::Connections,
     dataplane::{Attached, Dataplane, DataplaneError, LoadOptions},
     edge::Action,
     health::{BackendHealth, HealthCheck, OnDown},
@@ -129,6 +130,7 @@ pub struct Agent {
     rates: RateMeter,
     vrrp: Option<VrrpView>,
     topology: Topology,
+    connections: Connections,
 }
 
 impl Agent {
@@ -161,6 +163,7 @@ impl Agent {
             rates: RateMeter::default(),
             vrrp: None,
             topology: Topology::read_blocking().map_err(|e| AgentError::Topology(e.to_string()))?,
+            connections: Connections::default(),
         };
         // One plan for the VIPs, the interfaces and the next hops, written before the
         // program is attached (or, when it was forwarding already from pins, as one
@@ -686,6 +689,18 @@ impl Agent {
             })
     }
 
+    /// Forgets idle flows and re-anchors the active connection counts.
+    pub fn sweep_flows(&mut self) {
+        let dp = &self.config.dataplane;
+        let (tcp, udp) = (dp.tcp_idle_timeout, dp.udp_idle_timeout);
+        self.connections.sweep(&mut self.balancer, tcp, udp);
+    }
+
+    /// Plans the least-connections rings again where the counts moved.
+    pub fn plan_least_connections(&mut self) {
+        self.connections.plan(&mut self.balancer);
+    }
+
     /// Takes a counter sample; rates are the difference to the previous one.
     pub fn sample(&mut self) {
         let now = Instant::now();
@@ -759,8 +774,8 @@ impl Agent {
             .collect()
     }
 
-    /// Everything `status` shows; the flow table is never walked (active flows are
-    /// the counters' opened minus closed).
+    /// Everything `status` shows; the flow table is never walked (active connections
+    /// are the counters' opened minus closed, see [`Connections`]).
     fn status(&mut self) -> Result<Status, ApiError> {
         let mut total_flows = 0;
         let mut vips = Vec::new();
@@ -768,6 +783,7 @@ impl Agent {
             let dp = self.balancer.dataplane();
             let vip_stats = dp.vip_stats(applied.id).map_err(dataplane_error)?;
             let mut backends = Vec::new();
+            let mut vip_active = 0;
             for b in &spec.backends {
                 let bep = endpoint(b.address, b.port, spec.protocol);
                 let id = applied.backend_id(&bep).expect("applied");
@@ -777,6 +793,8 @@ impl Agent {
                     .backend_stats(id)
                     .map_err(dataplane_error)?;
                 let slots = applied.schedule.iter().filter(|&&s| s == id).count();
+                let active = self.connections.active(&self.balancer, id, &stats);
+                vip_active += active;
                 let key = (spec.name.clone(), SocketAddr::new(b.address, b.port));
                 let health = self.health.get(&key).cloned().unwrap_or_default();
                 let disabled = self.disabled.contains(&key);
@@ -814,7 +832,7 @@ impl Agent {
                         slots as f64 / applied.schedule.len() as f64
                     },
                     next_hop: self.next_hop_of(id),
-                    traffic: self.traffic(Subject::Backend(id), stats, active_flows(&stats)),
+                    traffic: self.traffic(Subject::Backend(id), stats, active),
                 });
             }
             vips.push(VipStatus {
@@ -823,14 +841,10 @@ impl Agent {
                 protocol: spec.protocol,
                 scheduler: spec.scheduler,
                 schedule_len: applied.schedule.len(),
-                traffic: self.traffic(
-                    Subject::Vip(applied.id),
-                    vip_stats,
-                    active_flows(&vip_stats),
-                ),
+                traffic: self.traffic(Subject::Vip(applied.id), vip_stats, vip_active),
                 backends,
             });
-            total_flows += active_flows(&vip_stats);
+            total_flows += vip_active;
         }
         let dp = self.balancer.dataplane();
         Ok(Status {
@@ -969,12 +983,6 @@ impl Agent {
         let mac: Vec<String> = hop.dmac.iter().map(|b| format!("{b:02x}")).collect();
         Some(format!("{interface} {}", mac.join(":")))
     }
-}
-
-/// Flows opened and not yet closed by their client (FIN or RST); flows that end
-/// otherwise (a timeout, an eviction) stay in the count.
-fn active_flows(stats: &TrafficStats) -> u64 {
-    stats.new_flows.saturating_sub(stats.closed_flows)
 }
 
 fn traffic_count(name: String, s: TrafficStats) -> TrafficCount {

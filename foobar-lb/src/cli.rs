@@ -328,12 +328,20 @@ pub enum BackendCommand {
     ///
     /// Examples:
     ///   sudo foobar-lb backend drain www 10.1.0.11:8080
+    ///   sudo foobar-lb backend drain www 10.1.0.11:8080 --wait --timeout 120
     #[command(verbatim_doc_comment)]
     Drain {
         /// VIP name or address:port.
         vip: String,
         /// Backend address:port.
         backend: SocketAddr,
+        /// Return only once the backend has no active connection left (fails, saying
+        /// how many remain, when the timeout passes first).
+        #[arg(long)]
+        wait: bool,
+        /// Seconds `--wait` waits at most.
+        #[arg(long, default_value_t = 300, requires = "wait")]
+        timeout: u64,
     },
     /// Disable a backend whatever its health (maintenance): no new flows, open ones stay.
     ///
@@ -389,6 +397,12 @@ pub enum SchedulerArg {
     Rr,
     /// Maglev consistent hashing.
     Maglev,
+    /// Least connections.
+    Lc,
+    /// Weighted least connections.
+    Wlc,
+    /// Source hashing (Maglev over the client's address).
+    Sh,
 }
 
 /// `--forwarding` values.
@@ -471,7 +485,13 @@ impl Command {
                     scheduler: match scheduler {
                         SchedulerArg::Rr => Scheduler::Rr,
                         SchedulerArg::Maglev => Scheduler::Maglev,
+                        SchedulerArg::Lc => Scheduler::Lc,
+                        SchedulerArg::Wlc => Scheduler::Wlc,
+                        SchedulerArg::Sh => Scheduler::Sh,
                     },
+                    hash: None,
+                    hash_prefix_v4: 32,
+                    hash_prefix_v6: 128,
                     forwarding: match forwarding {
                         ForwardingArg::Nat => Forwarding::Nat,
                         ForwardingArg::Fullnat => Forwarding::Fullnat,
@@ -528,11 +548,13 @@ impl Command {
                 vip: vip.clone(),
                 backend: *backend,
             },
-            Command::Backend(BackendCommand::Drain { vip, backend }) => Request::BackendSetWeight {
-                vip: vip.clone(),
-                backend: *backend,
-                weight: 0,
-            },
+            Command::Backend(BackendCommand::Drain { vip, backend, .. }) => {
+                Request::BackendSetWeight {
+                    vip: vip.clone(),
+                    backend: *backend,
+                    weight: 0,
+                }
+            }
             Command::Backend(BackendCommand::Weight {
                 vip,
                 backend,

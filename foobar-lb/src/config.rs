@@ -262,6 +262,21 @@ pub struct DataplaneConfig {
     /// The UDP port GUE packets are sent to (the backends' `foobar-lb decap` port).
     #[serde(default = "default_gue_port")]
     pub gue_port: u16,
+    /// Seconds a TCP connection may stay silent before the agent forgets it (its
+    /// backend's active connections count it no more), as IPVS's `tcp` timeout.
+    #[serde(default = "default_tcp_idle_timeout")]
+    pub tcp_idle_timeout: u32,
+    /// The same for a UDP flow, which has no end but silence.
+    #[serde(default = "default_udp_idle_timeout")]
+    pub udp_idle_timeout: u32,
+}
+
+fn default_tcp_idle_timeout() -> u32 {
+    900
+}
+
+fn default_udp_idle_timeout() -> u32 {
+    300
 }
 
 impl Default for DataplaneConfig {
@@ -277,6 +292,8 @@ impl Default for DataplaneConfig {
             ipip_source: default_ipip_source(),
             ipip6_source: default_ipip6_source(),
             gue_port: default_gue_port(),
+            tcp_idle_timeout: default_tcp_idle_timeout(),
+            udp_idle_timeout: default_udp_idle_timeout(),
         }
     }
 }
@@ -441,6 +458,14 @@ impl Config {
         }
         if dp.gue_port == 0 {
             return Err(bad("dataplane.gue_port", "must be 1-65535".into()));
+        }
+        for (field, value) in [
+            ("dataplane.tcp_idle_timeout", dp.tcp_idle_timeout),
+            ("dataplane.udp_idle_timeout", dp.udp_idle_timeout),
+        ] {
+            if !(1..=86_400).contains(&value) {
+                return Err(bad(field, format!("{value} s is outside 1..=86400")));
+            }
         }
         if !(MIN_FLOW_CAPACITY..=MAX_FLOW_CAPACITY).contains(&dp.flow_capacity) {
             return Err(bad(

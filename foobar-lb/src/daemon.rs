@@ -24,6 +24,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     agent::{Agent, AgentError, AgentOptions, BackendKey, OnExit},
     api::{ApiError, ErrorKind, MAX_REQUEST_BYTES, Reply, Request},
+    connections,
     health::{self, HealthCheck},
     http, topology,
     vrrp::{self, VrrpView},
@@ -134,6 +135,17 @@ pub async fn run(
         }
     }));
 
+    // Least-connections rings follow the counts; idle flows are forgotten.
+    let _planner = AbortOnDrop(tokio::spawn(every(
+        connections::PLAN_EVERY,
+        agent.clone(),
+        Agent::plan_least_connections,
+    )));
+    let _sweeper = AbortOnDrop(tokio::spawn(every(
+        connections::SWEEP_EVERY,
+        agent.clone(),
+        Agent::sweep_flows,
+    )));
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| socket_error(e.to_string()))?;
     let mut sampler = tokio::time::interval(SAMPLE_EVERY);
     let (results, mut checked) = mpsc::unbounded_channel();
@@ -308,6 +320,17 @@ impl Checkers {
         for (_, (_, task)) in self.running.drain() {
             task.abort();
         }
+    }
+}
+
+/// Calls `work` on the agent every `period`, off the async threads, forever.
+async fn every(period: Duration, agent: Shared, work: fn(&mut Agent)) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let shared = agent.clone();
+        let _ = tokio::task::spawn_blocking(move || work(&mut lock(&shared))).await;
     }
 }
 

@@ -25,9 +25,9 @@ use std::net::IpAddr;
 
 use foobar_lb_common::{
     ACL_SCOPE_COUNT, AclKey, AclRule, AddrUse, Backend, Counters, DEFAULT_FLOW_CAPACITY, Endpoint,
-    FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowKey6, FlowState, Iface, MAX_BACKENDS, MAX_IFINDEX,
-    NextHop, ReplyTarget, Route, Settings, TrafficStats, VipAddr, VipInfo, acl_scope_word,
-    map_names as names, schedule_index,
+    FAMILY_IPV4, FAMILY_IPV6, FLOW_CLOSED, FlowKey, FlowKey6, FlowState, Iface, MAX_BACKENDS,
+    MAX_IFINDEX, NextHop, ReplyTarget, Route, Settings, TrafficStats, VipAddr, VipInfo,
+    acl_scope_word, map_names as names, schedule_index,
 };
 use ipnet::IpNet;
 
@@ -48,6 +48,15 @@ pub static FORWARD_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forward"));
 /// Name of the balancing program in [`PROGRAM_OBJECT`].
 pub const PROGRAM_NAME: &str = "foobar_lb";
+
+/// What a walk of the flow tables found.
+#[derive(Debug, Default)]
+pub struct FlowSweep {
+    /// Open connections by (backend slot, generation).
+    pub open: std::collections::BTreeMap<(u32, u32), u64>,
+    /// Idle entries removed.
+    pub forgotten: u64,
+}
 
 /// Failures of the data plane.
 #[derive(Debug, thiserror::Error)]
@@ -548,6 +557,57 @@ impl Dataplane {
             map: names::FLOWS,
             source,
         })
+    }
+
+    /// Walks both flow tables: removes the entries `idle` says are (a connection not
+    /// over, silent past its timeout) and counts the open connections left per backend
+    /// slot and generation. Thousands of entries per system call; an entry is removed
+    /// only if it is still as it was read (a packet since makes it live again).
+    pub fn sweep_flows(&mut self, idle: impl Fn(&FlowState, u8) -> bool) -> Result<FlowSweep> {
+        let mut sweep = FlowSweep::default();
+        let v4 = self.sweep_table::<FlowKey>(names::FLOWS, |k| k.proto, &idle, &mut sweep)?;
+        let v6 = self.sweep_table::<FlowKey6>(names::FLOWS6, |k| k.proto, &idle, &mut sweep)?;
+        sweep.forgotten = v4 + v6;
+        Ok(sweep)
+    }
+
+    fn sweep_table<K: aya::Pod + Default>(
+        &mut self,
+        name: &'static str,
+        proto: fn(&K) -> u8,
+        idle: &impl Fn(&FlowState, u8) -> bool,
+        sweep: &mut FlowSweep,
+    ) -> Result<u64> {
+        let mut stale = Vec::new();
+        let fd = self.map_fd(name)?;
+        batch::for_each(fd, 4096, |key: &K, flow: &FlowState| {
+            if flow.flags & FLOW_CLOSED != 0 {
+                return;
+            }
+            if idle(flow, proto(key)) {
+                stale.push((*key, *flow));
+            } else {
+                *sweep
+                    .open
+                    .entry((flow.backend_id, flow.generation))
+                    .or_default() += 1;
+            }
+        })
+        .map_err(|source| DataplaneError::Batch { map: name, source })?;
+        let mut m: HashMap<_, K, FlowState> = map!(self, HashMap, name);
+        let mut forgotten = 0;
+        for (key, seen) in stale {
+            match m.get(&key, 0) {
+                Ok(now) if now == seen => {}
+                _ => continue,
+            }
+            match m.remove(&key) {
+                Ok(()) => forgotten += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+        }
+        Ok(forgotten)
     }
 
     /// The description of an interface the program runs on.

@@ -13,6 +13,7 @@ pub mod api;
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;

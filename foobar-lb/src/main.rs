@@ -53,7 +53,49 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Output::Table => table_of(&cli.command, &reply)?,
     };
     writeln!(stdout, "{text}")?;
+    if let Command::Backend(BackendCommand::Drain {
+        vip,
+        backend,
+        wait: true,
+        timeout,
+    }) = &cli.command
+    {
+        let timeout = std::time::Duration::from_secs(*timeout);
+        let waited = wait_drained(&cli.socket, vip, *backend, timeout)?;
+        writeln!(
+            stdout,
+            "{backend} drained: no active connection after {waited:.1?}"
+        )?;
+    }
     Ok(())
+}
+
+/// Polls the agent until a backend has no active connection, or `timeout` passes.
+fn wait_drained(
+    socket: &std::path::Path,
+    vip: &str,
+    backend: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> anyhow::Result<std::time::Duration> {
+    let started = std::time::Instant::now();
+    loop {
+        let Reply::Status(status) = api::call(socket, &api::Request::Status)? else {
+            bail!("the agent answered a status request with something else");
+        };
+        let active = selected(&status.vips, Some(vip))
+            .iter()
+            .flat_map(|v| &v.backends)
+            .find(|b| b.address == backend)
+            .map(|b| b.traffic.active_flows)
+            .with_context(|| format!("{vip} has no backend {backend} any more"))?;
+        if active == 0 {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() >= timeout {
+            bail!("{backend}: {active} connections still active after {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// The part of a reply a command shows, as JSON.

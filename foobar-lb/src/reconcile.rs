@@ -25,7 +25,7 @@ use foobar_lb_common::{
     ACL_ANY, ACL_DEFAULT_DENY, ACL_RULES, ADDR_OPEN, AclRule, AddrUse, BACKEND_ACTIVE, Backend,
     Endpoint, FAMILY_IPV6, Iface, MAX_ACL_RULES, MAX_BACKENDS, MAX_IFINDEX, MAX_VIPS, NextHop,
     ReplyTarget, Route, SCHED_MAGLEV, SCHED_RR, Settings, VipAddr, VipInfo,
-    hash::{flow_hash_v4, flow_hash_v6},
+    hash::{HASH_FLOW, HASH_SOURCE, vip_hash_v4, vip_hash_v6},
 };
 use ipnet::IpNet;
 
@@ -497,16 +497,24 @@ pub fn plan(
         let info = VipInfo {
             id: vip_id,
             schedule_len: schedule.len() as u32,
-            scheduler: match p.spec.scheduler {
-                Scheduler::Rr => SCHED_RR,
-                Scheduler::Maglev => SCHED_MAGLEV,
+            scheduler: if p.spec.scheduler.uses_ring() {
+                SCHED_RR
+            } else {
+                SCHED_MAGLEV
             },
             forwarding: forwarding.code(),
             limit_interval_ns: limit.map_or(0, |l| l.interval_ns()),
             limit_prefix_v4: limit.map_or(0, |l| l.prefix_v4),
             limit_prefix_v6: limit.map_or(0, |l| l.prefix_v6),
-            _pad: 0,
+            hash_prefix_v4: p.spec.hash_prefix_v4,
+            hash_prefix_v6: p.spec.hash_prefix_v6,
             limit_burst_ns: limit.map_or(0, |l| l.burst_ns()),
+            hash: if p.spec.scheduler.uses_ring() {
+                HASH_FLOW
+            } else {
+                p.spec.flow_hash().code()
+            },
+            _pad: 0,
         };
         if b.sim.vips.get(&p.endpoint) != Some(&info) {
             b.push(Op::SetVip(p.endpoint, info));
@@ -856,10 +864,11 @@ impl Balancer {
                 .map(|(&id, b)| (id, b.endpoint))
                 .collect();
             backends.sort();
-            let scheduler = if info.scheduler == SCHED_MAGLEV {
-                Scheduler::Maglev
-            } else {
-                Scheduler::Rr
+            // (Least connections reads back as round robin: both are rings.)
+            let scheduler = match (info.scheduler, info.hash) {
+                (SCHED_MAGLEV, HASH_SOURCE) => Scheduler::Sh,
+                (SCHED_MAGLEV, _) => Scheduler::Maglev,
+                _ => Scheduler::Rr,
             };
             let forwarding = Forwarding::from_code(info.forwarding);
             plans.insert(
@@ -1000,6 +1009,24 @@ impl Balancer {
         }
     }
 
+    /// Rewrites a VIP's ring of the same length (least connections' plan), the slots
+    /// that differ only. Returns how many were written.
+    pub fn rewrite_ring(&mut self, vip_id: u32, ring: &[u32]) -> Result<usize, DataplaneError> {
+        let previous = self
+            .state
+            .schedules
+            .get(&vip_id)
+            .cloned()
+            .unwrap_or_default();
+        if previous.len() != ring.len() {
+            // A change of the VIP is being applied; its plan comes next time.
+            return Ok(0);
+        }
+        let written = self.dataplane.write_schedule(vip_id, ring, &previous)?;
+        self.state.schedules.insert(vip_id, ring.to_vec());
+        Ok(written)
+    }
+
     /// Sends the flows of one backend of a VIP back to the schedule (a down backend
     /// with `on_backend_down = "reset"`): its slot's generation moves on. Returns
     /// whether there was such a backend.
@@ -1041,24 +1068,21 @@ impl Balancer {
         if len == 0 {
             return Ok(None);
         }
-        let slot = match applied.plan.spec.scheduler {
-            Scheduler::Maglev => {
-                let src = words(client);
-                let hash = if vip.family == FAMILY_IPV6 {
-                    flow_hash_v6(src, vip.addr, client_port.to_be(), vip.port, vip.proto)
-                } else {
-                    flow_hash_v4(
-                        src[0],
-                        vip.addr[0],
-                        client_port.to_be(),
-                        vip.port,
-                        vip.proto,
-                    )
-                };
-                hash % len
-            }
+        let spec = &applied.plan.spec;
+        let slot = if spec.scheduler.uses_ring() {
             // The next ring slot is wherever the shared cursor stands now.
-            Scheduler::Rr => self.dataplane.rr_cursor(applied.id)? % len,
+            self.dataplane.rr_cursor(applied.id)? % len
+        } else {
+            let (src, sport) = (words(client), client_port.to_be());
+            let fields = spec.flow_hash().code();
+            let hash = if vip.family == FAMILY_IPV6 {
+                let tuple = (src, vip.addr, sport, vip.port, vip.proto);
+                vip_hash_v6(fields, spec.hash_prefix_v6, tuple)
+            } else {
+                let tuple = (src[0], vip.addr[0], sport, vip.port, vip.proto);
+                vip_hash_v4(fields, spec.hash_prefix_v4, tuple)
+            };
+            hash % len
         };
         Ok(applied.endpoint_of(applied.schedule[slot as usize]))
     }
@@ -1078,6 +1102,9 @@ mod tests {
             scheduler: Scheduler::Rr,
             forwarding: Forwarding::Nat,
             maglev_table_size: crate::schedule::DEFAULT_MAGLEV_SIZE,
+            hash: None,
+            hash_prefix_v4: 32,
+            hash_prefix_v6: 128,
             backends: backends
                 .iter()
                 .map(|&b| BackendSpec {

@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use foobar_lb_common::{
     Endpoint, FAMILY_IPV6, FORWARD_DSR_GUE, FORWARD_DSR_IPIP, FORWARD_FULLNAT, FORWARD_NAT,
     MAX_BACKENDS, MAX_VIPS, PROTO_TCP, PROTO_UDP,
+    hash::{HASH_DESTINATION_PORT, HASH_FLOW, HASH_SOURCE},
 };
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +52,53 @@ pub enum Scheduler {
     /// Maglev consistent hashing of the flow: the same flow always lands on the same
     /// backend for the same backend set, on any balancer.
     Maglev,
+    /// Least connections: a new flow goes to the backend with the fewest active
+    /// connections (any weight above 0 counts the same).
+    Lc,
+    /// Weighted least connections: the fewest active connections per unit of weight.
+    Wlc,
+    /// Source hashing: Maglev over the client's address alone, so a client keeps its
+    /// backend across connections and balancers (session persistence).
+    Sh,
+}
+
+impl Scheduler {
+    /// Whether new flows take the next slot of a ring (round robin, least
+    /// connections) rather than their hash's slot of a Maglev table.
+    pub const fn uses_ring(self) -> bool {
+        matches!(self, Scheduler::Rr | Scheduler::Lc | Scheduler::Wlc)
+    }
+
+    /// Whether the agent keeps rewriting the ring from the connection counts.
+    pub const fn counts_connections(self) -> bool {
+        matches!(self, Scheduler::Lc | Scheduler::Wlc)
+    }
+}
+
+/// What of a flow a hashing VIP (`maglev`, `sh`) hashes, as Katran's VIP flags choose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlowHash {
+    /// The whole 5-tuple: each connection is placed on its own (`maglev`'s default).
+    #[serde(rename = "5-tuple")]
+    FiveTuple,
+    /// The client's address alone, cut to `hash_prefix_v4`/`hash_prefix_v6` bits
+    /// (`sh`'s): every connection of a client (or of a client network behind one NAT,
+    /// with a shorter prefix) lands on one backend.
+    Source,
+    /// The destination port alone.
+    DestinationPort,
+}
+
+impl FlowHash {
+    /// The data plane's constant.
+    pub const fn code(self) -> u32 {
+        match self {
+            FlowHash::FiveTuple => HASH_FLOW,
+            FlowHash::Source => HASH_SOURCE,
+            FlowHash::DestinationPort => HASH_DESTINATION_PORT,
+        }
+    }
 }
 
 /// How a VIP's packets reach its backends, and its backends' replies the clients.
@@ -130,6 +178,25 @@ fn default_table_size() -> u32 {
     DEFAULT_MAGLEV_SIZE
 }
 
+fn default_prefix_v4() -> u8 {
+    32
+}
+
+fn default_prefix_v6() -> u8 {
+    128
+}
+
+impl VipSpec {
+    /// What its flows' hash covers, the default filled in.
+    pub fn flow_hash(&self) -> FlowHash {
+        match (self.hash, self.scheduler) {
+            (Some(hash), _) => hash,
+            (None, Scheduler::Sh) => FlowHash::Source,
+            (None, _) => FlowHash::FiveTuple,
+        }
+    }
+}
+
 /// A virtual service: address, port, protocol, scheduler and backends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,9 +210,19 @@ pub struct VipSpec {
     /// TCP or UDP.
     #[serde(default)]
     pub protocol: Protocol,
-    /// `rr` or `maglev`.
+    /// `rr`, `maglev`, `lc`, `wlc` or `sh`.
     #[serde(default)]
     pub scheduler: Scheduler,
+    /// What a hashing scheduler hashes; none: `sh` the source, `maglev` the 5-tuple.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<FlowHash>,
+    /// Bits of an IPv4 client address that source hashing covers (24: clients of one
+    /// /24 stay together).
+    #[serde(default = "default_prefix_v4")]
+    pub hash_prefix_v4: u8,
+    /// The same for IPv6.
+    #[serde(default = "default_prefix_v6")]
+    pub hash_prefix_v6: u8,
     /// `nat`, `fullnat`, `dsr-ipip` or `dsr-gue`.
     #[serde(default)]
     pub forwarding: Forwarding,
@@ -227,6 +304,9 @@ impl PlannedVip {
             port,
             protocol,
             scheduler,
+            hash: None,
+            hash_prefix_v4: default_prefix_v4(),
+            hash_prefix_v6: default_prefix_v6(),
             forwarding,
             maglev_table_size: DEFAULT_MAGLEV_SIZE,
             backends: backends
@@ -348,6 +428,18 @@ impl DesiredState {
             if let Some(limit) = &vip.new_flow_limit {
                 limit.validate(&format!("{at}.new_flow_limit"))?;
             }
+            if vip.hash.is_some() && vip.scheduler.uses_ring() {
+                return Err(invalid(
+                    format!("{at}.hash"),
+                    "only a hashing scheduler (maglev, sh) hashes: rr, lc and wlc take turns",
+                ));
+            }
+            if !(1..=32).contains(&vip.hash_prefix_v4) {
+                return Err(invalid(format!("{at}.hash_prefix_v4"), "must be 1-32"));
+            }
+            if !(1..=128).contains(&vip.hash_prefix_v6) {
+                return Err(invalid(format!("{at}.hash_prefix_v6"), "must be 1-128"));
+            }
             if let Some(other) = vips_seen.insert(vip_ep, v) {
                 return Err(invalid(
                     at,
@@ -403,7 +495,16 @@ impl DesiredState {
             }
             let schedule = match vip.scheduler {
                 Scheduler::Rr => schedule::round_robin(&weighted),
-                Scheduler::Maglev => schedule::maglev(&weighted, vip.maglev_table_size),
+                Scheduler::Maglev | Scheduler::Sh => {
+                    schedule::maglev(&weighted, vip.maglev_table_size)
+                }
+                // No connection yet: the counts' ring starts from zeros; the agent
+                // rewrites it as they change.
+                Scheduler::Lc | Scheduler::Wlc => Ok(schedule::least_connections(
+                    &weighted,
+                    &vec![0; weighted.len()],
+                    vip.scheduler == Scheduler::Wlc,
+                )),
             }
             .map_err(|e| {
                 let field = match e {
@@ -454,6 +555,9 @@ mod tests {
             scheduler: Scheduler::Rr,
             forwarding: Forwarding::Nat,
             maglev_table_size: DEFAULT_MAGLEV_SIZE,
+            hash: None,
+            hash_prefix_v4: 32,
+            hash_prefix_v6: 128,
             backends: backends
                 .iter()
                 .map(|&(a, port, weight)| BackendSpec {

@@ -410,6 +410,9 @@ pub fn vip_spec(
         scheduler,
         forwarding: Default::default(),
         maglev_table_size: foobar_lb::schedule::DEFAULT_MAGLEV_SIZE,
+        hash: None,
+        hash_prefix_v4: 32,
+        hash_prefix_v6: 128,
         backends: weights
             .iter()
             .enumerate()
@@ -450,6 +453,9 @@ pub fn mode_vip(
         scheduler,
         forwarding,
         maglev_table_size: foobar_lb::schedule::DEFAULT_MAGLEV_SIZE,
+        hash: None,
+        hash_prefix_v4: 32,
+        hash_prefix_v6: 128,
         backends: weights
             .iter()
             .enumerate()

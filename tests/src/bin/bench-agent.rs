@@ -72,6 +72,7 @@ fn main() -> ExitCode {
                     flags: FLOW_ESTABLISHED,
                     nat_port: 0,
                     seq: 0,
+                    seen: 0,
                 },
             )
         })

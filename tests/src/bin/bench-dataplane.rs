@@ -152,6 +152,7 @@ fn main() -> ExitCode {
                 flags,
                 nat_port: 0,
                 seq: 0,
+                seen: 0,
             },
         )
     };
@@ -221,6 +222,7 @@ fn main() -> ExitCode {
                 0
             },
             seq: 0,
+            seen: 0,
         };
         if ipv6 {
             let key = FlowKey6::new(client6, vip.addr, 40_000u16.to_be(), vip.port, vip.proto);

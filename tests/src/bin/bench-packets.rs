@@ -387,6 +387,9 @@ fn main() -> ExitCode {
                     scheduler: Scheduler::Maglev,
                     forwarding: Default::default(),
                     maglev_table_size: foobar_lb::schedule::DEFAULT_MAGLEV_SIZE,
+                    hash: None,
+                    hash_prefix_v4: 32,
+                    hash_prefix_v6: 128,
                     backends: SERVERS
                         .iter()
                         .map(|&s| BackendSpec {
