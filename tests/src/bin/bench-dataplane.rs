@@ -18,11 +18,13 @@
 use std::process::ExitCode;
 
 use aya::programs::{TestRun, TestRunOptions};
-use foobar_lb::dataplane::load_floor;
+use foobar_lb::{dataplane::load_floor, schedule::LEAST_CONNECTIONS_RING};
 use foobar_lb_common::{
     BACKEND_ACTIVE, Backend, FLOW_ESTABLISHED, FORWARD_DSR_GUE, FORWARD_DSR_IPIP, FORWARD_FULLNAT,
     FORWARD_NAT, FlowKey, FlowKey6, FlowState, Iface, NEXT_HOP_VALID, NextHop, ROLE_BACKEND,
-    ROLE_CLIENT, Reason, ReplyTarget, SCHED_MAGLEV, SCHED_RR, VipInfo, reason::xdp_action,
+    ROLE_CLIENT, Reason, ReplyTarget, SCHED_MAGLEV, SCHED_RR, VipInfo,
+    hash::{HASH_FLOW, HASH_SOURCE},
+    reason::xdp_action,
 };
 use serde_json::json;
 use tests::{
@@ -82,6 +84,8 @@ fn main() -> ExitCode {
     let endpoint =
         |port| foobar_lb::state::endpoint(VIP.into(), port, foobar_lb::state::Protocol::Tcp);
     let (maglev_vip, rr_vip) = (endpoint(80), endpoint(81));
+    // Least connections (the agent's ring: a round robin's path) and source hashing.
+    let (lc_vip, sh_vip) = (endpoint(85), endpoint(86));
     let lbc = ifindex("lbc");
     let next_hop = NextHop {
         ifindex: lbc,
@@ -101,9 +105,11 @@ fn main() -> ExitCode {
     )
     .unwrap();
     dp.set_neighbour(&CLIENT.into(), &next_hop).unwrap();
-    for (id, vip, scheduler, len) in [
-        (0, maglev_vip, SCHED_MAGLEV, 65_537u32),
-        (1, rr_vip, SCHED_RR, 1),
+    for (id, vip, scheduler, len, hash) in [
+        (0, maglev_vip, SCHED_MAGLEV, 65_537u32, HASH_FLOW),
+        (1, rr_vip, SCHED_RR, 1, HASH_FLOW),
+        (9, lc_vip, SCHED_RR, LEAST_CONNECTIONS_RING as u32, HASH_FLOW),
+        (10, sh_vip, SCHED_MAGLEV, 65_537, HASH_SOURCE),
     ] {
         let backend = Backend {
             endpoint: vip,
@@ -123,6 +129,8 @@ fn main() -> ExitCode {
                 schedule_len: len,
                 scheduler,
                 forwarding: FORWARD_NAT,
+                hash,
+                hash_prefix_v4: 32,
                 ..Default::default()
             },
         )
@@ -369,6 +377,18 @@ fn main() -> ExitCode {
             not: &[Reason::NextHopFib],
         },
     ];
+    for (name, port) in [("new_flow_lc", 85), ("new_flow_sh", 86)] {
+        cases.push(Case {
+            name,
+            method: Method::Single,
+            frame: Box::new(move |n| {
+                Frame::tcp(client(n), 10_000 + (n % 50_000) as u16, VIP, port, Tcp::Syn).build()
+            }),
+            action: xdp_action::TX,
+            proof: Some(Reason::FlowNew),
+            not: &[Reason::FlowInsertFailed, Reason::NextHopFib],
+        });
+    }
 
     let floor = load_floor().expect("load the floor program");
     let floor: &aya::programs::Xdp = floor.program("floor").unwrap().try_into().unwrap();
@@ -485,6 +505,13 @@ fn main() -> ExitCode {
         "{}",
         json!({ "case": "reply_over_floor", "ns_per_packet": over("reply"), "target_ns": 75 })
     );
+    for case in ["new_flow_lc", "new_flow_sh"] {
+        let above = ((figures[case] - figures["new_flow_maglev"]) * 10.0).round() / 10.0;
+        println!(
+            "{}",
+            json!({ "case": format!("{case}_over_maglev"), "ns_per_packet": above, "target_ns": 25 })
+        );
+    }
     // Katran's IPIP path costs about 150 ns above the floor on this machine: half.
     // Encapsulation grows the frame, so it runs once per call ("single"), a method
     // that costs every case more than repeat does (cold caches after each syscall):
