@@ -108,7 +108,13 @@ fn main() -> ExitCode {
     for (id, vip, scheduler, len, hash) in [
         (0, maglev_vip, SCHED_MAGLEV, 65_537u32, HASH_FLOW),
         (1, rr_vip, SCHED_RR, 1, HASH_FLOW),
-        (9, lc_vip, SCHED_RR, LEAST_CONNECTIONS_RING as u32, HASH_FLOW),
+        (
+            9,
+            lc_vip,
+            SCHED_RR,
+            LEAST_CONNECTIONS_RING as u32,
+            HASH_FLOW,
+        ),
         (10, sh_vip, SCHED_MAGLEV, 65_537, HASH_SOURCE),
     ] {
         let backend = Backend {
