@@ -136,12 +136,12 @@ pub async fn run(
     }));
 
     // Least-connections rings follow the counts; idle flows are forgotten.
-    let _planner = AbortOnDrop(tokio::spawn(every(
+    let planner = AbortOnDrop(tokio::spawn(every(
         connections::PLAN_EVERY,
         agent.clone(),
         Agent::plan_least_connections,
     )));
-    let _sweeper = AbortOnDrop(tokio::spawn(every(
+    let sweeper = AbortOnDrop(tokio::spawn(every(
         connections::SWEEP_EVERY,
         agent.clone(),
         Agent::sweep_flows,
@@ -204,6 +204,8 @@ pub async fn run(
     }
     checkers.stop();
     drop(http_task);
+    // They hold the agent too.
+    drop((planner, sweeper));
     let _ = std::fs::remove_file(&options.socket);
     // Connections still being served hold clones; wait for them briefly.
     for _ in 0..50 {
