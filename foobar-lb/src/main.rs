@@ -173,14 +173,18 @@ fn init_logging() {
         .init();
 }
 
-/// Until SIGTERM or SIGINT.
-async fn until_stopped() {
+/// Until SIGTERM or SIGINT. The handlers are installed now, in the runtime's context,
+/// not at the future's first poll: a signal that arrives while the agent starts up
+/// stops it cleanly instead of killing it.
+fn until_stopped() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
@@ -202,7 +206,11 @@ fn run(args: &RunArgs, cli: &Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(daemon::run(options, until_stopped()))?;
+    let stopped = {
+        let _context = runtime.enter();
+        until_stopped()
+    };
+    runtime.block_on(daemon::run(options, stopped))?;
     Ok(())
 }
 
@@ -226,7 +234,11 @@ fn run_decap(args: &DecapArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let counters = runtime.block_on(decap::run(options, until_stopped()))?;
+    let stopped = {
+        let _context = runtime.enter();
+        until_stopped()
+    };
+    let counters = runtime.block_on(decap::run(options, stopped))?;
     println!(
         "{}",
         serde_json::to_string(&decap::counters_json(&counters))?
