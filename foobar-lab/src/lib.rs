@@ -4,6 +4,7 @@
 //! toolchain exists.
 
 pub mod db;
+pub mod deploy;
 pub mod lab;
 pub mod netns;
 pub mod pki;

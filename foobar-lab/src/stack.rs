@@ -148,16 +148,26 @@ pub fn db_config(dir: &Path, i: usize, password_file: &Path, repl_password_file:
     )
 }
 
+/// The site's VIPs on the balancer of a stack lab: name, port (the VIP's and the web
+/// nodes'), and the protocol of their health checks.
+pub const SITE_VIPS: [(&str, u16, &str); 2] =
+    [("www", HTTP_PORT, "http"), ("www-tls", HTTPS_PORT, "https")];
+
+/// Every web node's weight on a VIP of [`vip_section`]: what a drained one gets back.
+pub const SITE_WEIGHT: u32 = 1;
+
 /// The balancer of a stack lab: the VIP on port 80 and 443, round robin over the web
 /// nodes as the seed says, each checked on `/healthz` over its own protocol; the
 /// database's write and read VIPs. The servers' side takes both roles: the
 /// application servers are the database VIPs' clients.
 pub fn balancer_config(servers: usize) -> String {
+    let site: String = SITE_VIPS
+        .iter()
+        .map(|&(name, port, check)| vip_section(name, port, check, servers))
+        .collect();
     format!(
         "[dataplane]\ninterfaces = [{{ name = \"eth-client\", role = \"client\" }}, \"eth-servers\"]\n\
-         xdp_mode = \"native\"\n\n[metrics]\nlisten = \"0.0.0.0:{LB_METRICS_PORT}\"\n{}{}{}{}",
-        vip_section("www", HTTP_PORT, "http", servers),
-        vip_section("www-tls", HTTPS_PORT, "https", servers),
+         xdp_mode = \"native\"\n\n[metrics]\nlisten = \"0.0.0.0:{LB_METRICS_PORT}\"\n{site}{}{}",
         db_vip_section("db-write", db_write_vip(), "/primary", servers),
         db_vip_section("db-read", db_read_vip(), "/replica", servers),
     )
@@ -178,11 +188,16 @@ pub fn db_vip_section(name: &str, address: Ipv4Addr, path: &str, servers: usize)
     )
 }
 
-/// A `[[vips]]` section: the VIP's `port`, round robin over every server's same port,
-/// checked on `/healthz` by `check` (`http` or `https`).
+/// A `[[vips]]` section: the VIP's `port`, round robin over every server's same port
+/// (weight [`SITE_WEIGHT`]), checked on `/healthz` by `check` (`http` or `https`).
 pub fn vip_section(name: &str, port: u16, check: &str, servers: usize) -> String {
     let backends: Vec<String> = (0..servers)
-        .map(|i| format!("  {{ address = \"{}\", port = {port} }},", web_addr(i)))
+        .map(|i| {
+            format!(
+                "  {{ address = \"{}\", port = {port}, weight = {SITE_WEIGHT} }},",
+                web_addr(i)
+            )
+        })
         .collect();
     format!(
         "\n[[vips]]\nname = \"{name}\"\naddress = \"{VIP}\"\nport = {port}\nscheduler = \"rr\"\n\

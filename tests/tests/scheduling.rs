@@ -281,7 +281,7 @@ fn source_hashing_keeps_a_client_on_one_backend_and_matches_the_simulator() {
     let vip = endpoint(VIP.into(), 80, Protocol::Tcp);
     let mut used = [false; 4];
     for c in 0..100u32 {
-        let client = Ipv4Addr::from(0xc612_0000 | c * 7);
+        let client = Ipv4Addr::from(0xc612_0000 | (c * 7));
         let expected = lab
             .balancer
             .explain(&vip, client.into(), 1)
@@ -305,7 +305,7 @@ fn source_hashing_by_prefix_keeps_a_network_together() {
     let mut lab = PacketLab::new();
     lab.apply(vec![with_hash(Scheduler::Sh, None, 24, &[1, 1, 1, 1])]);
     for net in 0..20u32 {
-        let base = 0xc612_0000 | net << 8;
+        let base = 0xc612_0000 | (net << 8);
         let first = forwarded(
             &mut lab,
             &Frame::tcp(Ipv4Addr::from(base | 1), 5000, VIP, 80, Tcp::Syn),

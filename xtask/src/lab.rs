@@ -1,14 +1,22 @@
-//! `cargo xtask lab up|down|status` and `cargo xtask demo`.
+//! `cargo xtask lab up|down|status|deploy` and `cargo xtask demo`.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    process::Command,
+    thread::sleep,
+    time::{Duration, Instant},
+};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use foobar_lab::{
+    deploy::{self, Site},
     lab::{
         self, ADVERT_INTERVAL_MS, LB_CLIENT_IF, LB_SERVER_IF, Lab, LabSpec, VIP, VIP_PORT,
         wait_until, web_addr,
     },
-    stack::{self, DNS_ADDR, SITE},
+    process::{bin, spawn_logged},
+    stack::{self, APP_PORT, DNS_ADDR, HTTP_PORT, SITE},
 };
 
 /// Namespace prefix of the persistent lab.
@@ -26,8 +34,13 @@ fn spec(persistent: bool, ha: bool, stack: bool) -> LabSpec {
     }
 }
 
+/// The lab's directory: configuration, sockets, logs.
+fn lab_dir() -> PathBuf {
+    std::env::temp_dir().join(PREFIX)
+}
+
 fn pids_file() -> PathBuf {
-    std::env::temp_dir().join(PREFIX).join("pids")
+    lab_dir().join("pids")
 }
 
 fn is_up() -> bool {
@@ -44,10 +57,7 @@ fn balancer_names() -> Vec<String> {
 }
 
 fn socket(balancer: &str) -> PathBuf {
-    std::env::temp_dir()
-        .join(PREFIX)
-        .join(balancer)
-        .join("control.sock")
+    lab_dir().join(balancer).join("control.sock")
 }
 
 fn cli_line(balancer: &str) -> String {
@@ -102,6 +112,7 @@ pub fn up(ha: bool, stack: bool) -> Result<()> {
             lab.pki.as_ref().expect("stack").ca_cert().display()
         );
         println!("  {} status", cli_line(first));
+        println!("  cargo xtask lab deploy   # rolling restart of the web and application nodes");
         println!("  cargo xtask lab down");
         return Ok(());
     }
@@ -177,6 +188,199 @@ pub fn status() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Fails unless the stack lab is up (`cargo xtask lab up --stack`).
+pub fn require_stack() -> Result<()> {
+    if !is_up() {
+        bail!("the lab is down: `cargo xtask lab up --stack` first");
+    }
+    if !Path::new(&format!("/run/netns/{PREFIX}-dns")).exists() || !socket("lb").exists() {
+        bail!(
+            "the running lab is not the stack: `cargo xtask lab down`, then `cargo xtask lab up --stack`"
+        );
+    }
+    Ok(())
+}
+
+/// A rolling deploy of the running stack lab's site (`cargo xtask lab deploy`): the
+/// web and application nodes of server1, then server2, drained at the balancer,
+/// stopped, started again from the binaries just built, checked and put back.
+pub fn deploy(drain_timeout: Duration) -> Result<()> {
+    require_stack()?;
+    let mut site = Running::open()?;
+    println!(
+        "== rolling deploy of {SITE}: one server at a time, drained at the balancer \
+         (waiting up to {} s for its connections to end), its nodes stopped and started again",
+        drain_timeout.as_secs()
+    );
+    let started = Instant::now();
+    let options = deploy::Options {
+        drain_timeout,
+        ..Default::default()
+    };
+    let steps = deploy::rolling_deploy(&mut site, &options);
+    let warnings = steps.iter().filter(|s| s.warning).count();
+    println!(
+        "deployed in {:.1} s, {warnings} warning(s)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The running persistent stack lab, as a deploy drives it. Its processes belong to
+/// the `lab up` that started them, long gone: the nodes are found among the pids
+/// file's by the configuration file on their command line, stopped by signal, started
+/// again as the lab starts them, and the pids file follows (for `lab down`).
+struct Running {
+    pids: Vec<u32>,
+    bin_dir: PathBuf,
+}
+
+/// How long a node gets to stop after SIGTERM before SIGKILL: its lame duck and its
+/// grace time (5 s each by default), and some.
+const STOP_LIMIT: Duration = Duration::from_secs(15);
+
+impl Running {
+    fn open() -> Result<Running> {
+        let pids = std::fs::read_to_string(pids_file())
+            .with_context(|| format!("reading {}", pids_file().display()))?
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        Ok(Running {
+            pids,
+            bin_dir: spec(true, false, true).bin_dir,
+        })
+    }
+
+    /// The configuration file of server `i`'s `service` node (`web`, `app`).
+    fn config(&self, i: usize, service: &str) -> PathBuf {
+        stack::server_dir(&lab_dir(), &self.server_name(i)).join(format!("{service}.toml"))
+    }
+
+    /// The process of server `i`'s `service` node, if it runs.
+    fn pid_of(&self, i: usize, service: &str) -> Option<u32> {
+        let config = self.config(i, service);
+        self.pids.iter().copied().find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|line| {
+                line.split(|b| *b == 0)
+                    .any(|arg| arg == config.as_os_str().as_bytes())
+            })
+        })
+    }
+
+    fn save(&self) {
+        let text: String = self.pids.iter().map(|p| format!("{p}\n")).collect();
+        std::fs::write(pids_file(), text).expect("write the pids file");
+    }
+}
+
+/// Whether process `pid` still runs (a zombie, exited but not yet reaped by whoever
+/// adopted it, does not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// Sends `signal` to `pid` and waits up to `limit` for it to end; whether it did.
+fn signal_and_wait(pid: u32, signal: i32, limit: Duration) -> bool {
+    // SAFETY: signalling a lab process found in the pids file by its command line.
+    unsafe { libc::kill(pid as i32, signal) };
+    let started = Instant::now();
+    while running(pid) {
+        if started.elapsed() > limit {
+            return false;
+        }
+        sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// `program` in the lab's namespace `ns`, as `Netns::command` runs it (the host's
+/// mounts kept).
+fn in_ns(ns: &str, program: &str) -> Command {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(program);
+    command
+}
+
+impl Site for Running {
+    fn server_count(&self) -> usize {
+        2
+    }
+
+    fn server_name(&self, i: usize) -> String {
+        spec(true, false, true).server_name(i)
+    }
+
+    fn lb_cli(&self) -> Command {
+        let mut command = Command::new(bin(&self.bin_dir, "foobar-lb"));
+        command.arg("--socket").arg(socket("lb"));
+        command
+    }
+
+    fn lb_command(&self, program: &str) -> Command {
+        in_ns(&format!("{PREFIX}-lb"), program)
+    }
+
+    fn stop_nodes(&mut self, i: usize) {
+        for service in ["web", "app"] {
+            let Some(pid) = self.pid_of(i, service) else {
+                println!("  ({} has no {service} node running)", self.server_name(i));
+                continue;
+            };
+            if !signal_and_wait(pid, libc::SIGTERM, STOP_LIMIT) {
+                println!(
+                    "  ({service} node {pid} still runs {STOP_LIMIT:?} after SIGTERM: killing it)"
+                );
+                assert!(
+                    signal_and_wait(pid, libc::SIGKILL, Duration::from_secs(5)),
+                    "{service} node {pid} survives SIGKILL"
+                );
+            }
+            self.pids.retain(|p| *p != pid);
+            self.save();
+        }
+    }
+
+    fn start_nodes(&mut self, i: usize) {
+        let name = self.server_name(i);
+        let dir = stack::server_dir(&lab_dir(), &name);
+        // The application first (the web node proxies to it); each waited for until
+        // it answers at all (the application says 503 until it reaches its database).
+        for (service, port) in [("app", APP_PORT), ("web", HTTP_PORT)] {
+            let program = bin(&self.bin_dir, &format!("foobar-{service}"));
+            // Left running past this process, as `lab up` leaves them: the pids file
+            // keeps them for `lab down`.
+            let pid = spawn_logged(
+                in_ns(&format!("{PREFIX}-{name}"), &program)
+                    .arg("--config")
+                    .arg(self.config(i, service)),
+                &dir.join(format!("{service}.log")),
+            )
+            .id();
+            self.pids.push(pid);
+            self.save();
+            let url = format!("http://{}:{port}/healthz", web_addr(i));
+            wait_until(
+                Duration::from_secs(20),
+                &format!("{name}'s new {service} node to answer"),
+                || {
+                    self.lb_command("curl")
+                        .args(["-s", "-o", "/dev/null", "-m", "1", &url])
+                        .output()
+                        .is_ok_and(|o| o.status.success())
+                },
+            );
+        }
+    }
 }
 
 /// The README's first command: the seed's whole flow through the balancer.

@@ -63,6 +63,17 @@ enum LabAction {
     Down,
     /// Show the lab's agent status.
     Status,
+    /// A rolling deploy of the running stack lab's site under whatever load it has:
+    /// builds the binaries, then for server1 and server2 in turn drains it on the www
+    /// and www-tls VIPs, waits until the balancer sees no connection left to it, stops
+    /// its web and application nodes (lame ducks: they send their last clients away
+    /// cleanly), starts the new ones, waits for their health checks and puts it back.
+    Deploy {
+        /// Seconds to wait for a drained server's connections to end before its nodes
+        /// are stopped anyway (clients that keep connections alive hold them).
+        #[arg(long, default_value_t = 10)]
+        drain_timeout: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -154,6 +165,11 @@ fn main() -> Result<()> {
                 lab::down()
             }
             LabAction::Status => lab::status(),
+            LabAction::Deploy { drain_timeout } => {
+                lab::require_stack()?;
+                prepare_lab()?;
+                lab::deploy(std::time::Duration::from_secs(drain_timeout))
+            }
         },
         Task::Bench {
             which: Bench::Dataplane { repeat },
