@@ -41,6 +41,9 @@ const PACKAGES: &[&str] = &[
     // path-MTU test.
     "iputils-ping",
     "python3",
+    // Let's Encrypt's test ACME server, and captures that show what crosses a link.
+    "pebble",
+    "tcpdump",
 ];
 
 /// Where bpf-linker finds the nightly's libLLVM; it keeps an rpath to it, so it must
