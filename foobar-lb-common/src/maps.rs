@@ -279,10 +279,14 @@ pub struct SourceKey {
 const _: () = assert!(size_of::<SourceKey>() == 20);
 
 /// `VipInfo::scheduler`: the next slot of the ring for each new flow: weighted round
-/// robin, or least connections (a ring the agent rewrites from the counts).
+/// robin.
 pub const SCHED_RR: u32 = 0;
 /// `VipInfo::scheduler`: Maglev table indexed by the flow hash.
 pub const SCHED_MAGLEV: u32 = 1;
+/// `VipInfo::scheduler`: least connections: a ring, as [`SCHED_RR`], that the agent
+/// rewrites every few milliseconds; so its flows are always remembered (a flow placed
+/// by its hash over a changing ring would not keep its backend).
+pub const SCHED_LEAST_CONN: u32 = 2;
 
 /// What the data plane knows of a VIP.
 #[repr(C)]

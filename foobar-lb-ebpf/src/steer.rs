@@ -23,7 +23,8 @@ use foobar_lb_common::{
     BACKEND_ACTIVE, Backend, FLOW_CLOSED, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SEQ_ADJUSTED,
     FLOW_SYN_SENT, FORWARD_DSR_GUE, FORWARD_DSR_IPIP, FORWARD_FULLNAT, FORWARD_NAT,
     FULLNAT_PORT_TRIES, FlowState, NatTarget, NextHop, PROTO_TCP, PROTO_UDP, ROLE_BACKEND,
-    ROLE_CLIENT, ROUTE_GATEWAY, ROUTE_LOCAL, Reason, ReplyTarget, SCHED_MAGLEV, TrafficStats,
+    ROLE_CLIENT, ROUTE_GATEWAY, ROUTE_LOCAL, Reason, ReplyTarget, SCHED_LEAST_CONN, SCHED_MAGLEV,
+    TrafficStats,
     VipAddr, VipInfo, schedule_index,
 };
 
@@ -87,7 +88,7 @@ fn family<F: Family>(
             icmp::Outcome::Done(verdict) => Ok(verdict),
             icmp::Outcome::Encapsulate(id) => {
                 events.note(Reason::IcmpToBackend);
-                let traffic = Traffic::Forward { closed: false };
+                let traffic = Traffic::Forward;
                 let choice = Choice::new(id, 0, &L4::NONE, traffic);
                 verdict_of(deliver(ctx, pkt, &choice, events))
             }
@@ -157,31 +158,23 @@ pub struct Choice {
     nat_port: u32,
     /// Offset of the transport checksum.
     check: u32,
-    /// [`Choice::UDP`], [`Choice::NEW_FLOW`], [`Choice::CLOSED`], [`Choice::OPENED`].
+    /// [`Choice::UDP`], [`Choice::NEW_FLOW`].
     flags: u32,
 }
 
 impl Choice {
     const UDP: u32 = 1;
     const NEW_FLOW: u32 = 2;
-    const CLOSED: u32 = 4;
-    const OPENED: u32 = 8;
 
     #[inline(always)]
     fn new(id: u32, nat_port: u16, l4: &L4, traffic: Traffic) -> Self {
-        let (new_flow, closed, opened) = match traffic {
-            Traffic::NewFlow { closed, opened } => (true, closed, opened),
-            Traffic::Forward { closed } => (false, closed, false),
-            Traffic::Reply { .. } => (false, false, false),
-        };
+        let new_flow = traffic == Traffic::NewFlow;
         Self {
             id,
             nat_port: nat_port as u32,
             check: l4.check as u32,
             flags: if l4.udp { Self::UDP } else { 0 }
-                | if new_flow { Self::NEW_FLOW } else { 0 }
-                | if closed { Self::CLOSED } else { 0 }
-                | if opened { Self::OPENED } else { 0 },
+                | if new_flow { Self::NEW_FLOW } else { 0 },
         }
     }
 
@@ -199,12 +192,10 @@ impl Choice {
 
     #[inline(always)]
     fn traffic(&self) -> Traffic {
-        let closed = self.flags & Self::CLOSED != 0;
         if self.flags & Self::NEW_FLOW != 0 {
-            let opened = self.flags & Self::OPENED != 0;
-            Traffic::NewFlow { closed, opened }
+            Traffic::NewFlow
         } else {
-            Traffic::Forward { closed }
+            Traffic::Forward
         }
     }
 }
@@ -251,7 +242,7 @@ fn choose_backend<F: Family>(
                 }
                 let id = unsafe { (*flow).backend_id };
                 synproxy::ack_into_syn::<F>(ctx, step == Status::PROBE_PROVEN).check()?;
-                let traffic = Traffic::Forward { closed: false };
+                let traffic = Traffic::Forward;
                 Ok(Some(Choice::new(id, 0, &l4, traffic)))
             }
             Err(v) => Err(v),
@@ -346,7 +337,9 @@ fn from_backend<F: Family>(
         Err(v) => return Status::verdict(v),
     };
     let to = &to;
-    let closed = to.l4.closing && reply_closes(pkt, to);
+    if to.l4.closing {
+        reply_closes(pkt, to);
+    }
     // The entries stay valid for the whole run of the program (RCU).
     let rewrite = if to.nat.is_null() {
         let target = unsafe { &*to.target };
@@ -356,7 +349,6 @@ fn from_backend<F: Family>(
             fullnat: false,
             vip_id: target.vip_id,
             backend_id: target.backend_id,
-            closed,
         }
     } else {
         let nat = unsafe { &*to.nat };
@@ -366,7 +358,6 @@ fn from_backend<F: Family>(
             fullnat: true,
             vip_id: nat.vip_id,
             backend_id: nat.backend_id,
-            closed,
         }
     };
     match reply(ctx, pkt, &to.l4, &rewrite, events) {
@@ -461,7 +452,7 @@ fn established<F: Family>(
             events.note(Reason::FlowReused);
             // The connection before it is over, whether or not its ends were seen.
             if conn::close(flow, conn::closing_bits(true, true), true) {
-                count_closed(vip_id, flow.backend_id);
+                count_flow(vip_id, flow.backend_id, FlowEnd::Closed);
             }
             // A new connection: nothing of a proxied one carries over.
             flow.flags &= !(FLOW_SYN_SENT | FLOW_SEQ_ADJUSTED);
@@ -477,12 +468,10 @@ fn established<F: Family>(
         // Opened by a cookie; the backend has not answered its SYN yet.
         return Err(Verdict::of(Reason::DropSynProxyPending));
     }
-    let closed = l4.closing && conn::close(flow, conn::closing_bits(true, l4.reset), one_way);
-    Ok(Some((
-        flow.backend_id,
-        flow.nat_port,
-        Traffic::Forward { closed },
-    )))
+    if l4.closing && conn::close(flow, conn::closing_bits(true, l4.reset), one_way) {
+        count_flow(vip_id, flow.backend_id, FlowEnd::Closed);
+    }
+    Ok(Some((flow.backend_id, flow.nat_port, Traffic::Forward)))
 }
 
 /// A client packet without a (usable) flow: schedule it and remember it.
@@ -508,7 +497,10 @@ fn new_flow<F: Family>(
     // without an entry, so a flood cannot fill the table and push established flows
     // out. A flow that lives on gets its entry from its first packet after the flood
     // (a miss, placed by the same hash). Full NAT needs the table for its port.
-    let hashed = vip.forwarding != FORWARD_FULLNAT && flood && cookie == 0;
+    let hashed = vip.forwarding != FORWARD_FULLNAT
+        && vip.scheduler != SCHED_LEAST_CONN
+        && flood
+        && cookie == 0;
     let Some(id) = schedule(vip, pkt, opening && !hashed) else {
         debug!(
             ctx,
@@ -536,7 +528,6 @@ fn new_flow<F: Family>(
     } else {
         0
     };
-    let (mut opened, mut closed) = (false, false);
     if hashed && !fullnat {
         events.note(Reason::FlowInsertSkipped);
     } else {
@@ -563,14 +554,17 @@ fn new_flow<F: Family>(
         if F::flows().insert(key, state, 0).is_err() {
             events.note(Reason::FlowInsertFailed);
         } else {
-            (opened, closed) = (true, closing & FLOW_CLOSED != 0);
+            // Counted here, where it is certain: the packet may still fail below.
+            count_flow(backend.vip_id, id, FlowEnd::Opened);
+            if closing & FLOW_CLOSED != 0 {
+                count_flow(backend.vip_id, id, FlowEnd::Closed);
+            }
             if cookie != 0 {
                 synproxy::flow_opened();
             }
         }
     }
-    let traffic = Traffic::NewFlow { closed, opened };
-    Ok(Choice::new(id, nat_port, l4, traffic))
+    Ok(Choice::new(id, nat_port, l4, Traffic::NewFlow))
 }
 
 /// Whether a backend's flows are seen from the client's end only (DSR: the backend
@@ -580,37 +574,61 @@ fn one_way(backend: &Backend) -> bool {
     backend.forwarding == FORWARD_DSR_IPIP || backend.forwarding == FORWARD_DSR_GUE
 }
 
-/// Counts a connection over that no packet forwarded here accounts for.
+/// A connection's start or end, as its VIP's and backend's counters count it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlowEnd {
+    Opened,
+    Closed,
+}
+
+/// Counts a connection opened or over, at once where it is known (whatever becomes of
+/// the packet that told it).
 #[inline(always)]
-fn count_closed(vip_id: u32, backend_id: u32) {
+fn count_flow(vip_id: u32, backend_id: u32, end: FlowEnd) {
     for (stats, id) in [(&VIP_STATS, vip_id), (&BACKEND_STATS, backend_id)] {
         if let Some(s) = stats.get_ptr_mut(id) {
-            unsafe { (*s).closed_flows += 1 };
+            let s = unsafe { &mut *s };
+            match end {
+                FlowEnd::Opened => s.opened_flows += 1,
+                FlowEnd::Closed => s.closed_flows += 1,
+            }
         }
     }
 }
 
-/// A backend's FIN or RST: its end of the flow closes. True if that made the
-/// connection over. (The flow is found by the client's 5-tuple: the reply's
+/// Ends a flow whose entry is about to go (its backend refused it): counted over
+/// unless it was already.
+#[inline(always)]
+pub fn count_over(flow: *mut FlowState) {
+    if conn::close(flow, conn::closing_bits(true, true), true) {
+        let id = unsafe { (*flow).backend_id };
+        if let Some(backend) = BACKENDS.get(id) {
+            count_flow(backend.vip_id, id, FlowEnd::Closed);
+        }
+    }
+}
+
+/// A backend's FIN or RST: its end of the flow closes, and the connection is counted
+/// over if that made it so. (The flow is found by the client's 5-tuple: the reply's
 /// destination and the VIP, or full NAT's reverse entry.)
 #[inline(never)]
-fn reply_closes<F: Family>(pkt: &Packet<F>, to: &Reply) -> bool {
-    let (key, backend_id) = if to.nat.is_null() {
+fn reply_closes<F: Family>(pkt: &Packet<F>, to: &Reply) {
+    let (key, vip_id, backend_id) = if to.nat.is_null() {
         let target = unsafe { &*to.target };
         let vip = F::from_words(&target.vip.addr);
         let key = F::key(pkt.dst, vip, pkt.dport, target.vip.port, pkt.proto);
-        (key, target.backend_id)
+        (key, target.vip_id, target.backend_id)
     } else {
         let nat = unsafe { &*to.nat };
         let (client, vip) = (F::from_words(&nat.client), F::from_words(&nat.vip));
         let key = F::key(client, vip, nat.client_port, nat.vip_port, pkt.proto);
-        (key, nat.backend_id)
+        (key, nat.vip_id, nat.backend_id)
     };
-    match F::flows().get_ptr_mut(key) {
-        Some(flow) if unsafe { (*flow).backend_id } == backend_id => {
-            conn::close(flow, conn::closing_bits(false, to.l4.reset), false)
-        }
-        _ => false,
+    if let Some(flow) = F::flows().get_ptr_mut(key)
+        && unsafe { (*flow).backend_id } == backend_id
+        && conn::close(flow, conn::closing_bits(false, to.l4.reset), false)
+    {
+        count_flow(vip_id, backend_id, FlowEnd::Closed);
     }
 }
 
@@ -872,8 +890,6 @@ struct Rewrite<F: Family> {
     fullnat: bool,
     vip_id: u32,
     backend_id: u32,
-    /// The reply ended its connection.
-    closed: bool,
 }
 
 /// Rewrites a backend's reply for its client and sends it (or says it is too big,
@@ -920,9 +936,8 @@ fn reply<F: Family>(
         )?;
     }
     events.note(Reason::Reply);
-    let traffic = Traffic::Reply { closed: to.closed };
-    account(&VIP_STATS, to.vip_id, pkt.frame_len, traffic);
-    account(&BACKEND_STATS, to.backend_id, pkt.frame_len, traffic);
+    account(&VIP_STATS, to.vip_id, pkt.frame_len, Traffic::Reply);
+    account(&BACKEND_STATS, to.backend_id, pkt.frame_len, Traffic::Reply);
     Ok(Status::verdict(match hop {
         Ok(_) if fragment => Verdict::of(Reason::PassTooBig),
         Ok(hop) => forward::send(ctx, &hop),
@@ -1007,13 +1022,12 @@ unsafe fn take_ticket(cursor: *mut u32) -> u32 {
 /// What a packet counts as in a VIP's or backend's traffic stats.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Traffic {
-    /// The first packet of a flow, client to backend: whether it made a flow-table
-    /// entry (a connection opened), and whether it also ended it.
-    NewFlow { closed: bool, opened: bool },
-    /// Any later packet, client to backend (and whether it ended the connection).
-    Forward { closed: bool },
-    /// Backend to client (and whether it ended the connection).
-    Reply { closed: bool },
+    /// The first packet of a flow, client to backend.
+    NewFlow,
+    /// Any later packet, client to backend.
+    Forward,
+    /// Backend to client.
+    Reply,
 }
 
 /// Counts one packet with one lookup of this CPU's stats entry.
@@ -1024,22 +1038,14 @@ fn account(stats: &PerCpuArray<TrafficStats>, index: u32, bytes: u32, traffic: T
     };
     let s = unsafe { &mut *s };
     match traffic {
-        Traffic::Reply { closed } => {
+        Traffic::Reply => {
             s.reply_packets += 1;
             s.reply_bytes += bytes as u64;
-            s.closed_flows += closed as u64;
         }
-        Traffic::NewFlow { closed, opened } => {
+        Traffic::NewFlow | Traffic::Forward => {
             s.packets += 1;
             s.bytes += bytes as u64;
-            s.new_flows += 1;
-            s.opened_flows += opened as u64;
-            s.closed_flows += closed as u64;
-        }
-        Traffic::Forward { closed } => {
-            s.packets += 1;
-            s.bytes += bytes as u64;
-            s.closed_flows += closed as u64;
+            s.new_flows += (traffic == Traffic::NewFlow) as u64;
         }
     }
 }

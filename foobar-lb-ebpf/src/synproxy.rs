@@ -483,6 +483,7 @@ pub fn reply_step<F: Family>(ctx: &XdpContext) -> Status {
                 l4 + CHECK_AT,
                 flow.seq.wrapping_add(1).wrapping_sub(seq),
             );
+            steer::count_over(flow);
             let _ = F::flows().remove(&*key);
             return Status::of(shifted);
         }

@@ -689,7 +689,7 @@ impl Agent {
             })
     }
 
-    /// Forgets idle flows and re-anchors the active connection counts.
+    /// Counts the open flows and re-anchors the active connection counts on them.
     pub fn sweep_flows(&mut self) {
         let dp = &self.config.dataplane;
         let (tcp, udp) = (dp.tcp_idle_timeout, dp.udp_idle_timeout);
@@ -698,7 +698,10 @@ impl Agent {
 
     /// Plans the least-connections rings again where the counts moved.
     pub fn plan_least_connections(&mut self) {
-        self.connections.plan(&mut self.balancer);
+        let vips = self.balancer.least_connections_vips();
+        if !vips.is_empty() {
+            self.connections.plan(&mut self.balancer, &vips);
+        }
     }
 
     /// Takes a counter sample; rates are the difference to the previous one.

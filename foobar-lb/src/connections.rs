@@ -5,9 +5,10 @@
 //! an RST, the client's FIN in DSR). Their difference is the backend's active
 //! connections, read without walking the table, except for what ends unseen: flows
 //! silent past their idle timeout, flows pushed out of a full table, flows moved to
-//! another backend. The sweep walks the table every few seconds, forgets the idle
-//! ones and re-anchors each backend's count on what it found open, so an error never
-//! outlives one sweep.
+//! another backend. Every few seconds the agent counts the table's open flows once and
+//! re-anchors each backend's count on them (an offset); the counters carry it between
+//! two counts. An idle flow is only no longer counted: its entry stays, and if it
+//! speaks again it keeps its backend (and is counted again from the next count).
 //!
 //! Least connections is planned here, not in the kernel: every few milliseconds the
 //! planner turns the counts into the ring of the next new flows' backends (as live
@@ -17,39 +18,41 @@
 
 use std::collections::BTreeMap;
 
-use foobar_lb_common::{FLOW_CLOCK_SHIFT, PROTO_UDP, TrafficStats};
-use tracing::{info, warn};
+use foobar_lb_common::{Endpoint, FLOW_CLOCK_SHIFT, PROTO_UDP, TrafficStats};
+use tracing::{debug, warn};
 
 use crate::{
-    reconcile::{AppliedVip, Balancer},
+    reconcile::Balancer,
     schedule::{self, Weighted},
     state::Scheduler,
 };
 
 /// How often the least-connections rings are planned again (when the counts moved).
 pub const PLAN_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
-/// How often the flow tables are swept.
+/// How often the open flows are counted in the tables.
 pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The agent's side of connection counting.
 #[derive(Default)]
 pub struct Connections {
     /// Per backend slot: its generation and what its counters count that is not open
-    /// (opened − closed − open at the last sweep).
-    offsets: BTreeMap<u32, (u32, u64)>,
-    /// Per least-connections VIP id: the counts and cursor its ring was planned from.
-    planned: BTreeMap<u32, (Vec<u64>, u32)>,
+    /// (opened − closed − open at the last count of the table).
+    offsets: BTreeMap<u32, (u32, i64)>,
+    /// Per least-connections VIP id: the counts and cursor its ring was planned from,
+    /// and the ring written (an apply may have written another since).
+    planned: BTreeMap<u32, (Vec<u64>, u32, Vec<u32>)>,
 }
 
 impl Connections {
     /// A backend slot's active connections, from its counters.
     pub fn active(&self, balancer: &Balancer, id: u32, stats: &TrafficStats) -> u64 {
-        let counted = stats.opened_flows.saturating_sub(stats.closed_flows);
+        let counted = stats.opened_flows as i64 - stats.closed_flows as i64;
         let generation = balancer.state().backends.get(&id).map(|b| b.generation);
-        match self.offsets.get(&id) {
-            Some(&(at, offset)) if Some(at) == generation => counted.saturating_sub(offset),
-            _ => counted,
-        }
+        let offset = match self.offsets.get(&id) {
+            Some(&(at, offset)) if Some(at) == generation => offset,
+            _ => 0,
+        };
+        (counted - offset).max(0) as u64
     }
 
     /// A backend slot's active connections, its counters read now.
@@ -58,52 +61,54 @@ impl Connections {
         Some(self.active(balancer, id, &stats))
     }
 
-    /// Forgets flows idle past their timeouts (seconds) and re-anchors every
-    /// backend's count on the open flows found.
+    /// Counts the open flows in the tables (silent ones past their timeouts, in
+    /// seconds, are not) and re-anchors every backend's count on them.
     pub fn sweep(&mut self, balancer: &mut Balancer, tcp_idle: u32, udp_idle: u32) {
+        // The counters are read first: a flow that opens during the walk may be
+        // missed by it, and is then counted once too often until the next sweep
+        // (never too few: a drain waits rather than ends early).
+        let ids: Vec<u32> = balancer.state().backends.keys().copied().collect();
+        let before: Vec<(u32, u32, i64)> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let generation = balancer.state().backends.get(&id)?.generation;
+                let stats = balancer.dataplane().backend_stats(id).ok()?;
+                Some((id, generation, stats.opened_flows as i64 - stats.closed_flows as i64))
+            })
+            .collect();
         let now = flow_clock();
         let (tcp, udp) = (ticks(tcp_idle), ticks(udp_idle));
-        let swept = balancer.dataplane().sweep_flows(|flow, proto| {
+        let counted = balancer.dataplane().count_open_flows(|flow, proto| {
             let limit = if proto == PROTO_UDP { udp } else { tcp };
             // A tick the kernel wrote after `now` was read is not idle.
             (now.wrapping_sub(flow.seen) as i32) > limit as i32
         });
-        let swept = match swept {
-            Ok(swept) => swept,
+        let counted = match counted {
+            Ok(counted) => counted,
             Err(e) => {
-                warn!("sweeping the flow tables: {e}");
+                warn!("counting the open flows: {e}");
                 return;
             }
         };
-        if swept.forgotten > 0 {
-            info!(flows = swept.forgotten, "idle flows forgotten");
-        }
-        let ids: Vec<u32> = balancer.vips().flat_map(|v| v.backend_ids).collect();
-        self.offsets.clear();
-        for id in ids {
-            let Some(generation) = balancer.state().backends.get(&id).map(|b| b.generation) else {
-                continue;
-            };
-            let Ok(stats) = balancer.dataplane().backend_stats(id) else {
-                continue;
-            };
-            let open = swept.open.get(&(id, generation)).copied().unwrap_or(0);
-            let counted = stats.opened_flows.saturating_sub(stats.closed_flows);
-            self.offsets
-                .insert(id, (generation, counted.saturating_sub(open)));
-        }
+        debug!(idle = counted.idle, "open flows counted");
+        self.offsets = before
+            .into_iter()
+            .map(|(id, generation, counters)| {
+                let open = counted.open.get(&(id, generation)).copied().unwrap_or(0);
+                (id, (generation, counters - open as i64))
+            })
+            .collect();
     }
 
     /// Rewrites the ring of every least-connections VIP whose counts or cursor moved
-    /// since its last plan.
-    pub fn plan(&mut self, balancer: &mut Balancer) {
-        let vips: Vec<AppliedVip> = balancer
-            .vips()
-            .filter(|v| v.plan.spec.scheduler.counts_connections())
-            .collect();
+    /// since its last plan, or whose ring an apply wrote since.
+    pub fn plan(&mut self, balancer: &mut Balancer, vips: &[Endpoint]) {
         self.planned
-            .retain(|id, _| vips.iter().any(|v| v.id == *id));
-        for vip in vips {
+            .retain(|id, _| vips.iter().any(|v| balancer.vip_id(v) == Some(*id)));
+        for endpoint in vips {
+            let Some(vip) = balancer.vip(endpoint) else {
+                continue;
+            };
             let Some(active) = vip
                 .backend_ids
                 .iter()
@@ -115,8 +120,9 @@ impl Connections {
             let Ok(cursor) = balancer.dataplane().rr_cursor(vip.id) else {
                 continue;
             };
-            let basis = (active, cursor);
-            if self.planned.get(&vip.id) == Some(&basis) {
+            if let Some((counts, at, ring)) = self.planned.get(&vip.id)
+                && (counts, *at, ring) == (&active, cursor, &vip.schedule)
+            {
                 continue;
             }
             let weighted: Vec<Weighted> = vip
@@ -130,14 +136,14 @@ impl Connections {
                 })
                 .collect();
             let wlc = vip.plan.spec.scheduler == Scheduler::Wlc;
-            let ring = schedule::least_connections(&weighted, &basis.0, wlc);
-            let ring: Vec<u32> = schedule::from_cursor(&ring, basis.1)
+            let ring = schedule::least_connections(&weighted, &active, wlc);
+            let ring: Vec<u32> = schedule::from_cursor(&ring, cursor)
                 .into_iter()
                 .map(|at| vip.backend_ids[at as usize])
                 .collect();
             match balancer.rewrite_ring(vip.id, &ring) {
                 Ok(_) => {
-                    self.planned.insert(vip.id, basis);
+                    self.planned.insert(vip.id, (active, cursor, ring));
                 }
                 Err(e) => warn!(vip = vip.plan.spec.name, "planning least connections: {e}"),
             }

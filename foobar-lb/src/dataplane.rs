@@ -51,11 +51,11 @@ pub const PROGRAM_NAME: &str = "foobar_lb";
 
 /// What a walk of the flow tables found.
 #[derive(Debug, Default)]
-pub struct FlowSweep {
+pub struct OpenFlows {
     /// Open connections by (backend slot, generation).
     pub open: std::collections::BTreeMap<(u32, u32), u64>,
-    /// Idle entries removed.
-    pub forgotten: u64,
+    /// Connections not over but silent past their timeout: no longer counted.
+    pub idle: u64,
 }
 
 /// Failures of the data plane.
@@ -559,55 +559,36 @@ impl Dataplane {
         })
     }
 
-    /// Walks both flow tables: removes the entries `idle` says are (a connection not
-    /// over, silent past its timeout) and counts the open connections left per backend
-    /// slot and generation. Thousands of entries per system call; an entry is removed
-    /// only if it is still as it was read (a packet since makes it live again).
-    pub fn sweep_flows(&mut self, idle: impl Fn(&FlowState, u8) -> bool) -> Result<FlowSweep> {
-        let mut sweep = FlowSweep::default();
-        let v4 = self.sweep_table::<FlowKey>(names::FLOWS, |k| k.proto, &idle, &mut sweep)?;
-        let v6 = self.sweep_table::<FlowKey6>(names::FLOWS6, |k| k.proto, &idle, &mut sweep)?;
-        sweep.forgotten = v4 + v6;
-        Ok(sweep)
+    /// Walks both flow tables and counts the open connections per backend slot and
+    /// generation: neither over nor `idle` (silent past its timeout). Thousands of
+    /// entries per system call; nothing is removed (an idle flow that speaks again
+    /// keeps its backend; the LRU makes room when the table fills).
+    pub fn count_open_flows(&mut self, idle: impl Fn(&FlowState, u8) -> bool) -> Result<OpenFlows> {
+        let mut count = OpenFlows::default();
+        self.count_table::<FlowKey>(names::FLOWS, |k| k.proto, &idle, &mut count)?;
+        self.count_table::<FlowKey6>(names::FLOWS6, |k| k.proto, &idle, &mut count)?;
+        Ok(count)
     }
 
-    fn sweep_table<K: aya::Pod + Default>(
+    fn count_table<K: aya::Pod + Default>(
         &mut self,
         name: &'static str,
         proto: fn(&K) -> u8,
         idle: &impl Fn(&FlowState, u8) -> bool,
-        sweep: &mut FlowSweep,
-    ) -> Result<u64> {
-        let mut stale = Vec::new();
+        count: &mut OpenFlows,
+    ) -> Result<()> {
         let fd = self.map_fd(name)?;
         batch::for_each(fd, 4096, |key: &K, flow: &FlowState| {
             if flow.flags & FLOW_CLOSED != 0 {
                 return;
             }
             if idle(flow, proto(key)) {
-                stale.push((*key, *flow));
+                count.idle += 1;
             } else {
-                *sweep
-                    .open
-                    .entry((flow.backend_id, flow.generation))
-                    .or_default() += 1;
+                *count.open.entry((flow.backend_id, flow.generation)).or_default() += 1;
             }
         })
-        .map_err(|source| DataplaneError::Batch { map: name, source })?;
-        let mut m: HashMap<_, K, FlowState> = map!(self, HashMap, name);
-        let mut forgotten = 0;
-        for (key, seen) in stale {
-            match m.get(&key, 0) {
-                Ok(now) if now == seen => {}
-                _ => continue,
-            }
-            match m.remove(&key) {
-                Ok(()) => forgotten += 1,
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(name)(e)),
-            }
-        }
-        Ok(forgotten)
+        .map_err(|source| DataplaneError::Batch { map: name, source })
     }
 
     /// The description of an interface the program runs on.

@@ -48,24 +48,32 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         .request()
         .expect("client commands have requests");
     let reply = api::call(&cli.socket, &request)?;
-    let text = match cli.output {
-        Output::Json => serde_json::to_string_pretty(&json_of(&cli.command, &reply))?,
-        Output::Table => table_of(&cli.command, &reply)?,
+    let drain_wait = match &cli.command {
+        Command::Backend(BackendCommand::Drain {
+            vip,
+            backend,
+            wait: true,
+            timeout,
+        }) => Some((vip, *backend, std::time::Duration::from_secs(*timeout))),
+        _ => None,
     };
-    writeln!(stdout, "{text}")?;
-    if let Command::Backend(BackendCommand::Drain {
-        vip,
-        backend,
-        wait: true,
-        timeout,
-    }) = &cli.command
-    {
-        let timeout = std::time::Duration::from_secs(*timeout);
-        let waited = wait_drained(&cli.socket, vip, *backend, timeout)?;
-        writeln!(
-            stdout,
-            "{backend} drained: no active connection after {waited:.1?}"
-        )?;
+    match cli.output {
+        Output::Table => {
+            writeln!(stdout, "{}", table_of(&cli.command, &reply)?)?;
+            if let Some((vip, backend, timeout)) = drain_wait {
+                stdout.flush()?;
+                let waited = wait_drained(&cli.socket, vip, backend, timeout)?;
+                writeln!(stdout, "{backend} drained: no active connection after {waited:.1?}")?;
+            }
+        }
+        Output::Json => {
+            let mut json = json_of(&cli.command, &reply);
+            if let Some((vip, backend, timeout)) = drain_wait {
+                let waited = wait_drained(&cli.socket, vip, backend, timeout)?;
+                json["drained_after_seconds"] = serde_json::json!(waited.as_secs_f64());
+            }
+            writeln!(stdout, "{}", serde_json::to_string_pretty(&json)?)?;
+        }
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ use std::{
 use foobar_lb_common::{
     ACL_ANY, ACL_DEFAULT_DENY, ACL_RULES, ADDR_OPEN, AclRule, AddrUse, BACKEND_ACTIVE, Backend,
     Endpoint, FAMILY_IPV6, Iface, MAX_ACL_RULES, MAX_BACKENDS, MAX_IFINDEX, MAX_VIPS, NextHop,
-    ReplyTarget, Route, SCHED_MAGLEV, SCHED_RR, Settings, VipAddr, VipInfo,
+    ReplyTarget, Route, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_RR, Settings, VipAddr, VipInfo,
     hash::{HASH_FLOW, HASH_SOURCE, vip_hash_v4, vip_hash_v6},
 };
 use ipnet::IpNet;
@@ -497,10 +497,10 @@ pub fn plan(
         let info = VipInfo {
             id: vip_id,
             schedule_len: schedule.len() as u32,
-            scheduler: if p.spec.scheduler.uses_ring() {
-                SCHED_RR
-            } else {
-                SCHED_MAGLEV
+            scheduler: match p.spec.scheduler {
+                Scheduler::Rr => SCHED_RR,
+                Scheduler::Lc | Scheduler::Wlc => SCHED_LEAST_CONN,
+                Scheduler::Maglev | Scheduler::Sh => SCHED_MAGLEV,
             },
             forwarding: forwarding.code(),
             limit_interval_ns: limit.map_or(0, |l| l.interval_ns()),
@@ -864,10 +864,12 @@ impl Balancer {
                 .map(|(&id, b)| (id, b.endpoint))
                 .collect();
             backends.sort();
-            // (Least connections reads back as round robin: both are rings.)
+            // (Weighted least connections reads back as least connections: they
+            // differ in the agent only.)
             let scheduler = match (info.scheduler, info.hash) {
                 (SCHED_MAGLEV, HASH_SOURCE) => Scheduler::Sh,
                 (SCHED_MAGLEV, _) => Scheduler::Maglev,
+                (SCHED_LEAST_CONN, _) => Scheduler::Lc,
                 _ => Scheduler::Rr,
             };
             let forwarding = Forwarding::from_code(info.forwarding);
@@ -904,6 +906,20 @@ impl Balancer {
     /// The VIPs as applied.
     pub fn vips(&self) -> impl Iterator<Item = AppliedVip> + '_ {
         self.plans.keys().filter_map(|ep| self.vip(ep))
+    }
+
+    /// The VIPs whose rings follow their connection counts (no schedule copied).
+    pub fn least_connections_vips(&self) -> Vec<Endpoint> {
+        self.plans
+            .iter()
+            .filter(|(_, p)| p.spec.scheduler.counts_connections())
+            .map(|(ep, _)| *ep)
+            .collect()
+    }
+
+    /// A VIP's id, if it is applied.
+    pub fn vip_id(&self, endpoint: &Endpoint) -> Option<u32> {
+        self.state.vip_id(endpoint)
     }
 
     /// One applied VIP.

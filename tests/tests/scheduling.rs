@@ -89,6 +89,12 @@ fn lab_with(scheduler: Scheduler, weights: &[u32]) -> PacketLab {
     PacketLab::with_vip(scheduler, weights)
 }
 
+/// Plans the lab's least-connections rings, as the agent does every 10 ms.
+fn plan(planner: &mut Connections, lab: &mut PacketLab) {
+    let vips = lab.balancer.least_connections_vips();
+    planner.plan(&mut lab.balancer, &vips);
+}
+
 fn with_hash(scheduler: Scheduler, hash: Option<FlowHash>, prefix: u8, weights: &[u32]) -> VipSpec {
     VipSpec {
         hash,
@@ -238,7 +244,7 @@ fn least_connections_sends_new_flows_to_the_backends_with_fewest() {
     for p in [2000, 2001, 2003, 2004] {
         forwarded(&mut lab, &from_client(p, Tcp::Rst));
     }
-    planner.plan(&mut lab.balancer);
+    plan(&mut planner, &mut lab);
     let active: Vec<u64> = (0..3)
         .map(|b| planner.active_now(&mut lab.balancer, b).unwrap())
         .collect();
@@ -256,21 +262,66 @@ fn least_connections_sends_new_flows_to_the_backends_with_fewest() {
 }
 
 #[test]
-fn weighted_least_connections_follows_the_weights() {
+fn weighted_least_connections_fills_by_weight_from_the_live_counts() {
     let mut lab = lab_with(Scheduler::Wlc, &[3, 1]);
     let mut planner = Connections::default();
-    let mut counts = [0usize; 2];
-    for p in 0..40 {
-        if p % 5 == 0 {
-            planner.plan(&mut lab.balancer);
+    // From zeros the ring follows the weights: 3 to backend 0 for 1 to backend 1.
+    let first: Vec<u8> = (0..8)
+        .map(|p| backend_of(&forwarded(&mut lab, &from_client(3000 + p, Tcp::Syn))))
+        .collect();
+    assert_eq!(first.iter().filter(|&&b| b == 0).count(), 6, "{first:?}");
+    // Backend 0 loses all six; backend 1 keeps its two.
+    for (p, &b) in (3000..).zip(&first) {
+        if b == 0 {
+            forwarded(&mut lab, &from_client(p, Tcp::Rst));
         }
-        counts[backend_of(&forwarded(&mut lab, &from_client(3000 + p, Tcp::Syn))) as usize] += 1;
     }
-    assert_eq!(counts, [30, 10]);
+    plan(&mut planner, &mut lab);
     let active: Vec<u64> = (0..2)
         .map(|b| planner.active_now(&mut lab.balancer, b).unwrap())
         .collect();
-    assert_eq!(active, [30, 10]);
+    assert_eq!(active, [0, 2]);
+    // Backend 0 takes every new flow until, with one more, it would have more per
+    // unit of weight than backend 1: nine in a row (the zero-count ring would have
+    // given backend 1 two of these eight).
+    let next: Vec<u8> = (0..8)
+        .map(|p| backend_of(&forwarded(&mut lab, &from_client(3100 + p, Tcp::Syn))))
+        .collect();
+    let expected = schedule::least_connections(&weighted(&lab), &active, true);
+    assert_eq!(next, [0; 8]);
+    assert_eq!(
+        next,
+        expected[..8].iter().map(|&b| b as u8).collect::<Vec<_>>(),
+        "the simulator's picks"
+    );
+}
+
+#[test]
+fn idle_flows_stop_counting_and_keep_their_backend() {
+    let mut lab = lab_with(Scheduler::Lc, &[1]);
+    let mut planner = Connections::default();
+    for p in [4000, 4001, 4002] {
+        forwarded(&mut lab, &from_client(p, Tcp::Syn));
+    }
+    planner.sweep(&mut lab.balancer, 900, 300);
+    assert_eq!(planner.active_now(&mut lab.balancer, 0), Some(3));
+    // One goes silent for longer than the timeout (its tick set back an hour).
+    let key = flow_key(CLIENT, 4001);
+    let mut flow = lab.balancer.dataplane().flow(&key).unwrap().unwrap();
+    flow.seen = flow.seen.wrapping_sub(3600);
+    lab.balancer.dataplane().set_flow(&key, &flow).unwrap();
+    planner.sweep(&mut lab.balancer, 900, 300);
+    assert_eq!(planner.active_now(&mut lab.balancer, 0), Some(2), "the idle one");
+    // Its entry stays: when it speaks again it keeps its backend, and counts again.
+    assert!(lab.balancer.dataplane().flow(&key).unwrap().is_some());
+    forwarded(&mut lab, &from_client(4001, Tcp::Ack));
+    planner.sweep(&mut lab.balancer, 900, 300);
+    assert_eq!(planner.active_now(&mut lab.balancer, 0), Some(3));
+    // Flows that ended unseen (the table lost them) are not counted after a sweep.
+    lab.balancer.dataplane().remove_flow(&flow_key(CLIENT, 4002)).unwrap();
+    assert_eq!(planner.active_now(&mut lab.balancer, 0), Some(3), "until the sweep");
+    planner.sweep(&mut lab.balancer, 900, 300);
+    assert_eq!(planner.active_now(&mut lab.balancer, 0), Some(2));
 }
 
 // ---------------------------------------------------------------- source hashing

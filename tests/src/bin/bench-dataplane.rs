@@ -22,7 +22,7 @@ use foobar_lb::{dataplane::load_floor, schedule::LEAST_CONNECTIONS_RING};
 use foobar_lb_common::{
     BACKEND_ACTIVE, Backend, FLOW_ESTABLISHED, FORWARD_DSR_GUE, FORWARD_DSR_IPIP, FORWARD_FULLNAT,
     FORWARD_NAT, FlowKey, FlowKey6, FlowState, Iface, NEXT_HOP_VALID, NextHop, ROLE_BACKEND,
-    ROLE_CLIENT, Reason, ReplyTarget, SCHED_MAGLEV, SCHED_RR, VipInfo,
+    ROLE_CLIENT, Reason, ReplyTarget, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_RR, VipInfo,
     hash::{HASH_FLOW, HASH_SOURCE},
     reason::xdp_action,
 };
@@ -111,7 +111,7 @@ fn main() -> ExitCode {
         (
             9,
             lc_vip,
-            SCHED_RR,
+            SCHED_LEAST_CONN,
             LEAST_CONNECTIONS_RING as u32,
             HASH_FLOW,
         ),
