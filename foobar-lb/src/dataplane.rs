@@ -191,7 +191,19 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(PROGRAM_OBJECT)?;
-        program(&mut ebpf)?.load()?;
+        // The verifier gives up with EAGAIN when a signal arrives while it runs (a
+        // child exiting, a SIGHUP): it is tried again, as libbpf does.
+        let mut attempts = 5;
+        loop {
+            match program(&mut ebpf)?.load() {
+                Err(ProgramError::LoadError { io_error, .. })
+                    if io_error.kind() == std::io::ErrorKind::WouldBlock && attempts > 1 =>
+                {
+                    attempts -= 1;
+                }
+                other => break other?,
+            }
+        }
         Ok(Self {
             ebpf,
             pin_dir: options.pin_dir.clone(),
