@@ -339,7 +339,14 @@ fn maglev_backend<F: Family>(inner: &Quoted<F>) -> Option<u32> {
     if vip.scheduler != SCHED_MAGLEV || vip.schedule_len == 0 {
         return None;
     }
-    let hash = F::vip_hash(vip, inner.dst, inner.src, inner.dport, inner.sport, inner.proto);
+    let hash = F::vip_hash(
+        vip,
+        inner.dst,
+        inner.src,
+        inner.dport,
+        inner.sport,
+        inner.proto,
+    );
     SCHEDULES
         .get(schedule_index(vip.id, hash % vip.schedule_len))
         .copied()

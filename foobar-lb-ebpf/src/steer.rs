@@ -24,8 +24,7 @@ use foobar_lb_common::{
     FLOW_SYN_SENT, FORWARD_DSR_GUE, FORWARD_DSR_IPIP, FORWARD_FULLNAT, FORWARD_NAT,
     FULLNAT_PORT_TRIES, FlowState, NatTarget, NextHop, PROTO_TCP, PROTO_UDP, ROLE_BACKEND,
     ROLE_CLIENT, ROUTE_GATEWAY, ROUTE_LOCAL, Reason, ReplyTarget, SCHED_LEAST_CONN, SCHED_MAGLEV,
-    TrafficStats,
-    VipAddr, VipInfo, schedule_index,
+    TrafficStats, VipAddr, VipInfo, schedule_index,
 };
 
 use crate::{
@@ -173,8 +172,7 @@ impl Choice {
             id,
             nat_port: nat_port as u32,
             check: l4.check as u32,
-            flags: if l4.udp { Self::UDP } else { 0 }
-                | if new_flow { Self::NEW_FLOW } else { 0 },
+            flags: if l4.udp { Self::UDP } else { 0 } | if new_flow { Self::NEW_FLOW } else { 0 },
         }
     }
 

@@ -73,7 +73,11 @@ impl Connections {
             .filter_map(|id| {
                 let generation = balancer.state().backends.get(&id)?.generation;
                 let stats = balancer.dataplane().backend_stats(id).ok()?;
-                Some((id, generation, stats.opened_flows as i64 - stats.closed_flows as i64))
+                Some((
+                    id,
+                    generation,
+                    stats.opened_flows as i64 - stats.closed_flows as i64,
+                ))
             })
             .collect();
         let now = flow_clock();

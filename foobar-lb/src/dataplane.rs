@@ -597,7 +597,10 @@ impl Dataplane {
             if idle(flow, proto(key)) {
                 count.idle += 1;
             } else {
-                *count.open.entry((flow.backend_id, flow.generation)).or_default() += 1;
+                *count
+                    .open
+                    .entry((flow.backend_id, flow.generation))
+                    .or_default() += 1;
             }
         })
         .map_err(|source| DataplaneError::Batch { map: name, source })

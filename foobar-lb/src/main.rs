@@ -63,7 +63,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some((vip, backend, timeout)) = drain_wait {
                 stdout.flush()?;
                 let waited = wait_drained(&cli.socket, vip, backend, timeout)?;
-                writeln!(stdout, "{backend} drained: no active connection after {waited:.1?}")?;
+                writeln!(
+                    stdout,
+                    "{backend} drained: no active connection after {waited:.1?}"
+                )?;
             }
         }
         Output::Json => {

@@ -311,15 +311,26 @@ fn idle_flows_stop_counting_and_keep_their_backend() {
     flow.seen = flow.seen.wrapping_sub(3600);
     lab.balancer.dataplane().set_flow(&key, &flow).unwrap();
     planner.sweep(&mut lab.balancer, 900, 300);
-    assert_eq!(planner.active_now(&mut lab.balancer, 0), Some(2), "the idle one");
+    assert_eq!(
+        planner.active_now(&mut lab.balancer, 0),
+        Some(2),
+        "the idle one"
+    );
     // Its entry stays: when it speaks again it keeps its backend, and counts again.
     assert!(lab.balancer.dataplane().flow(&key).unwrap().is_some());
     forwarded(&mut lab, &from_client(4001, Tcp::Ack));
     planner.sweep(&mut lab.balancer, 900, 300);
     assert_eq!(planner.active_now(&mut lab.balancer, 0), Some(3));
     // Flows that ended unseen (the table lost them) are not counted after a sweep.
-    lab.balancer.dataplane().remove_flow(&flow_key(CLIENT, 4002)).unwrap();
-    assert_eq!(planner.active_now(&mut lab.balancer, 0), Some(3), "until the sweep");
+    lab.balancer
+        .dataplane()
+        .remove_flow(&flow_key(CLIENT, 4002))
+        .unwrap();
+    assert_eq!(
+        planner.active_now(&mut lab.balancer, 0),
+        Some(3),
+        "until the sweep"
+    );
     planner.sweep(&mut lab.balancer, 900, 300);
     assert_eq!(planner.active_now(&mut lab.balancer, 0), Some(2));
 }
