@@ -2,8 +2,9 @@
 //! the application node and the database agent all read a TOML file that is refused
 //! whole with the bad field named ([`config`]), serve HTTP and HTTPS with limits and
 //! timeouts and reload their certificate on SIGHUP ([`server`], [`tls`]), write a
-//! combined access log and Prometheus metrics ([`observe`]), and stop gracefully
-//! ([`signals`]).
+//! combined access log and Prometheus metrics ([`observe`]), stop gracefully
+//! ([`signals`]), and keep their host's firewall rules for their role in a table of
+//! their own ([`firewall`]).
 
 /// The memory allocator of the services: mimalloc, whose per-thread heaps cost a
 /// request's many small allocations less than glibc's arenas do. Each binary sets it:
@@ -11,6 +12,7 @@
 pub use mimalloc::MiMalloc as Allocator;
 
 pub mod config;
+pub mod firewall;
 pub mod observe;
 pub mod server;
 pub mod signals;

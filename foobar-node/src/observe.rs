@@ -81,6 +81,7 @@ impl Observer {
             "Time from a request's arrival to the end of its response body",
             latency.clone(),
         );
+        crate::firewall::register_metrics(&mut registry);
         Arc::new(Self {
             registry,
             requests,
