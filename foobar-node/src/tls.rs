@@ -61,6 +61,24 @@ impl CertStore {
         Ok(())
     }
 
+    /// Serves a new chain and key given in PEM (an ACME renewal) and writes them over
+    /// the store's files, so a restart or SIGHUP finds them. The pair is checked before
+    /// anything changes: a bad one leaves the files and the certificate served as they
+    /// were. Each file is replaced by a rename, never seen half-written.
+    pub fn install(&self, chain_pem: &[u8], key_pem: &[u8]) -> Result<(), TlsError> {
+        let fresh = pair_from_pem(
+            &self.provider,
+            chain_pem,
+            key_pem,
+            &self.cert_path,
+            &self.key_path,
+        )?;
+        replace_file(&self.key_path, key_pem, 0o600)?;
+        replace_file(&self.cert_path, chain_pem, 0o644)?;
+        self.current.store(Arc::new(fresh));
+        Ok(())
+    }
+
     /// The leaf certificate now served (DER).
     pub fn leaf(&self) -> CertificateDer<'static> {
         self.current.load().cert[0].clone()
@@ -88,18 +106,40 @@ fn read_pair(
     cert_path: &Path,
     key_path: &Path,
 ) -> Result<CertifiedKey, TlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| TlsError::File {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    };
+    pair_from_pem(
+        provider,
+        &read(cert_path)?,
+        &read(key_path)?,
+        cert_path,
+        key_path,
+    )
+}
+
+/// A chain and key in PEM, checked to belong together; the paths name them in errors.
+fn pair_from_pem(
+    provider: &CryptoProvider,
+    chain_pem: &[u8],
+    key_pem: &[u8],
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<CertifiedKey, TlsError> {
     let bad = |path: &Path, message: String| TlsError::File {
         path: path.to_owned(),
         message,
     };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
-        .map_err(|e| bad(cert_path, e.to_string()))?
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| bad(cert_path, e.to_string()))?;
     if chain.is_empty() {
         return Err(bad(cert_path, "no certificate in the file".into()));
     }
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| bad(key_path, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad(key_path, e.to_string()))?;
     let signing_key = provider
         .key_provider
         .load_private_key(key)
@@ -107,4 +147,27 @@ fn read_pair(
     let certified = CertifiedKey::new(chain, signing_key);
     certified.keys_match()?;
     Ok(certified)
+}
+
+/// Writes `contents` to `path` through a temporary file beside it and a rename, so a
+/// reader sees the old file or the new one, never a part.
+fn replace_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let failed = |e: std::io::Error| TlsError::File {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".new");
+    let temporary = PathBuf::from(temporary);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(mode)
+        .open(&temporary)
+        .map_err(failed)?;
+    file.write_all(contents).map_err(failed)?;
+    file.sync_all().map_err(failed)?;
+    std::fs::rename(&temporary, path).map_err(failed)
 }

@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use foobar_node::{
     config::{Invalid, Validate},
+    firewall::Policy,
     server::Limits,
 };
 use serde::Deserialize;
@@ -38,6 +39,60 @@ pub struct Config {
     /// the server out of its balancer's schedule.
     #[serde(default)]
     pub maintenance_file: Option<PathBuf>,
+    /// The host firewall's rules for this node (nftables, table `inet foobar_web`);
+    /// none: no firewall.
+    #[serde(default)]
+    pub firewall: Option<Policy>,
+    /// The HTTPS certificate obtained and renewed by ACME.
+    #[serde(default)]
+    pub acme: Option<Acme>,
+}
+
+/// `[acme]`: the certificate of `[https]` obtained and renewed from an ACME CA (RFC
+/// 8555) by HTTP-01, written over `https.certificate` and `https.key`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acme {
+    /// The CA's directory (Let's Encrypt: `https://acme-v02.api.letsencrypt.org/directory`);
+    /// the account made there agrees to the CA's terms of service.
+    pub directory: String,
+    /// PEM roots trusted for the directory's own TLS.
+    #[serde(default = "default_directory_ca")]
+    pub directory_ca: PathBuf,
+    /// The account's contact URLs (`mailto:ops@foobar.com`).
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// The names the certificate is for; each must lead to this node's `[http]` listener
+    /// (through the balancer), where the CA checks them.
+    pub domains: Vec<String>,
+    /// The account's key and URL (JSON, mode 0600), made on the first order.
+    pub account: PathBuf,
+    /// How often the certificate's expiry is looked at.
+    #[serde(default = "default_check_interval_s")]
+    pub check_interval_s: u64,
+    /// A certificate with less than this left is renewed.
+    #[serde(default = "default_renew_before_s")]
+    pub renew_before_s: u64,
+    /// The other web nodes behind the same names (their `[http]` listeners), asked for
+    /// a challenge token this node does not hold.
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
+    /// How long a peer gets to answer.
+    #[serde(default = "default_peer_timeout_ms")]
+    pub peer_timeout_ms: u64,
+}
+
+fn default_directory_ca() -> PathBuf {
+    "/etc/ssl/certs/ca-certificates.crt".into()
+}
+fn default_check_interval_s() -> u64 {
+    3600
+}
+fn default_renew_before_s() -> u64 {
+    30 * 24 * 3600
+}
+fn default_peer_timeout_ms() -> u64 {
+    500
 }
 
 /// `[http]`.
@@ -145,6 +200,16 @@ impl Validate for Config {
             return Err(Invalid::new("https.listen", "same address as http.listen"));
         }
         self.limits.validate("limits")?;
+        if let Some(firewall) = &self.firewall {
+            let listens: Vec<(&str, SocketAddr)> = [
+                ("http.listen", self.http.as_ref().map(|h| h.listen)),
+                ("https.listen", self.https.as_ref().map(|h| h.listen)),
+            ]
+            .into_iter()
+            .filter_map(|(field, listen)| Some((field, listen?)))
+            .collect();
+            firewall.validate("firewall", &listens)?;
+        }
         if let Some(name) = &self.name
             && (name.is_empty() || !name.chars().all(|c| c.is_ascii_graphic()))
         {
@@ -195,6 +260,68 @@ impl Validate for Config {
                 "files",
                 "nothing to serve: need [files] or [proxy]",
             ));
+        }
+        if let Some(acme) = &self.acme {
+            // The certificate goes to the HTTPS listener; the CA's check comes over HTTP.
+            if self.https.is_none() || self.http.is_none() {
+                return Err(Invalid::new("acme", "needs both [http] and [https]"));
+            }
+            acme.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl Acme {
+    fn validate(&self) -> Result<(), Invalid> {
+        if !self.directory.starts_with("https://") {
+            return Err(Invalid::new("acme.directory", "must be an https:// URL"));
+        }
+        if !self.directory_ca.is_file() {
+            return Err(Invalid::new(
+                "acme.directory_ca",
+                format!("{} is not a file", self.directory_ca.display()),
+            ));
+        }
+        if self.domains.is_empty() {
+            return Err(Invalid::new("acme.domains", "needs at least one name"));
+        }
+        for (i, domain) in self.domains.iter().enumerate() {
+            // HTTP-01 cannot prove a wildcard; the rest is the CA's to judge.
+            let plain = domain.split('.').all(|label| {
+                !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+            if !plain {
+                return Err(Invalid::new(
+                    format!("acme.domains[{i}]"),
+                    "must be a DNS name (no wildcard: HTTP-01 cannot prove one)",
+                ));
+            }
+        }
+        for (i, contact) in self.contact.iter().enumerate() {
+            if !contact.starts_with("mailto:") {
+                return Err(Invalid::new(
+                    format!("acme.contact[{i}]"),
+                    "must be a mailto: URL",
+                ));
+            }
+        }
+        for (field, value) in [
+            ("check_interval_s", self.check_interval_s),
+            ("renew_before_s", self.renew_before_s),
+            ("peer_timeout_ms", self.peer_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(Invalid::new(format!("acme.{field}"), "must be above 0"));
+            }
+        }
+        for (i, peer) in self.peers.iter().enumerate() {
+            if peer.port() == 0 || peer.ip().is_unspecified() {
+                return Err(Invalid::new(
+                    format!("acme.peers[{i}]"),
+                    "must be a reachable address and port",
+                ));
+            }
         }
         Ok(())
     }
@@ -254,6 +381,45 @@ mod tests {
         assert_eq!(
             field_of("[http]\nlisten = '127.0.0.1:80'\n[files]\nroot = '/'\nindex = 'x'"),
             "files.index"
+        );
+    }
+
+    #[test]
+    fn acme_needs_both_listeners_and_plain_names() {
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let acme = |rest: &str| {
+            format!(
+                "[http]\nlisten = '127.0.0.1:80'\n[https]\nlisten = '127.0.0.1:443'\n\
+                 certificate = '/x.crt'\nkey = '/x.key'\n[files]\nroot = '/'\n\
+                 [acme]\ndirectory = 'https://ca.example/dir'\ndirectory_ca = '{ca}'\n\
+                 account = '/x.json'\n{rest}"
+            )
+        };
+        let ok = acme("domains = ['www.foobar.com']\npeers = ['10.1.0.12:80']");
+        assert!(parse::<Config>(&ok, Path::new("web.toml")).is_ok());
+        assert_eq!(field_of(&acme("domains = []")), "acme.domains");
+        assert_eq!(
+            field_of(&acme("domains = ['*.foobar.com']")),
+            "acme.domains[0]"
+        );
+        assert_eq!(
+            field_of(&acme("domains = ['a.b']\npeers = ['10.1.0.12:0']")),
+            "acme.peers[0]"
+        );
+        assert_eq!(
+            field_of(&acme("domains = ['a.b']\nrenew_before_s = 0")),
+            "acme.renew_before_s"
+        );
+        assert_eq!(
+            field_of(&acme("domains = ['a.b']\ncontact = ['ops@foobar.com']")),
+            "acme.contact[0]"
+        );
+        assert_eq!(
+            field_of(
+                "[http]\nlisten = '127.0.0.1:80'\n[files]\nroot = '/'\n[acme]\n\
+                 directory = 'https://ca.example/dir'\ndomains = ['a.b']\naccount = '/x.json'\n"
+            ),
+            "acme"
         );
     }
 }

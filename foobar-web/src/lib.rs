@@ -1,8 +1,10 @@
 //! `foobar-web`: the web node of the foobar.com stack, in nginx's role. It serves the
 //! site's static files ([`files`]), passes the API to the application nodes
-//! ([`proxy`]), and terminates TLS; serving, limits, logs and metrics come from
-//! `foobar-node`.
+//! ([`proxy`]), and terminates TLS, with a certificate it can obtain and renew by
+//! ACME itself (`acme`); serving, limits, logs and metrics come from `foobar-node`.
 
+mod acme;
+mod certificate;
 pub mod config;
 pub mod files;
 pub mod proxy;
@@ -19,10 +21,18 @@ use foobar_node::{
 use prometheus_client::registry::Registry;
 use tracing::{error, info};
 
-use crate::{config::Config, files::StaticFiles, proxy::Pool, site::Site};
+use crate::{
+    acme::{Acme, Answering},
+    certificate::Expiry,
+    config::Config,
+    files::StaticFiles,
+    proxy::Pool,
+    site::Site,
+};
 
 /// Runs the web node until `shutdown`; each SIGHUP from `hangups` re-reads the
-/// certificate and key (a bad pair is refused and the old one kept).
+/// certificate and key (a bad pair is refused and the old one kept). With `[acme]`
+/// the certificate is obtained and renewed in the background.
 pub async fn run(
     config: Config,
     shutdown: Shutdown,
@@ -30,6 +40,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut registry = Registry::with_prefix("foobar_web");
     let pool = config.proxy.as_ref().map(|p| Pool::new(p, &mut registry));
+    let expiry = Expiry::default();
+    if config.https.is_some() {
+        expiry.register(&mut registry);
+    }
+    let acme = match &config.acme {
+        Some(settings) => Some(Acme::new(settings, &mut registry).context("acme")?),
+        None => None,
+    };
+    let tokens = acme.as_ref().map(Acme::tokens);
     let files = match &config.files {
         Some(f) => Some(StaticFiles::new(&f.root).with_context(|| f.root.display().to_string())?),
         None => None,
@@ -39,30 +58,37 @@ pub async fn run(
         None => None,
     };
     let observer = Observer::new(registry, access_log, "static");
-    // Each worker builds its own copy of the site (its own upstream connections).
+    // Each worker builds its own copy of the site (its own upstream connections),
+    // behind the ACME challenge answers.
     let make_site = |hsts: Option<HeaderValue>, redirect_to: Option<u16>| {
-        let (config, pool, files, observer) = (
+        let (config, pool, files, observer, tokens) = (
             config.clone(),
             pool.clone(),
             files.clone(),
             observer.clone(),
+            tokens.clone(),
         );
         move || {
-            Site::new(
+            let site = Site::new(
                 &config,
                 pool.as_ref().map(|p| p.worker()),
                 files.clone(),
                 observer.clone(),
                 hsts.clone(),
                 redirect_to,
-            )
+            );
+            Answering::new(tokens.clone(), observer.clone(), site)
         }
     };
 
     let mut servers = Vec::new();
     let mut certs = None;
     if let Some(https) = &config.https {
+        if let Some(acme) = &acme {
+            acme.placeholder_if_missing(&https.certificate, &https.key)?;
+        }
         let store = CertStore::load(&https.certificate, &https.key)?;
+        expiry.observe(&store);
         let acceptor = store.acceptor()?;
         let hsts = (https.hsts_max_age_s > 0)
             .then(|| HeaderValue::from_str(&format!("max-age={}", https.hsts_max_age_s)))
@@ -95,11 +121,17 @@ pub async fn run(
             .with_context(|| format!("http.listen {}", http.listen))?,
         );
     }
+    if let (Some(acme), Some(store)) = (acme, &certs) {
+        acme.spawn(store.clone(), expiry.clone(), shutdown.clone());
+    }
     if let (Some(mut hangups), Some(store)) = (hangups, certs) {
         tokio::spawn(async move {
             while hangups.next().await.is_some() {
                 match store.reload() {
-                    Ok(()) => info!("certificate reloaded"),
+                    Ok(()) => {
+                        expiry.observe(&store);
+                        info!("certificate reloaded")
+                    }
                     Err(e) => error!("certificate reload refused, keeping the old one: {e}"),
                 }
             }

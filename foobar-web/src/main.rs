@@ -8,7 +8,8 @@ use foobar_web::config::Config;
 /// The web node: static files, a reverse proxy to the application nodes, TLS.
 ///
 /// SIGHUP re-reads the certificate and key without dropping a connection; SIGTERM
-/// stops accepting and lets requests in flight finish.
+/// stops accepting and lets requests in flight finish. With `[acme]` the node obtains
+/// its certificate from an ACME CA and renews it itself, swapped in the same way.
 ///
 /// Examples:
 ///   foobar-web --config /etc/foobar/web.toml
@@ -41,6 +42,14 @@ fn main() -> ExitCode {
         println!("{}: ok", args.config.display());
         return ExitCode::SUCCESS;
     }
+    // Before the node listens, so its ports are guarded from the first connection.
+    let firewall = match foobar_node::firewall::install("foobar_web", config.firewall.as_ref()) {
+        Ok(table) => table,
+        Err(e) => {
+            eprintln!("foobar-web: firewall: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(
             std::env::var("WT")
@@ -55,6 +64,10 @@ fn main() -> ExitCode {
         let (shutdown, hangups) = foobar_node::signals::install()?;
         foobar_web::run(config, shutdown, Some(hangups)).await
     });
+    // A clean stop; the host stays closed by its other nodes' tables.
+    if let Some(table) = firewall {
+        table.remove();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
