@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use foobar_node::{
     config::{Invalid, Validate},
+    firewall::Policy,
     server::Limits,
 };
 use serde::Deserialize;
@@ -25,6 +26,10 @@ pub struct Config {
     pub limits: Limits,
     /// The database.
     pub database: Database,
+    /// The host firewall's rules for this node (nftables, table `inet foobar_app`);
+    /// none: no firewall.
+    #[serde(default)]
+    pub firewall: Option<Policy>,
 }
 
 /// `[database]`: where writes and reads go.
@@ -53,6 +58,11 @@ pub struct Database {
     /// Deadline of one query.
     #[serde(default = "default_query_timeout_ms")]
     pub query_timeout_ms: u64,
+    /// The CA that signed the database's certificate: connections use TLS, the
+    /// certificate checked for the address connected to (a VIP's, through a
+    /// balancer); none: plain text.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 fn default_name() -> String {
@@ -71,6 +81,9 @@ fn default_query_timeout_ms() -> u64 {
 impl Validate for Config {
     fn validate(&self) -> Result<(), Invalid> {
         self.limits.validate("limits")?;
+        if let Some(firewall) = &self.firewall {
+            firewall.validate("firewall", &[("listen", self.listen)])?;
+        }
         let db = &self.database;
         if db.name.is_empty()
             || !db
@@ -90,6 +103,12 @@ impl Validate for Config {
             return Err(Invalid::new(
                 "database.password_file",
                 format!("{} is not a readable file", db.password_file.display()),
+            ));
+        }
+        if let Some(ca) = db.tls_ca.as_ref().filter(|ca| !ca.is_file()) {
+            return Err(Invalid::new(
+                "database.tls_ca",
+                format!("{} is not a readable file", ca.display()),
             ));
         }
         for (field, value) in [

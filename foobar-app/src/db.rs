@@ -9,6 +9,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
@@ -16,7 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mysql_async::{Conn, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, prelude::Queryable};
+use mysql_async::{
+    Conn, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, SslOpts, prelude::Queryable,
+};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -60,6 +63,35 @@ pub enum DbError {
     /// The schema has not been created yet (the primary was never reachable).
     #[error("the database schema is not ready yet")]
     NotReady,
+}
+
+/// A file of `[database]` that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {path}: {source}")]
+pub struct UnreadableFile {
+    /// The configuration field naming it.
+    pub field: &'static str,
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub source: std::io::Error,
+}
+
+/// The error of reading `path`, the file of `field`.
+fn unreadable(field: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UnreadableFile {
+    let path = path.to_owned();
+    move |source| UnreadableFile {
+        field,
+        path,
+        source,
+    }
+}
+
+/// The permission bits of `path` when its group or others may read or write it.
+fn readable_by_others(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
 }
 
 /// The schema, one step per version; a step is applied once, in order, by the first
@@ -155,17 +187,36 @@ fn query_histogram() -> Histogram {
 
 impl Db {
     /// The database of `config` (nothing is connected yet); metrics go to `registry`.
-    pub fn new(config: &Database, registry: &mut Registry) -> std::io::Result<Arc<Self>> {
-        let password = std::fs::read_to_string(&config.password_file)?
+    pub fn new(config: &Database, registry: &mut Registry) -> Result<Arc<Self>, UnreadableFile> {
+        let password = std::fs::read_to_string(&config.password_file)
+            .map_err(unreadable("database.password_file", &config.password_file))?
             .trim_end_matches(['\r', '\n'])
             .to_owned();
-        let opts = OptsBuilder::default()
+        if let Some(mode) = readable_by_others(&config.password_file) {
+            warn!(
+                file = %config.password_file.display(),
+                mode = %format!("{mode:o}"),
+                "a password file others may read: chmod 600 it"
+            );
+        }
+        let mut opts = OptsBuilder::default()
             .user(Some(config.user.clone()))
             .pass(Some(password))
             .db_name(Some(config.name.clone()))
             .tcp_nodelay(true)
             // Loopback would otherwise silently use the Unix socket.
             .prefer_socket(false);
+        if let Some(ca) = &config.tls_ca {
+            // Read once here, so a missing file stops the start rather than every
+            // connection. Only this CA is trusted, not the public roots; the name
+            // checked is the address connected to (an IP address: the VIP's).
+            let ca = std::fs::read(ca).map_err(unreadable("database.tls_ca", ca))?;
+            opts = opts.ssl_opts(
+                SslOpts::default()
+                    .with_root_certs(vec![ca.into()])
+                    .with_disable_built_in_roots(true),
+            );
+        }
         let endpoint = |role, addr| Endpoint {
             role,
             addr,

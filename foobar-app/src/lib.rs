@@ -31,7 +31,7 @@ use crate::{
 /// Runs the application node until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut registry = Registry::with_prefix("foobar_app");
-    let db = Db::new(&config.database, &mut registry).context("database.password_file")?;
+    let db = Db::new(&config.database, &mut registry)?;
     let access_log = match &config.access_log {
         Some(path) => Some(AccessLog::open(path).with_context(|| path.display().to_string())?),
         None => None,

@@ -41,6 +41,14 @@ fn main() -> ExitCode {
         println!("{}: ok", args.config.display());
         return ExitCode::SUCCESS;
     }
+    // Before the node listens, so its port is guarded from the first connection.
+    let firewall = match foobar_node::firewall::install("foobar_app", config.firewall.as_ref()) {
+        Ok(table) => table,
+        Err(e) => {
+            eprintln!("foobar-app: firewall: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -49,6 +57,10 @@ fn main() -> ExitCode {
         let (shutdown, _hangups) = foobar_node::signals::install()?;
         foobar_app::run(config, shutdown).await
     });
+    // A clean stop; the host stays closed by its other nodes' tables.
+    if let Some(table) = firewall {
+        table.remove();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -2,7 +2,10 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use foobar_node::config::{Invalid, Validate};
+use foobar_node::{
+    config::{Invalid, Validate},
+    firewall::Policy,
+};
 use serde::Deserialize;
 
 /// The whole file.
@@ -16,7 +19,8 @@ pub struct Config {
     /// Where MariaDB listens.
     pub listen: SocketAddr,
     /// Holds the data directory, the generated `my.cnf`, the socket and the agent's
-    /// own password; created on first start.
+    /// own password; created on first start, for this service alone (mode 0700:
+    /// MariaDB keeps the replication password in the data directory's `master.info`).
     pub state_dir: PathBuf,
     /// MariaDB's InnoDB buffer pool, in MiB.
     #[serde(default = "default_buffer_pool_mb")]
@@ -29,6 +33,28 @@ pub struct Config {
     /// Replication with the other node of the pair; none: a single server, primary.
     #[serde(default)]
     pub replication: Option<Replication>,
+    /// TLS for MariaDB's clients and for replication; none: plain text.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    /// The host firewall's rules for this node (nftables, table `inet foobar_db`):
+    /// MariaDB's port and the agent's; none: no firewall.
+    #[serde(default)]
+    pub firewall: Option<Policy>,
+}
+
+/// `[tls]`: MariaDB serves TLS and refuses plain-text connections over the network
+/// (`require_secure_transport`; its Unix socket, the agent's way in, counts as
+/// secure), and replication runs over TLS with the primary's certificate checked.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// MariaDB's certificate (PEM), for every address clients connect to: this
+    /// node's, and the balancers' database VIPs' (full NAT: the client sees the VIP).
+    pub certificate: PathBuf,
+    /// Its private key (PEM), readable by this service only (mode 0600).
+    pub key: PathBuf,
+    /// The CA that signed the peer's certificate, checked when replicating from it.
+    pub ca: PathBuf,
 }
 
 /// What a node is when the pair is new: the first primary, or its replica.
@@ -199,8 +225,66 @@ impl Validate for Config {
         if let Some(repl) = &self.replication {
             repl.validate()?;
         }
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
+        if let Some(firewall) = &self.firewall {
+            firewall.validate("firewall", &[("listen", self.listen), ("http", self.http)])?;
+        }
         Ok(())
     }
+}
+
+impl Tls {
+    fn validate(&self) -> Result<(), Invalid> {
+        for (field, path, pem) in [
+            ("tls.certificate", &self.certificate, "CERTIFICATE"),
+            // PKCS#8, or the EC and RSA forms.
+            ("tls.key", &self.key, "PRIVATE KEY"),
+            ("tls.ca", &self.ca, "CERTIFICATE"),
+        ] {
+            // Written into my.cnf as it is: no quoting, escapes or comments there.
+            if !path.is_absolute()
+                || path
+                    .to_str()
+                    .is_none_or(|p| p.contains(['\'', '"', '\\', '#', '\n']))
+            {
+                return Err(Invalid::new(
+                    field,
+                    "an absolute UTF-8 path without quotes, backslashes or '#'",
+                ));
+            }
+            // MariaDB only logs a file it cannot use, then serves no TLS at all.
+            match std::fs::read_to_string(path) {
+                Err(e) => return Err(Invalid::new(field, format!("{}: {e}", path.display()))),
+                Ok(text) if !text.contains(&format!("{pem}-----")) => {
+                    return Err(Invalid::new(
+                        field,
+                        format!("{} holds no PEM {pem}", path.display()),
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
+        if let Some(mode) = readable_by_others(&self.key) {
+            return Err(Invalid::new(
+                "tls.key",
+                format!(
+                    "{} is readable by others (mode {mode:o}): chmod 600 it",
+                    self.key.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The permission bits of `path` when its group or others may read or write it: a
+/// secret there is not the service's alone.
+pub fn readable_by_others(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
 }
 
 impl Replication {
@@ -241,5 +325,54 @@ impl Replication {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{os::unix::fs::PermissionsExt, path::Path};
+
+    use super::*;
+
+    /// A configuration with `[tls]` over files in a fresh directory, the key's mode
+    /// `key_mode`; the directory is returned for the test to remove.
+    fn with_tls(tag: &str, key_mode: u32, certificate: &str) -> (PathBuf, Result<Config, String>) {
+        let dir = std::env::temp_dir().join(format!("foobar-db-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("app.password"), "x\n").unwrap();
+        let certificate_pem = "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n";
+        for file in ["db.crt", "ca.crt"] {
+            std::fs::write(dir.join(file), certificate_pem).unwrap();
+        }
+        let key_pem = "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n";
+        std::fs::write(dir.join("db.key"), key_pem).unwrap();
+        let key = dir.join("db.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(key_mode)).unwrap();
+        let d = dir.display();
+        let text = format!(
+            "name = \"db1\"\nserver_id = 1\nlisten = \"127.0.0.1:3306\"\nhttp = \"127.0.0.1:8306\"\n\
+             state_dir = \"{d}/state\"\n\
+             [app]\ndatabase = \"foobar\"\nuser = \"foobar\"\npassword_file = \"{d}/app.password\"\n\
+             allow_from = \"127.0.0.1\"\n\
+             [tls]\ncertificate = \"{d}/{certificate}\"\nkey = \"{d}/db.key\"\nca = \"{d}/ca.crt\"\n"
+        );
+        let parsed = foobar_node::config::parse::<Config>(&text, Path::new("db.toml"))
+            .map_err(|e| e.field().unwrap_or("(read)").to_owned());
+        (dir, parsed)
+    }
+
+    #[test]
+    fn tls_files_must_exist_and_the_key_be_private() {
+        let (dir, ok) = with_tls("tls-ok", 0o600, "db.crt");
+        assert!(ok.is_ok_and(|c| c.tls.is_some()));
+        std::fs::remove_dir_all(dir).unwrap();
+
+        let (dir, shared_key) = with_tls("tls-shared", 0o644, "db.crt");
+        assert_eq!(shared_key.unwrap_err(), "tls.key");
+        std::fs::remove_dir_all(dir).unwrap();
+
+        let (dir, missing) = with_tls("tls-missing", 0o600, "nothing.crt");
+        assert_eq!(missing.unwrap_err(), "tls.certificate");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -41,6 +41,7 @@ const RESTARTS: u32 = 3;
 /// Runs the node until `shutdown` (then stops MariaDB cleanly). MariaDB exiting by
 /// itself is started again, read-only: the node's role is decided again.
 pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
+    warn_about_shared_secrets(&config);
     let paths = Paths::new(&config.state_dir);
     let created = mariadb::bootstrap(&paths).await?;
     mariadb::write_cnf(&config, &paths)?;
@@ -98,6 +99,22 @@ pub async fn run(config: Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         warn!("closing the agent's connections: {e}");
     }
     outcome
+}
+
+/// Says, at every start, which password files others than this service may read:
+/// still used (refusing them would stop a working node), but not secret there.
+fn warn_about_shared_secrets(config: &Config) {
+    let files = std::iter::once(&config.app.password_file)
+        .chain(config.replication.as_ref().map(|r| &r.password_file));
+    for file in files {
+        if let Some(mode) = crate::config::readable_by_others(file) {
+            warn!(
+                file = %file.display(),
+                mode = %format!("{mode:o}"),
+                "a password file others may read: chmod 600 it"
+            );
+        }
+    }
 }
 
 /// Starts MariaDB, waits until it answers, and puts the accounts in place.

@@ -76,6 +76,19 @@ fn main() -> ExitCode {
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;
     }
+    // A running node's, before MariaDB and the agent listen.
+    let firewall = if matches!(args.command, Cmd::Run { .. }) {
+        foobar_node::firewall::install("foobar_db", config.firewall.as_ref())
+    } else {
+        Ok(None)
+    };
+    let firewall = match firewall {
+        Ok(table) => table,
+        Err(e) => {
+            eprintln!("foobar-db: firewall: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -97,6 +110,10 @@ fn main() -> ExitCode {
             }
         }
     });
+    // A clean stop (MariaDB stopped); the host stays closed by its other nodes' tables.
+    if let Some(table) = firewall {
+        table.remove();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

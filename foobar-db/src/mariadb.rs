@@ -110,6 +110,13 @@ fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
 pub async fn bootstrap(paths: &Paths) -> Result<bool, ServerError> {
     let state = paths.state.as_path();
     std::fs::create_dir_all(state).map_err(file_error(state))?;
+    // This service's alone: the data directory holds the replication password in
+    // plain text (master.info), and the socket lets root in without one.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))
+            .map_err(file_error(state))?;
+    }
     let tmp = paths.tmp();
     std::fs::create_dir_all(&tmp).map_err(file_error(&tmp))?;
     if !paths.agent_password().is_file() {
@@ -226,13 +233,30 @@ pub async fn ensure_agent_account(
 
 /// The server's configuration: durable commits, a row-based binary log with GTIDs
 /// (what replication needs), semi-synchronous replication acknowledged after the
-/// binary log is synced, and this node's identity. The server starts read-only and
-/// without replication: the agent decides its role.
+/// binary log is synced, TLS if configured, and this node's identity. The server
+/// starts read-only and without replication: the agent decides its role.
 pub fn write_cnf(config: &Config, paths: &Paths) -> Result<(), ServerError> {
     let semi_sync_timeout = config
         .replication
         .as_ref()
         .map_or(1000, |r| r.semi_sync_timeout_ms);
+    // Paths only (the key stays in its file); over the network only TLS is let in,
+    // while the socket (the agent's and root's way in) counts as secure.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|tls| {
+            format!(
+                "ssl_cert = {}\n\
+                 ssl_key = {}\n\
+                 ssl_ca = {}\n\
+                 require_secure_transport = ON\n",
+                tls.certificate.display(),
+                tls.key.display(),
+                tls.ca.display(),
+            )
+        })
+        .unwrap_or_default();
     let cnf = format!(
         "# Written by foobar-db at every start; edit foobar-db's configuration instead.\n\
          [mariadb]\n\
@@ -267,7 +291,8 @@ pub fn write_cnf(config: &Config, paths: &Paths) -> Result<(), ServerError> {
          rpl_semi_sync_master_wait_no_slave = ON\n\
          rpl_semi_sync_slave_kill_conn_timeout = 1\n\
          innodb_buffer_pool_size = {pool}M\n\
-         max_connections = 500\n",
+         max_connections = 500\n\
+         {tls}",
         name = config.name,
         server_id = config.server_id,
         data = paths.data().display(),

@@ -543,7 +543,8 @@ impl Node {
     ) -> Result<(), ServerError> {
         let mut conn = self.conn().await?;
         let password = self.repl_password.as_deref().unwrap_or_default();
-        server_state::replicate_from(&mut conn, primary, &repl.user, password, demote).await
+        let tls_ca = self.config.tls.as_ref().map(|tls| tls.ca.as_path());
+        server_state::replicate_from(&mut conn, primary, &repl.user, password, demote, tls_ca).await
     }
 
     /// `/fence`, by a peer promoting itself: stop writes and say how far this
@@ -840,6 +841,7 @@ impl Node {
             "Times MariaDB exited by itself and was started again",
             &one(c.mariadb_restarts as f64),
         );
+        out.push_str(&foobar_node::firewall::metrics_text("foobar_db"));
         out
     }
 }

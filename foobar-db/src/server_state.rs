@@ -1,7 +1,7 @@
 //! What the agent reads of its MariaDB (one snapshot per tick: positions, replication,
 //! semi-sync) and the statements that change its role.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use mysql_async::{Conn, Row, prelude::Queryable};
 use serde::{Deserialize, Serialize};
@@ -155,18 +155,29 @@ pub async fn open_writes(conn: &mut Conn) -> Result<(), ServerError> {
 }
 
 /// Replicates from `primary` by GTID; `demote` merges this server's own binary log
-/// position into its replication position first (a former primary rejoining).
+/// position into its replication position first (a former primary rejoining). With
+/// `tls_ca`, over TLS, the primary's certificate checked against that CA and its
+/// address (what MASTER_HOST names).
 pub async fn replicate_from(
     conn: &mut Conn,
     primary: std::net::SocketAddr,
     user: &str,
     password: &str,
     demote: bool,
+    tls_ca: Option<&Path>,
 ) -> Result<(), ServerError> {
+    // Every option said, as CHANGE MASTER keeps those it is not given.
+    let tls = match tls_ca {
+        Some(ca) => format!(
+            "MASTER_SSL=1, MASTER_SSL_CA={}, MASTER_SSL_VERIFY_SERVER_CERT=1",
+            quote(&ca.display().to_string())
+        ),
+        None => "MASTER_SSL=0, MASTER_SSL_VERIFY_SERVER_CERT=0".into(),
+    };
     conn.query_drop("STOP SLAVE").await?;
     conn.query_drop(format!(
         "CHANGE MASTER TO MASTER_HOST={}, MASTER_PORT={}, MASTER_USER={}, MASTER_PASSWORD={}, \
-         MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1{}",
+         {tls}, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1{}",
         quote(&primary.ip().to_string()),
         primary.port(),
         quote(user),

@@ -1,8 +1,9 @@
 //! The database pair of a stack lab, as tests and benchmarks drive it: its nodes'
-//! status, SQL as MariaDB's root, and the failover drill (a writer posting through
-//! the whole site while the primary's server dies).
+//! TLS files, their status, SQL as MariaDB's root, and the failover drill (a writer
+//! posting through the whole site while the primary's server dies).
 
 use std::{
+    path::{Path, PathBuf},
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -10,8 +11,53 @@ use std::{
 
 use crate::{
     lab::{Lab, web_addr},
-    stack::{DB_AGENT_PORT, SITE, server_dir},
+    pki::Pki,
+    stack::{DB_AGENT_PORT, SITE, db_read_vip, db_write_vip, server_dir},
 };
+
+/// The TLS files of a stack server, in its directory: its database node's
+/// certificate and key, and the lab's CA, which its database node (replicating)
+/// and its application node (connecting) check the other side's certificate with.
+pub struct TlsFiles {
+    /// MariaDB's certificate.
+    pub certificate: PathBuf,
+    /// Its key (mode 0600).
+    pub key: PathBuf,
+    /// The lab's CA certificate.
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files of the server whose directory is `dir`.
+    pub fn of(dir: &Path) -> TlsFiles {
+        TlsFiles {
+            certificate: dir.join("db.crt"),
+            key: dir.join("db.key"),
+            ca: dir.join("ca.crt"),
+        }
+    }
+
+    /// Puts the lab's CA in place, as every server has it.
+    pub fn install_ca(&self, pki: &Pki) {
+        std::fs::copy(pki.ca_cert(), &self.ca).expect("ca.crt");
+    }
+
+    /// Puts the CA in place and issues server `i`'s database certificate, unless
+    /// there is one. It names the server's address (its peer replicates from it) and
+    /// the database VIPs' (the application connects to those, and with full NAT the
+    /// address it checks is the VIP's). IP addresses only (the application, the
+    /// replica and the `mariadb` client all connect to addresses), the server's own
+    /// also as the common name, for clients that look there only.
+    pub fn install(&self, pki: &Pki, i: usize) {
+        self.install_ca(pki);
+        if self.certificate.exists() && self.key.exists() {
+            return;
+        }
+        let names = [web_addr(i), db_write_vip(), db_read_vip()].map(|a| a.to_string());
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        pki.issue_to(&self.certificate, &self.key, &names, "");
+    }
+}
 
 impl Lab {
     /// `GET path` of server `i`'s database node agent, from the balancer: the HTTP

@@ -427,6 +427,8 @@ pub struct Lab {
     pub router: Option<Netns>,
     /// The CA and the site's certificate (stack labs).
     pub pki: Option<Pki>,
+    /// Pebble, the site's ACME CA, once [`Lab::start_acme`] started it.
+    pub acme: Option<crate::acme::Pebble>,
     /// Configuration, sockets and logs.
     pub dir: PathBuf,
     spec: LabSpec,
@@ -677,6 +679,7 @@ impl Lab {
             dns,
             router,
             pki,
+            acme: None,
             dir,
             spec,
             nodes: Vec::new(),
@@ -687,9 +690,9 @@ impl Lab {
             lab.dns_server = Some(stack::start_dns(dns, &lab.dir));
         }
         if lab.spec.stack {
-            std::fs::write(lab.db_password_file(), "lab-app-password\n").expect("password file");
-            std::fs::write(lab.repl_password_file(), "lab-replication-password\n")
-                .expect("password file");
+            // Secrets: readable by their services only.
+            crate::pki::write_private(&lab.db_password_file(), "lab-app-password\n");
+            crate::pki::write_private(&lab.repl_password_file(), "lab-replication-password\n");
             for i in 0..lab.webs.len().min(2) {
                 lab.start_db(i);
             }
@@ -732,6 +735,7 @@ impl Lab {
     /// comes once the balancer checks it).
     pub fn start_db(&mut self, i: usize) {
         let dir = stack::server_dir(&self.dir, &self.server_name(i));
+        crate::db::TlsFiles::of(&dir).install(self.pki.as_ref().expect("a stack lab"), i);
         let config = self.db_config_path(i);
         std::fs::write(
             &config,
@@ -800,10 +804,11 @@ impl Lab {
     pub fn start_app(&mut self, i: usize) {
         let name = self.server_name(i);
         let dir = stack::server_dir(&self.dir, &name);
+        crate::db::TlsFiles::of(&dir).install_ca(self.pki.as_ref().expect("a stack lab"));
         let config = dir.join("app.toml");
         std::fs::write(
             &config,
-            stack::app_config(&dir, &name, &self.db_password_file()),
+            stack::app_config(&dir, &name, self.webs.len(), &self.db_password_file()),
         )
         .expect("app.toml");
         let child = spawn_logged(
@@ -912,10 +917,13 @@ impl Lab {
         let name = self.server_name(i);
         let dir = stack::server_dir(&self.dir, &name);
         let down = self.web_down_file(i);
-        let text = match &self.pki {
+        let mut text = match &self.pki {
             Some(pki) => stack::web_config(&dir, &name, self.webs.len(), pki, &down),
             None => stack::plain_web_config(&dir, &name, &down),
         };
+        if let (Some(pebble), Some(pki)) = (&self.acme, &self.pki) {
+            text = pebble.web_config(&text, &dir, i, self.webs.len(), pki);
+        }
         let config = dir.join("web.toml");
         std::fs::write(&config, text).expect("web.toml");
         let child = spawn_logged(
@@ -1029,6 +1037,7 @@ impl Lab {
             .flat_map(|n| [n.web.take(), n.app.take(), n.db.take()])
             .flatten()
             .chain(self.dns_server.take())
+            .chain(self.acme.as_mut().and_then(|pebble| pebble.detach()))
             .map(|c| c.id())
             .collect();
         for b in &mut self.balancers {
@@ -1054,6 +1063,8 @@ impl Drop for Lab {
         if let Some(mut dns) = self.dns_server.take() {
             terminate(&mut dns);
         }
+        // Pebble stops as it drops, before its namespace and files go.
+        self.acme = None;
         let _ = std::fs::remove_dir_all(resolv_dir(self.client.name()));
         let _ = std::fs::remove_dir_all(&self.dir);
         // The namespaces go as their fields drop.

@@ -3,6 +3,7 @@
 //! built binaries; it does not link foobar-lb, so xtask can use it before the eBPF
 //! toolchain exists.
 
+pub mod acme;
 pub mod db;
 pub mod deploy;
 pub mod lab;

@@ -13,6 +13,24 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
+/// Writes a secret (a key, a password) to `path`, readable by its owner only (mode
+/// 0600, also when the file was there before).
+pub fn write_private(path: &Path, contents: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // `mode` applies to a new file only.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::io::Write::write_all(&mut file, contents.as_bytes())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
 /// The names the site's certificate is for.
 pub const SITE_NAMES: [&str; 2] = ["www.foobar.com", "foobar.com"];
 
@@ -64,6 +82,12 @@ impl Pki {
     /// Issues a server certificate for `names` into `<name>.crt` and `<name>.key`
     /// (mode 0600), replacing any earlier one; `organization` tells issues apart.
     pub fn issue(&self, name: &str, names: &[&str], organization: &str) {
+        self.issue_to(&self.cert(name), &self.key(name), names, organization);
+    }
+
+    /// Issues a server certificate for `names` (DNS names or IP addresses; the first
+    /// is also its common name) into `cert_file` and `key_file` (mode 0600).
+    pub fn issue_to(&self, cert_file: &Path, key_file: &Path, names: &[&str], organization: &str) {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.subject_alt_names = names
             .iter()
@@ -83,15 +107,8 @@ impl Pki {
         let key = KeyPair::generate().expect("key");
         let issuer = Issuer::new(self.ca_params.clone(), &self.ca_key);
         let cert = params.signed_by(&key, &issuer).expect("certificate");
-        std::fs::write(self.cert(name), cert.pem()).expect("certificate file");
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(self.key(name))
-            .expect("key file");
-        std::io::Write::write_all(&mut file, key.serialize_pem().as_bytes()).expect("key file");
+        std::fs::write(cert_file, cert.pem()).expect("certificate file");
+        write_private(key_file, &key.serialize_pem());
     }
 
     /// Makes `home` a home directory whose NSS database trusts the CA, so Chromium run

@@ -5,7 +5,10 @@
 //! foobar-app and foobar-db (MariaDB: server1 the first primary, server2 its
 //! replica), the balancer holds the site's VIP and the database's write and read
 //! VIPs (full NAT: the application servers share the database servers' network),
-//! and a DNS server answers for foobar.com.
+//! and a DNS server answers for foobar.com. MariaDB takes TLS only, with
+//! certificates from the lab's CA, from the application and from its replica. Every
+//! node of a stack server keeps the server's firewall rules for its role
+//! (`[firewall]`, [`SERVER_PORTS`]).
 
 use std::{
     net::Ipv4Addr,
@@ -14,7 +17,8 @@ use std::{
 };
 
 use crate::{
-    lab::{LB_SERVER_SIDE, VIP, WEB_PORT, vip_addr, web_addr},
+    db::TlsFiles,
+    lab::{LB_SERVER_SIDE, VIP, WEB_PORT, balancer_server_addr, vip_addr, web_addr, web_addr6},
     netns::Netns,
     pki::Pki,
     process::spawn_logged,
@@ -48,6 +52,54 @@ pub fn db_read_vip() -> Ipv4Addr {
 pub const DB_SCHEMA: &str = "foobar";
 /// The application's database user.
 pub const DB_USER: &str = "foobar";
+
+/// Every port open on a stack server, whichever of its nodes serves it: each node's
+/// firewall drops new connections to any other (`[firewall] host_ports`), so a
+/// service added to the servers needs its port here.
+pub const SERVER_PORTS: [u16; 5] = [HTTP_PORT, HTTPS_PORT, APP_PORT, DB_PORT, DB_AGENT_PORT];
+
+/// The firewall table of each node of a stack server (`inet <name>`).
+pub const FIREWALL_TABLES: [&str; 3] = ["foobar_web", "foobar_app", "foobar_db"];
+
+/// The networks the balancer serves: its NAT VIPs keep the client's address, so the
+/// web nodes see the site's connections come from these.
+const CLIENT_NETWORKS: [&str; 2] = ["10.0.0.0/24", "fd00::/64"];
+
+/// The balancers on the server network: the sources of health checks and of full NAT
+/// (the database VIPs), and of scrapes (the lab has no monitoring host). With the HA
+/// lab's own addresses, so the rules hold with two balancers.
+fn balancers() -> Vec<String> {
+    let v4 = [
+        LB_SERVER_SIDE,
+        balancer_server_addr(0),
+        balancer_server_addr(1),
+    ];
+    let mut all: Vec<String> = v4.iter().map(ToString::to_string).collect();
+    all.push("fd00:1::1".into());
+    all
+}
+
+/// The addresses of servers `which` (each shared by its web, application and
+/// database nodes).
+fn server_addresses(which: impl IntoIterator<Item = usize>) -> Vec<String> {
+    which
+        .into_iter()
+        .flat_map(|i| [web_addr(i).to_string(), web_addr6(i).to_string()])
+        .collect()
+}
+
+/// The `[firewall]` section of a stack server's node: the host's ports, and who may
+/// reach this node's (`allow`: its ports and their sources).
+fn firewall_section(allow: &[(&[u16], Vec<String>)]) -> String {
+    let entries: String = allow
+        .iter()
+        .map(|(ports, from)| {
+            let from: Vec<String> = from.iter().map(|s| format!("\"{s}\"")).collect();
+            format!("  {{ ports = {ports:?}, from = [{}] }},\n", from.join(", "))
+        })
+        .collect();
+    format!("\n[firewall]\nhost_ports = {SERVER_PORTS:?}\nallow = [\n{entries}]\n")
+}
 
 /// The site's pages, shipped with the lab (the seed's "application files").
 const SITE_FILES: [(&str, &str); 3] = [
@@ -98,12 +150,20 @@ pub fn web_config(
     let upstreams: Vec<String> = (0..servers)
         .map(|i| format!("\"{}:{APP_PORT}\"", web_addr(i)))
         .collect();
+    // The site's ports from the balancer's side: its NAT VIPs bring the clients' own
+    // addresses, and it checks health. And HTTP from the other web nodes, which ask
+    // each other for the ACME HTTP-01 tokens they hold (`[acme] peers`).
+    let site: Vec<String> = CLIENT_NETWORKS.iter().map(|n| n.to_string()).collect();
+    let firewall = firewall_section(&[
+        (&[HTTP_PORT, HTTPS_PORT], [site, balancers()].concat()),
+        (&[HTTP_PORT], server_addresses(0..servers)),
+    ]);
     format!(
         "name = \"{name}\"\naccess_log = \"{}\"\nmaintenance_file = \"{}\"\n\n\
          [http]\nlisten = \"0.0.0.0:{HTTP_PORT}\"\n\n\
          [https]\nlisten = \"0.0.0.0:{HTTPS_PORT}\"\ncertificate = \"{}\"\nkey = \"{}\"\nhsts_max_age_s = 31536000\n\n\
          [files]\nroot = \"{}\"\n\n\
-         [proxy]\npath = \"/api/\"\nupstreams = [{}]\nmax_fails = 1\nfail_timeout_ms = 5000\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n",
+         [proxy]\npath = \"/api/\"\nupstreams = [{}]\nmax_fails = 1\nfail_timeout_ms = 5000\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n{firewall}",
         dir.join("web-access.log").display(),
         maintenance_file.display(),
         pki.cert("www").display(),
@@ -116,33 +176,74 @@ pub fn web_config(
 /// A stack server's application node: writes through the write VIP, reads through
 /// the read VIP. Its database deadlines sit between semi-sync's wait (0.5 s) and the
 /// web node's for its answer (2 s), so a stuck query fails here, not as a timeout
-/// that takes the whole application node out of the web node's rotation.
-pub fn app_config(dir: &Path, name: &str, password_file: &Path) -> String {
+/// that takes the whole application node out of the web node's rotation. It reaches
+/// the database over TLS, trusting the lab's CA. Its port takes the web nodes of the
+/// lab's `servers`, and the balancers (its `/healthz` and `/metrics` are there too).
+pub fn app_config(dir: &Path, name: &str, servers: usize, password_file: &Path) -> String {
+    let ca = TlsFiles::of(dir).ca;
+    let firewall = firewall_section(&[(
+        &[APP_PORT],
+        [server_addresses(0..servers), balancers()].concat(),
+    )]);
+    app_node_config(dir, name, password_file, APP_PORT, Some(ca.as_path())) + &firewall
+}
+
+/// An application node as [`app_config`] on `port`, reaching the database over TLS
+/// trusting `db_ca`, or in plain text without (what the stack benchmark compares).
+pub fn app_node_config(
+    dir: &Path,
+    name: &str,
+    password_file: &Path,
+    port: u16,
+    db_ca: Option<&Path>,
+) -> String {
     let (write, read) = (db_write_vip(), db_read_vip());
+    let access_log = if port == APP_PORT {
+        dir.join("app-access.log")
+    } else {
+        dir.join(format!("app-{port}-access.log"))
+    };
+    let tls = db_ca
+        .map(|ca| format!("tls_ca = \"{}\"\n", ca.display()))
+        .unwrap_or_default();
     format!(
-        "listen = \"0.0.0.0:{APP_PORT}\"\nname = \"{name}\"\naccess_log = \"{}\"\n\n\
+        "listen = \"0.0.0.0:{port}\"\nname = \"{name}\"\naccess_log = \"{}\"\n\n\
          [database]\nwrite = \"{write}:{DB_PORT}\"\nread = \"{read}:{DB_PORT}\"\nname = \"{DB_SCHEMA}\"\n\
-         user = \"{DB_USER}\"\npassword_file = \"{}\"\nconnect_timeout_ms = 500\nquery_timeout_ms = 1500\n",
-        dir.join("app-access.log").display(),
+         user = \"{DB_USER}\"\npassword_file = \"{}\"\nconnect_timeout_ms = 500\nquery_timeout_ms = 1500\n{tls}",
+        access_log.display(),
         password_file.display(),
     )
 }
 
 /// Server `i`'s database node: server1 is the pair's first primary, server2 its
-/// replica; the balancers are the witness of automatic failover.
+/// replica; the balancers are the witness of automatic failover. MariaDB takes TLS
+/// only, and replicates over it (the files of [`TlsFiles`] in the server's directory).
 pub fn db_config(dir: &Path, i: usize, password_file: &Path, repl_password_file: &Path) -> String {
     let peer = web_addr(1 - i);
+    let tls = TlsFiles::of(dir);
+    // What really arrives: the application nodes reach MariaDB through the balancer's
+    // database VIPs, full NAT, so with the balancer's address (the VIPs' access list
+    // lets in the application nodes only, see `db_vip_section`); the balancers check
+    // the agent; the other database node replicates, and fences through the agent.
+    let firewall = firewall_section(&[(
+        &[DB_PORT, DB_AGENT_PORT],
+        [balancers(), server_addresses([1 - i])].concat(),
+    )]);
     format!(
         "name = \"db{n}\"\nserver_id = {n}\nlisten = \"{me}:{DB_PORT}\"\nhttp = \"{me}:{DB_AGENT_PORT}\"\n\
          state_dir = \"{}\"\n\n\
          [app]\ndatabase = \"{DB_SCHEMA}\"\nuser = \"{DB_USER}\"\npassword_file = \"{}\"\nallow_from = \"10.1.0.%\"\n\n\
          [replication]\ninitial_role = \"{}\"\npassword_file = \"{}\"\nsemi_sync_timeout_ms = 500\n\
          peer = {{ mysql = \"{peer}:{DB_PORT}\", agent = \"{peer}:{DB_AGENT_PORT}\" }}\n\n\
-         [replication.failover]\nwitness = \"{LB_SERVER_SIDE}:{LB_METRICS_PORT}\"\nwrite_vip = \"db-write\"\nlease_ms = 800\n",
+         [replication.failover]\nwitness = \"{LB_SERVER_SIDE}:{LB_METRICS_PORT}\"\nwrite_vip = \"db-write\"\nlease_ms = 800\n\n\
+         [tls]\ncertificate = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n{firewall}",
         dir.join("db").display(),
         password_file.display(),
         if i == 0 { "primary" } else { "replica" },
         repl_password_file.display(),
+        tls.certificate.display(),
+        tls.key.display(),
+        tls.ca.display(),
         n = i + 1,
         me = web_addr(i),
     )
@@ -180,9 +281,15 @@ pub fn db_vip_section(name: &str, address: Ipv4Addr, path: &str, servers: usize)
     let backends: Vec<String> = (0..servers)
         .map(|i| format!("  {{ address = \"{}\", port = {DB_PORT} }},", web_addr(i)))
         .collect();
+    // The application nodes only: behind full NAT MariaDB sees the balancer's address,
+    // so the servers' firewalls cannot tell who asks; this list can.
+    let clients: Vec<String> = (0..servers)
+        .map(|i| format!("\"{}/32\"", web_addr(i)))
+        .collect();
+    let acl = clients.join(", ");
     format!(
         "\n[[vips]]\nname = \"{name}\"\naddress = \"{address}\"\nport = {DB_PORT}\nforwarding = \"fullnat\"\n\
-         on_backend_down = \"reset\"\nbackends = [\n{}\n]\n[vips.health_check]\ntype = \"http\"\nport = {DB_AGENT_PORT}\n\
+         on_backend_down = \"reset\"\nacl = {{ allow = [{acl}] }}\nbackends = [\n{}\n]\n[vips.health_check]\ntype = \"http\"\nport = {DB_AGENT_PORT}\n\
          path = \"{path}\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 1\nfall = 2\n",
         backends.join("\n")
     )
@@ -285,13 +392,33 @@ impl crate::lab::Lab {
         }
     }
 
+    /// Deletes every node's firewall table on every server, as if none had a
+    /// `[firewall]`: for a benchmark that reaches the servers on ports or from
+    /// sources the stack's rules refuse. A node started again writes its table again.
+    pub fn open_firewalls(&self) {
+        for server in &self.webs {
+            for table in FIREWALL_TABLES {
+                // A node without a table (a plain lab) is fine.
+                let _ = server
+                    .command("nft")
+                    .args(["delete", "table", "inet", table])
+                    .output();
+            }
+        }
+    }
+
     /// `curl` from the client, resolving through the lab's DNS and trusting the lab's
     /// CA; `args` follow (URLs included).
     pub fn site_curl(&self, args: &[&str]) -> std::process::Output {
         let pki = self.pki.as_ref().expect("a stack lab");
+        // Once the site's certificate comes from pebble, its root is trusted too.
+        let trusted = self
+            .acme
+            .as_ref()
+            .map_or_else(|| pki.ca_cert(), |pebble| pebble.trusted());
         resolving_command(&self.client, "curl")
             .args(["-sS", "-m", "5", "--cacert"])
-            .arg(pki.ca_cert())
+            .arg(trusted)
             .args(args)
             .output()
             .expect("run curl")
