@@ -6,6 +6,7 @@ use foobar_node::{
     config::{Invalid, Validate},
     firewall::Policy,
     server::Limits,
+    tls::{CertStore, TlsError},
 };
 use serde::Deserialize;
 
@@ -24,12 +25,28 @@ pub struct Config {
     /// Limits of the listener.
     #[serde(default)]
     pub limits: Limits,
+    /// TLS on the listener, for the web nodes that reach it over HTTPS; none: plain
+    /// HTTP.
+    #[serde(default)]
+    pub tls: Option<Tls>,
     /// The database.
     pub database: Database,
     /// The host firewall's rules for this node (nftables, table `inet foobar_app`);
     /// none: no firewall.
     #[serde(default)]
     pub firewall: Option<Policy>,
+}
+
+/// `[tls]`: the listener speaks TLS only (HTTP/1.1 or HTTP/2 by ALPN); its clients,
+/// the web nodes' proxies, check the certificate with their `[proxy] upstream_tls_ca`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, leaf first, for the address clients connect to (an IP
+    /// address in its subject alternative names); re-read on SIGHUP.
+    pub certificate: PathBuf,
+    /// PEM private key; re-read on SIGHUP.
+    pub key: PathBuf,
 }
 
 /// `[database]`: where writes and reads go.
@@ -84,6 +101,9 @@ impl Validate for Config {
         if let Some(firewall) = &self.firewall {
             firewall.validate("firewall", &[("listen", self.listen)])?;
         }
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
         let db = &self.database;
         if db.name.is_empty()
             || !db
@@ -121,5 +141,58 @@ impl Validate for Config {
             }
         }
         Ok(())
+    }
+}
+
+impl Tls {
+    /// Loads the pair as the listener will (so `--check` finds a bad one too): the
+    /// file at fault named, the key's when the two do not belong together.
+    fn validate(&self) -> Result<(), Invalid> {
+        match CertStore::load(&self.certificate, &self.key) {
+            Ok(_) => Ok(()),
+            Err(TlsError::File { path, message }) if path == self.certificate => Err(Invalid::new(
+                "tls.certificate",
+                format!("{}: {message}", path.display()),
+            )),
+            Err(e) => Err(Invalid::new("tls.key", e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use foobar_node::config::parse;
+
+    use super::*;
+
+    #[test]
+    fn a_tls_section_that_cannot_be_served_names_its_file() {
+        // A file that exists but holds no PEM.
+        let here = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let field_of = |tls: &str| {
+            let text = format!(
+                "listen = '127.0.0.1:8000'\n[tls]\n{tls}\n[database]\nwrite = '127.0.0.1:3306'\n\
+                 user = 'foobar'\npassword_file = '{here}'\n"
+            );
+            parse::<Config>(&text, Path::new("app.toml"))
+                .unwrap_err()
+                .field()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            field_of("certificate = '/nonexistent.crt'\nkey = '/nonexistent.key'"),
+            "tls.certificate"
+        );
+        assert_eq!(
+            field_of(&format!("certificate = '{here}'\nkey = '{here}'")),
+            "tls.certificate"
+        );
+        assert_eq!(
+            field_of(&format!("certificate = '{here}'\nkey = '/nonexistent.key'")),
+            "tls.key"
+        );
     }
 }

@@ -19,17 +19,33 @@ use axum::{
 use foobar_node::{
     observe::{AccessLog, Observer, observe},
     server::Server,
-    signals::Shutdown,
+    signals::{Hangups, Shutdown},
+    tls::CertStore,
 };
 use prometheus_client::registry::Registry;
+use tracing::{error, info};
 
 use crate::{
     config::Config,
     db::{Db, Pools},
 };
 
-/// Runs the application node until `shutdown`.
-pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+/// Runs the application node until `shutdown`; with `[tls]`, each SIGHUP from
+/// `hangups` re-reads the certificate and key (a bad pair is refused and the old one
+/// kept).
+pub async fn run(
+    config: Config,
+    shutdown: Shutdown,
+    hangups: Option<Hangups>,
+) -> anyhow::Result<()> {
+    let certs = match &config.tls {
+        Some(tls) => Some(CertStore::load(&tls.certificate, &tls.key).context("tls")?),
+        None => None,
+    };
+    let acceptor = match &certs {
+        Some(store) => Some(store.acceptor().context("tls")?),
+        None => None,
+    };
     let mut registry = Registry::with_prefix("foobar_app");
     let db = Db::new(&config.database, &mut registry)?;
     let access_log = match &config.access_log {
@@ -50,10 +66,25 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             )
         }
     };
-    Server::start(config.listen, None, make_router, config.limits, shutdown)
-        .with_context(|| format!("listen {}", config.listen))?
-        .finished()
-        .await;
+    let server = Server::start(
+        config.listen,
+        acceptor,
+        make_router,
+        config.limits,
+        shutdown,
+    )
+    .with_context(|| format!("listen {}", config.listen))?;
+    if let (Some(mut hangups), Some(store)) = (hangups, certs) {
+        tokio::spawn(async move {
+            while hangups.next().await.is_some() {
+                match store.reload() {
+                    Ok(()) => info!("certificate reloaded"),
+                    Err(e) => error!("certificate reload refused, keeping the old one: {e}"),
+                }
+            }
+        });
+    }
+    server.finished().await;
     supervisor.abort();
     observer.flush();
     Ok(())

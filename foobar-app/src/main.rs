@@ -8,7 +8,8 @@ use foobar_app::config::Config;
 /// The application node: a posts API on MariaDB.
 ///
 /// It starts even when the database is away, answers 503 until it is back, and
-/// creates its schema once the primary answers.
+/// creates its schema once the primary answers. With `[tls]` it serves HTTPS only, and
+/// SIGHUP re-reads the certificate and key without dropping a connection.
 ///
 /// Examples:
 ///   foobar-app --config /etc/foobar/app.toml
@@ -54,8 +55,8 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
     let result = runtime.block_on(async {
-        let (shutdown, _hangups) = foobar_node::signals::install()?;
-        foobar_app::run(config, shutdown).await
+        let (shutdown, hangups) = foobar_node::signals::install()?;
+        foobar_app::run(config, shutdown, Some(hangups)).await
     });
     // A clean stop; the host stays closed by its other nodes' tables.
     if let Some(table) = firewall {

@@ -34,6 +34,11 @@ pub trait Site {
     /// Starts server `i`'s web and application nodes again, on the same configuration
     /// and the binaries on disk, and waits until they answer.
     fn start_nodes(&mut self, i: usize);
+    /// Whether the application nodes serve HTTPS (web-to-app TLS); plain HTTP unless
+    /// said otherwise.
+    fn app_tls(&self) -> bool {
+        false
+    }
 }
 
 impl Site for Lab {
@@ -64,6 +69,10 @@ impl Site for Lab {
         // The application first: the web node proxies to it.
         self.start_app(i);
         self.start_web(i);
+    }
+
+    fn app_tls(&self) -> bool {
+        self.uses_app_tls()
     }
 }
 
@@ -230,7 +239,8 @@ fn wait_healthy(site: &impl Site, i: usize, options: &Options) -> Vec<String> {
         .iter()
         .map(|&(_, port, scheme)| format!("{scheme}://{address}:{port}/healthz"))
         .collect();
-    urls.push(format!("http://{address}:{APP_PORT}/healthz"));
+    let app_scheme = if site.app_tls() { "https" } else { "http" };
+    urls.push(format!("{app_scheme}://{address}:{APP_PORT}/healthz"));
     for url in &urls {
         wait_until(
             options.step_timeout,

@@ -434,6 +434,8 @@ pub struct Lab {
     spec: LabSpec,
     nodes: Vec<Node>,
     dns_server: Option<Child>,
+    /// Web-to-app TLS, once [`Lab::use_app_tls`] turned it on.
+    app_tls: bool,
 }
 
 /// The processes of one server.
@@ -684,6 +686,7 @@ impl Lab {
             spec,
             nodes: Vec::new(),
             dns_server: None,
+            app_tls: false,
         };
         lab.nodes.resize_with(lab.webs.len(), Node::default);
         if let Some(dns) = &lab.dns {
@@ -804,11 +807,23 @@ impl Lab {
     pub fn start_app(&mut self, i: usize) {
         let name = self.server_name(i);
         let dir = stack::server_dir(&self.dir, &name);
-        crate::db::TlsFiles::of(&dir).install_ca(self.pki.as_ref().expect("a stack lab"));
+        let pki = self.pki.as_ref().expect("a stack lab");
+        crate::db::TlsFiles::of(&dir).install_ca(pki);
+        let tls = self.app_tls.then(|| {
+            let files = stack::AppTlsFiles::of(&dir);
+            files.install(pki, i);
+            files
+        });
         let config = dir.join("app.toml");
         std::fs::write(
             &config,
-            stack::app_config(&dir, &name, self.webs.len(), &self.db_password_file()),
+            stack::app_config(
+                &dir,
+                &name,
+                self.webs.len(),
+                &self.db_password_file(),
+                tls.as_ref(),
+            ),
         )
         .expect("app.toml");
         let child = spawn_logged(
@@ -820,18 +835,39 @@ impl Lab {
         );
         self.nodes[i].app = Some(child);
         // It answers (503 until its database is reachable through the balancer).
-        let url = format!("http://{}:{}/healthz", web_addr(i), stack::APP_PORT);
         wait_until(
             Duration::from_secs(20),
             &format!("{name}'s application node"),
             || {
-                self.lb()
-                    .command("curl")
-                    .args(["-s", "-o", "/dev/null", "-m", "1", &url])
+                self.app_curl(i, "/healthz", &["-s", "-o", "/dev/null", "-m", "1"])
                     .output()
                     .is_ok_and(|o| o.status.success())
             },
         );
+    }
+
+    /// Turns web-to-app TLS on (stack labs): every application node is started again
+    /// serving HTTPS only, with a certificate from the lab's CA for its server's
+    /// address, then every web node, reaching them over TLS with the lab's CA
+    /// (`[proxy] upstream_tls_ca`). Nodes started later (a deploy) keep it. The
+    /// balancer sees the web nodes back up after [`Lab::wait_for_backends_up`].
+    pub fn use_app_tls(&mut self) {
+        assert!(self.is_stack(), "web-to-app TLS is a stack lab's");
+        self.app_tls = true;
+        for i in 0..self.webs.len() {
+            self.stop_app(i);
+            self.start_app(i);
+        }
+        for i in 0..self.webs.len() {
+            self.stop_web(i);
+            self.start_web(i);
+        }
+    }
+
+    /// Whether the web nodes reach the application nodes over TLS
+    /// ([`Lab::use_app_tls`]).
+    pub fn uses_app_tls(&self) -> bool {
+        self.app_tls
     }
 
     /// Stops server `i`'s application node.
@@ -918,7 +954,15 @@ impl Lab {
         let dir = stack::server_dir(&self.dir, &name);
         let down = self.web_down_file(i);
         let mut text = match &self.pki {
-            Some(pki) => stack::web_config(&dir, &name, self.webs.len(), pki, &down),
+            Some(pki) => {
+                let upstream_ca = self.app_tls.then(|| {
+                    let files = crate::db::TlsFiles::of(&dir);
+                    files.install_ca(pki);
+                    files.ca
+                });
+                let servers = self.webs.len();
+                stack::web_config(&dir, &name, servers, pki, &down, upstream_ca.as_deref())
+            }
             None => stack::plain_web_config(&dir, &name, &down),
         };
         if let (Some(pebble), Some(pki)) = (&self.acme, &self.pki) {

@@ -6,7 +6,9 @@
 //! replica), the balancer holds the site's VIP and the database's write and read
 //! VIPs (full NAT: the application servers share the database servers' network),
 //! and a DNS server answers for foobar.com. MariaDB takes TLS only, with
-//! certificates from the lab's CA, from the application and from its replica. Every
+//! certificates from the lab's CA, from the application and from its replica; the
+//! web nodes reach the application nodes in plain HTTP, or over TLS once
+//! [`Lab::use_app_tls`](crate::lab::Lab::use_app_tls) turned it on. Every
 //! node of a stack server keeps the server's firewall rules for its role
 //! (`[firewall]`, [`SERVER_PORTS`]).
 
@@ -137,13 +139,15 @@ pub fn plain_web_config(dir: &Path, name: &str, maintenance_file: &Path) -> Stri
 }
 
 /// A stack server's web node: the site, the API proxied to every application node,
-/// HTTPS with the lab's certificate.
+/// HTTPS with the lab's certificate. With `upstream_ca` it reaches the application
+/// nodes over TLS, checking their certificates against that CA.
 pub fn web_config(
     dir: &Path,
     name: &str,
     servers: usize,
     pki: &Pki,
     maintenance_file: &Path,
+    upstream_ca: Option<&Path>,
 ) -> String {
     let root = dir.join("site");
     install_site(&root);
@@ -158,12 +162,15 @@ pub fn web_config(
         (&[HTTP_PORT, HTTPS_PORT], [site, balancers()].concat()),
         (&[HTTP_PORT], server_addresses(0..servers)),
     ]);
+    let upstream_tls = upstream_ca
+        .map(|ca| format!("upstream_tls_ca = \"{}\"\n", ca.display()))
+        .unwrap_or_default();
     format!(
         "name = \"{name}\"\naccess_log = \"{}\"\nmaintenance_file = \"{}\"\n\n\
          [http]\nlisten = \"0.0.0.0:{HTTP_PORT}\"\n\n\
          [https]\nlisten = \"0.0.0.0:{HTTPS_PORT}\"\ncertificate = \"{}\"\nkey = \"{}\"\nhsts_max_age_s = 31536000\n\n\
          [files]\nroot = \"{}\"\n\n\
-         [proxy]\npath = \"/api/\"\nupstreams = [{}]\nmax_fails = 1\nfail_timeout_ms = 5000\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n{firewall}",
+         [proxy]\npath = \"/api/\"\nupstreams = [{}]\nmax_fails = 1\nfail_timeout_ms = 5000\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n{upstream_tls}{firewall}",
         dir.join("web-access.log").display(),
         maintenance_file.display(),
         pki.cert("www").display(),
@@ -179,13 +186,58 @@ pub fn web_config(
 /// that takes the whole application node out of the web node's rotation. It reaches
 /// the database over TLS, trusting the lab's CA. Its port takes the web nodes of the
 /// lab's `servers`, and the balancers (its `/healthz` and `/metrics` are there too).
-pub fn app_config(dir: &Path, name: &str, servers: usize, password_file: &Path) -> String {
+/// With `tls` it serves HTTPS only, with that certificate.
+pub fn app_config(
+    dir: &Path,
+    name: &str,
+    servers: usize,
+    password_file: &Path,
+    tls: Option<&AppTlsFiles>,
+) -> String {
     let ca = TlsFiles::of(dir).ca;
     let firewall = firewall_section(&[(
         &[APP_PORT],
         [server_addresses(0..servers), balancers()].concat(),
     )]);
-    app_node_config(dir, name, password_file, APP_PORT, Some(ca.as_path())) + &firewall
+    let tls = tls
+        .map(|files| {
+            format!(
+                "\n[tls]\ncertificate = \"{}\"\nkey = \"{}\"\n",
+                files.certificate.display(),
+                files.key.display()
+            )
+        })
+        .unwrap_or_default();
+    app_node_config(dir, name, password_file, APP_PORT, Some(ca.as_path())) + &tls + &firewall
+}
+
+/// The certificate and key of a stack server's application node, in the server's
+/// directory, for web-to-app TLS ([`crate::lab::Lab::use_app_tls`]).
+pub struct AppTlsFiles {
+    /// The certificate, from the lab's CA, for the server's address: the web nodes
+    /// connect to that and check it.
+    pub certificate: PathBuf,
+    /// Its key (mode 0600).
+    pub key: PathBuf,
+}
+
+impl AppTlsFiles {
+    /// The files of the server whose directory is `dir`.
+    pub fn of(dir: &Path) -> AppTlsFiles {
+        AppTlsFiles {
+            certificate: dir.join("app.crt"),
+            key: dir.join("app.key"),
+        }
+    }
+
+    /// Issues server `i`'s application certificate, unless there is one.
+    pub fn install(&self, pki: &Pki, i: usize) {
+        if self.certificate.exists() && self.key.exists() {
+            return;
+        }
+        let address = web_addr(i).to_string();
+        pki.issue_to(&self.certificate, &self.key, &[address.as_str()], "");
+    }
 }
 
 /// An application node as [`app_config`] on `port`, reaching the database over TLS
@@ -377,19 +429,34 @@ impl crate::lab::Lab {
         }
         // And every application node reaching its database through the VIPs.
         for i in 0..servers {
-            let url = format!("http://{}:{APP_PORT}/healthz", web_addr(i));
             crate::process::wait_until(
                 std::time::Duration::from_secs(30),
                 &format!("{}'s application node healthy", self.server_name(i)),
                 || {
-                    self.lb()
-                        .command("curl")
-                        .args(["-sf", "-o", "/dev/null", "-m", "1", &url])
+                    self.app_curl(i, "/healthz", &["-sf", "-o", "/dev/null", "-m", "1"])
                         .status()
                         .is_ok_and(|s| s.success())
                 },
             );
         }
+    }
+
+    /// `curl` in the (first) balancer's namespace to `path` on server `i`'s application
+    /// node, `args` first: over HTTPS trusting the lab's CA once
+    /// [`Lab::use_app_tls`](crate::lab::Lab::use_app_tls) turned it on, else plain HTTP.
+    pub fn app_curl(&self, i: usize, path: &str, args: &[&str]) -> Command {
+        let mut command = self.lb().command("curl");
+        command.args(args);
+        let scheme = if self.uses_app_tls() {
+            command
+                .arg("--cacert")
+                .arg(self.pki.as_ref().expect("a stack lab").ca_cert());
+            "https"
+        } else {
+            "http"
+        };
+        command.arg(format!("{scheme}://{}:{APP_PORT}{path}", web_addr(i)));
+        command
     }
 
     /// Deletes every node's firewall table on every server, as if none had a

@@ -156,6 +156,11 @@ pub struct Proxy {
     /// Idle keep-alive connections kept per upstream.
     #[serde(default = "default_keepalive")]
     pub keepalive: usize,
+    /// The CA (PEM) that signed the upstreams' certificates: connections to them use
+    /// TLS, trusting this CA only, each certificate checked for the upstream's IP
+    /// address; none: plain HTTP.
+    #[serde(default)]
+    pub upstream_tls_ca: Option<PathBuf>,
 }
 
 fn default_proxy_path() -> String {
@@ -253,6 +258,12 @@ impl Validate for Config {
                 if value == 0 {
                     return Err(Invalid::new(format!("proxy.{field}"), "must be above 0"));
                 }
+            }
+            // Read as the proxy will, so `--check` finds a missing or useless CA too.
+            if let Some(ca) = &proxy.upstream_tls_ca
+                && let Err(e) = crate::upstream_tls::connector(ca)
+            {
+                return Err(Invalid::new("proxy.upstream_tls_ca", e.to_string()));
             }
         }
         if self.files.is_none() && self.proxy.is_none() {
@@ -382,6 +393,23 @@ mod tests {
             field_of("[http]\nlisten = '127.0.0.1:80'\n[files]\nroot = '/'\nindex = 'x'"),
             "files.index"
         );
+    }
+
+    #[test]
+    fn an_upstream_ca_must_be_a_readable_pem_certificate() {
+        let proxy = |ca: &str| {
+            format!(
+                "[http]\nlisten = '127.0.0.1:80'\n[proxy]\nupstreams = ['10.0.0.1:8000']\n\
+                 upstream_tls_ca = '{ca}'\n"
+            )
+        };
+        assert_eq!(
+            field_of(&proxy("/nonexistent-ca.crt")),
+            "proxy.upstream_tls_ca"
+        );
+        // A file, but no certificate in it.
+        let not_pem = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        assert_eq!(field_of(&proxy(not_pem)), "proxy.upstream_tls_ca");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod files;
 pub mod proxy;
 mod site;
+pub mod upstream_tls;
 
 use anyhow::Context as _;
 use axum::http::HeaderValue;
@@ -39,7 +40,10 @@ pub async fn run(
     hangups: Option<Hangups>,
 ) -> anyhow::Result<()> {
     let mut registry = Registry::with_prefix("foobar_web");
-    let pool = config.proxy.as_ref().map(|p| Pool::new(p, &mut registry));
+    let pool = match &config.proxy {
+        Some(proxy) => Some(Pool::new(proxy, &mut registry).context("proxy.upstream_tls_ca")?),
+        None => None,
+    };
     let expiry = Expiry::default();
     if config.https.is_some() {
         expiry.register(&mut registry);

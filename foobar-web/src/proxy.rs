@@ -4,6 +4,10 @@
 //! `fail_timeout` (passive health), a request that fails is tried once more on another
 //! upstream when that is safe (idempotent, or never sent), `X-Forwarded-For` and
 //! `X-Forwarded-Proto`, deadlines, a request-body limit, and 502/504 that say why.
+//! With `upstream_tls_ca` the connections to upstreams are TLS ([`upstream_tls`]),
+//! as nginx's `proxy_ssl_verify` with `proxy_ssl_trusted_certificate`.
+//!
+//! [`upstream_tls`]: crate::upstream_tls
 
 use std::{
     net::SocketAddr,
@@ -30,10 +34,17 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tokio_rustls::TlsConnector;
 use tracing::warn;
 
-use crate::config::Proxy;
+use crate::{
+    config::Proxy,
+    upstream_tls::{self, UpstreamCaError},
+};
 
 /// Largest upstream answer read whole before it is sent on.
 const BUFFERED_ANSWER_MAX: u64 = 64 * 1024;
@@ -71,6 +82,8 @@ pub struct Pool {
     upstreams: Vec<Upstream>,
     next: AtomicUsize,
     settings: Proxy,
+    /// TLS to the upstreams (`upstream_tls_ca`); none: plain HTTP.
+    tls: Option<TlsConnector>,
     outcomes: Family<UpstreamLabels, Counter>,
     retries: Counter,
 }
@@ -109,8 +122,13 @@ impl Failure {
 }
 
 impl Pool {
-    /// A pool for `settings`, its metrics registered in `registry`.
-    pub fn new(settings: &Proxy, registry: &mut Registry) -> Arc<Self> {
+    /// A pool for `settings`, its metrics registered in `registry`; fails if its
+    /// `upstream_tls_ca` cannot be read or holds no CA certificate.
+    pub fn new(settings: &Proxy, registry: &mut Registry) -> Result<Arc<Self>, UpstreamCaError> {
+        let tls = match &settings.upstream_tls_ca {
+            Some(ca) => Some(upstream_tls::connector(ca)?),
+            None => None,
+        };
         let outcomes = Family::<UpstreamLabels, Counter>::default();
         let retries = Counter::default();
         registry.register(
@@ -123,7 +141,7 @@ impl Pool {
             "Requests tried again on another upstream after a failure",
             retries.clone(),
         );
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             upstreams: settings
                 .upstreams
                 .iter()
@@ -142,9 +160,10 @@ impl Pool {
                 .collect(),
             next: AtomicUsize::new(0),
             settings: settings.clone(),
+            tls,
             outcomes,
             retries,
-        })
+        }))
     }
 
     /// The next upstream in turn that is not out and not yet tried for this request.
@@ -238,23 +257,39 @@ impl WorkerPool {
         }
     }
 
-    /// A new connection to upstream `i`, its HTTP/1.1 state driven by a task of this
-    /// worker.
+    /// A new connection to upstream `i` (over TLS with `upstream_tls_ca`), its
+    /// HTTP/1.1 state driven by a task of this worker.
     async fn connect(&self, i: usize) -> Result<SendRequest<Full<Bytes>>, Failure> {
         let addr = self.pool.upstreams[i].addr;
         let deadline = Duration::from_millis(self.pool.settings.connect_timeout_ms);
-        let stream = match tokio::time::timeout(deadline, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
-            _ => return Err(Failure::Connect),
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = client_http1::handshake(TokioIo::new(stream))
+        // The TLS handshake is inside the deadline: a node that takes the connection
+        // but never answers the handshake is as unreachable as one that does not.
+        tokio::time::timeout(deadline, self.open(addr))
+            .await
+            .unwrap_or(Err(Failure::Connect))
+    }
+
+    /// Connects to `addr`, and shakes hands over TLS if the pool says so.
+    async fn open(&self, addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, Failure> {
+        let stream = TcpStream::connect(addr)
             .await
             .map_err(|_| Failure::Connect)?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(sender)
+        let _ = stream.set_nodelay(true);
+        let Some(tls) = &self.pool.tls else {
+            return http1_over(stream).await;
+        };
+        match tls
+            .connect(upstream_tls::server_name(addr.ip()), stream)
+            .await
+        {
+            Ok(stream) => http1_over(stream).await,
+            Err(e) => {
+                // A refused certificate is a configuration to fix, not a node down:
+                // the log tells them apart.
+                warn!(upstream = %addr, "TLS handshake: {e}");
+                Err(Failure::Connect)
+            }
+        }
     }
 
     /// Sends the request once to upstream `i`: on a kept connection, or a new one if
@@ -319,6 +354,21 @@ impl WorkerPool {
         }
         Ok(Response::from_parts(head, Body::from(whole)))
     }
+}
+
+/// An HTTP/1.1 client connection over `io` (TCP, or TLS over it), its state driven
+/// by a task of the calling worker.
+async fn http1_over<T>(io: T) -> Result<SendRequest<Full<Bytes>>, Failure>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = client_http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|_| Failure::Connect)?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
 }
 
 /// What is sent upstream, kept so it can be sent twice.

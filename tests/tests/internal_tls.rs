@@ -3,7 +3,9 @@
 //! database VIPs'), replication runs over TLS with the primary's certificate
 //! checked, a capture of the database links during API traffic holds no SQL and none
 //! of the data, and no secret (a password, a private key) is on a command line or in
-//! a log of the run, their files readable by their owner only.
+//! a log of the run, their files readable by their owner only. With web-to-app TLS
+//! turned on, the application nodes take HTTPS only and the web nodes' proxied
+//! requests cross the servers' links encrypted.
 
 use std::{
     net::Ipv4Addr,
@@ -19,7 +21,7 @@ use tests::{
     e2e::one_at_a_time,
     lab::{Lab, LabSpec, web_addr},
     process::{spawn_logged, terminate, wait_until},
-    stack::{DB_PORT, DB_USER, SITE, db_write_vip, server_dir},
+    stack::{APP_PORT, AppTlsFiles, DB_PORT, DB_USER, SITE, db_write_vip, server_dir},
 };
 
 /// A stack lab with its balancer running, the site ready and the pair replicating.
@@ -147,7 +149,7 @@ fn the_database_links_carry_no_sql_in_the_clear_and_no_secret_leaks_to_command_l
 
     // Every packet to or from MariaDB's port on both servers: the application's
     // connections through the VIPs (both ends of the full NAT), replication.
-    let captures: Vec<Capture> = (0..2).map(|i| Capture::start(&lab, i)).collect();
+    let captures: Vec<Capture> = (0..2).map(|i| Capture::start(&lab, i, DB_PORT)).collect();
     let marker = format!(
         "tls-marker-{}-{}",
         std::process::id(),
@@ -196,16 +198,7 @@ fn the_database_links_carry_no_sql_in_the_clear_and_no_secret_leaks_to_command_l
             "{}: {packets} packets ({} bytes): the capture missed the traffic; tcpdump: {}",
             file.display(),
             bytes.len(),
-            std::fs::read_to_string(
-                file.with_file_name(format!(
-                    "{}-tcpdump.log",
-                    file.file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .trim_end_matches("-mariadb.pcap")
-                ))
-            )
-            .unwrap_or_default()
+            capture.log()
         );
         // The server's greeting precedes TLS: seen in the clear, it shows the
         // capture holds the connections' payloads whole.
@@ -276,19 +269,134 @@ fn the_database_links_carry_no_sql_in_the_clear_and_no_secret_leaks_to_command_l
     }
 }
 
-/// tcpdump on a server's interface, MariaDB's port, into a file; killed if the
-/// test ends before it stops it.
+#[test]
+fn with_web_to_app_tls_the_api_works_and_no_request_crosses_in_the_clear() {
+    let _turn = one_at_a_time();
+    let mut lab = stack_lab("tls-app");
+    lab.use_app_tls();
+    lab.wait_for_backends_up();
+
+    // From a server, whose web node the firewall lets reach every application node:
+    // HTTPS checked against the lab's CA for the node's address is answered, a CA
+    // that did not sign its certificate is refused, plain HTTP gets no answer (the
+    // node speaks TLS only, so this is no firewall's doing).
+    let ca = TlsFiles::of(&server_dir(&lab.dir, &lab.server_name(0))).ca;
+    let ca = ca.to_str().expect("UTF-8 path").to_owned();
+    let other = Pki::new(&lab.dir.join("other-ca")).ca_cert();
+    let other = other.to_str().expect("UTF-8 path").to_owned();
+    let curl = |args: &[&str]| {
+        lab.webs[0]
+            .command("curl")
+            .args(["-sS", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(args)
+            .output()
+            .expect("curl")
+    };
+    for i in 0..2 {
+        let https_url = format!("https://{}:{APP_PORT}/healthz", web_addr(i));
+        let http_url = format!("http://{}:{APP_PORT}/healthz", web_addr(i));
+        let https = curl(&["--cacert", ca.as_str(), https_url.as_str()]);
+        assert_eq!(
+            text(&https.stdout),
+            "200",
+            "{https_url}: {}",
+            text(&https.stderr)
+        );
+        let wrong_ca = curl(&["--cacert", other.as_str(), https_url.as_str()]);
+        assert!(
+            !wrong_ca.status.success(),
+            "{https_url}: a certificate checked against another CA was accepted"
+        );
+        let plain = curl(&[http_url.as_str()]);
+        assert!(
+            !plain.status.success() && text(&plain.stdout) == "000",
+            "{http_url}: plain HTTP was answered ({})",
+            text(&plain.stdout)
+        );
+        let key = AppTlsFiles::of(&server_dir(&lab.dir, &lab.server_name(i))).key;
+        assert_eq!(mode_of(&key), 0o600, "{}", key.display());
+    }
+
+    // Every packet to or from the application port on both servers' links: each web
+    // node reaches the other server's application node there (its own over loopback).
+    let captures: Vec<Capture> = (0..2).map(|i| Capture::start(&lab, i, APP_PORT)).collect();
+    let marker = format!(
+        "app-tls-marker-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("time")
+            .as_nanos()
+    );
+    let jar = lab.dir.join("app-tls-cookies.txt").display().to_string();
+    for n in 0..10 {
+        let body = lab
+            .post_through_site(&format!("{marker} {n}"), &["-c", &jar, "-b", &jar])
+            .unwrap_or_else(|e| panic!("post {n} through the site: {e}"));
+        let post: serde_json::Value = serde_json::from_str(&body).expect("a post");
+        let url = format!("https://{SITE}/api/posts/{}", post["id"]);
+        let read = lab.site_curl(&["-f", "-b", &jar, &url]);
+        assert!(
+            text(&read.stdout).contains(&marker),
+            "post {n} not read back: {}",
+            text(&read.stderr)
+        );
+    }
+    let url = format!("https://{SITE}/api/posts?limit=10");
+    let list = lab.site_curl(&["-f", "-b", &jar, &url]);
+    assert!(
+        text(&list.stdout).contains(&marker),
+        "{}",
+        text(&list.stderr)
+    );
+
+    for mut capture in captures {
+        let bytes = capture.stop();
+        let (file, packets) = (&capture.file, pcap_packets(&bytes));
+        assert!(
+            packets >= 10,
+            "{}: {packets} packets ({} bytes): the capture missed the traffic; tcpdump: {}",
+            file.display(),
+            bytes.len(),
+            capture.log()
+        );
+        // A client hello's ALPN offer (lower case) crosses in the clear: the capture
+        // holds the proxy's TLS connections from their first byte.
+        assert!(
+            contains(&bytes, b"http/1.1"),
+            "{}: no TLS handshake of the proxy in the capture",
+            file.display()
+        );
+        for needle in [
+            b"GET /api".as_slice(),
+            b"POST /api".as_slice(),
+            b"HTTP/1.1 ".as_slice(),
+            marker.as_bytes(),
+        ] {
+            assert!(
+                !contains(&bytes, needle),
+                "{}: {:?} in the clear between the web and application nodes",
+                file.display(),
+                text(needle)
+            );
+        }
+    }
+}
+
+/// tcpdump on a server's interface, one TCP port, into a file; killed if the test
+/// ends before it stops it.
 struct Capture {
     child: Option<Child>,
     file: PathBuf,
+    log: PathBuf,
 }
 
 impl Capture {
-    /// Starts it on server `i` and waits until it listens.
-    fn start(lab: &Lab, i: usize) -> Capture {
+    /// Starts it on server `i` for `port` and waits until it listens.
+    fn start(lab: &Lab, i: usize, port: u16) -> Capture {
         let name = lab.server_name(i);
-        let file = lab.dir.join(format!("{name}-mariadb.pcap"));
-        let log = lab.dir.join(format!("{name}-tcpdump.log"));
+        let file = lab.dir.join(format!("{name}-{port}.pcap"));
+        let log = lab.dir.join(format!("{name}-{port}-tcpdump.log"));
         // -Z root: Debian's tcpdump would write the file as its own user otherwise;
         // --immediate-mode: each packet handed over as it comes (otherwise the kernel
         // holds them in blocks, and a stop loses what it held); -U: each written as
@@ -299,7 +407,7 @@ impl Capture {
                 .args(["-i", "eth0", "-n", "-s", "0", "--immediate-mode", "-U"])
                 .args(["-Z", "root", "-w"])
                 .arg(&file)
-                .args(["tcp", "port", &DB_PORT.to_string()]),
+                .args(["tcp", "port", &port.to_string()]),
             &log,
         );
         let started = Instant::now();
@@ -314,6 +422,7 @@ impl Capture {
         Capture {
             child: Some(child),
             file,
+            log,
         }
     }
 
@@ -323,6 +432,11 @@ impl Capture {
             terminate(&mut child);
         }
         std::fs::read(&self.file).expect("capture file")
+    }
+
+    /// What tcpdump said.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
