@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use axum::{
     Json, Router,
     extract::State,
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::{from_fn_with_state, map_response_with_state},
     response::{IntoResponse, Response},
     routing::get,
@@ -100,8 +100,12 @@ pub fn router(config: &Config, db: Arc<Db>, pools: Arc<Pools>, observer: Arc<Obs
         .route("/healthz", get(healthz).with_state(db))
         .route(
             "/metrics",
-            get(|State(o): State<Arc<Observer>>| async move { o.metrics_response() })
-                .with_state(observer.clone()),
+            get(
+                |State(o): State<Arc<Observer>>, headers: HeaderMap| async move {
+                    o.metrics_response(&headers)
+                },
+            )
+            .with_state(observer.clone()),
         )
         .layer(map_response_with_state(name, served_by))
         .layer(from_fn_with_state(observer, observe))

@@ -240,6 +240,9 @@ pub struct Balancer {
     pub pin_dir: PathBuf,
     /// The agent's `RUST_LOG`.
     pub log_filter: String,
+    /// The agent's `--on-exit`: `keep` (a stop is a restart: a VRRP master keeps its
+    /// addresses and resumes) or `detach` (a real stop: it hands over at once).
+    pub on_exit: &'static str,
     dir: PathBuf,
     bin_dir: PathBuf,
     agent: Option<Child>,
@@ -255,6 +258,7 @@ impl Balancer {
             name: name.into(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}-{name}")),
             log_filter: "info".into(),
+            on_exit: "keep",
             dir,
             bin_dir: bin_dir.to_owned(),
             agent: None,
@@ -296,6 +300,10 @@ impl Balancer {
                 .arg(self.config_path())
                 .arg("--pin-dir")
                 .arg(&self.pin_dir)
+                // Beside the config, so the state file goes with the lab.
+                .arg("--state-file")
+                .arg(self.dir.join("state.json"))
+                .args(["--on-exit", self.on_exit])
                 .env("RUST_LOG", &self.log_filter),
             &self.dir.join("agent.log"),
         );

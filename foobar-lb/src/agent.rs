@@ -3,7 +3,7 @@
 //!
 //! The running VIPs start as the configuration file says; API changes edit them in
 //! place (as HAProxy's runtime API does) until the next reload, which makes the file
-//! the truth again.
+//! the truth again. They outlive a restart through the state file ([`crate::persist`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,7 +28,8 @@ use crate::{
     connections::Connections,
     dataplane::{Attached, Dataplane, DataplaneError, LoadOptions},
     edge::Action,
-    health::{BackendHealth, HealthCheck, OnDown},
+    health::{BackendHealth, CheckFailure, CheckResult, HealthChanges, HealthCheck, OnDown},
+    persist::{self, RuntimeState, StateFile},
     pin,
     reconcile::{AppliedVip, ApplyError, ApplyReport, Balancer, Environment},
     state::{DesiredState, StateError, VipSpec, endpoint, socket_of},
@@ -46,16 +47,30 @@ pub struct AgentOptions {
     pub pin_dir: Option<PathBuf>,
     /// Let the program emit its debug log lines (drained by the daemon).
     pub debug_log: bool,
+    /// Where changes made through the API are kept for the next start (see
+    /// [`crate::persist`]); `None` keeps none: every start is from the file.
+    pub state_file: Option<PathBuf>,
 }
 
 /// What happens to the data plane when the agent exits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnExit {
-    /// Keep forwarding with the pinned program and maps; the next agent takes over.
+    /// Keep forwarding with the pinned program and maps; the next agent takes over. A
+    /// restart: a VRRP MASTER keeps its addresses and the next agent resumes as MASTER.
     #[default]
     Keep,
-    /// Detach from every interface and remove the pins.
+    /// Detach from every interface and remove the pins. A real stop: a VRRP MASTER
+    /// hands its addresses over (priority 0).
     Detach,
+}
+
+impl OnExit {
+    /// Whether exiting so is a restart: the data plane forwards from the pins until
+    /// the next agent comes, so the VRRP router keeps the VIPs for it too (see
+    /// [`crate::vrrp::handoff`]). Unpinned, nothing forwards: that is a stop.
+    pub fn is_restart(self, pinned: bool) -> bool {
+        self == OnExit::Keep && pinned
+    }
 }
 
 /// Why the agent could not start or reload.
@@ -124,7 +139,9 @@ pub struct Agent {
     config: Config,
     desired: DesiredState,
     health: BTreeMap<BackendKey, BackendHealth>,
+    health_changes: HealthChanges,
     disabled: BTreeSet<BackendKey>,
+    state_file: Option<StateFile>,
     interfaces: Vec<String>,
     started: Instant,
     rates: RateMeter,
@@ -150,14 +167,28 @@ impl Agent {
         } else {
             Balancer::new(dataplane)
         };
-        let desired = config.desired_state();
+        // Changes made through the API before a restart come back, unless the file
+        // was edited since: then the file wins (see `persist`).
+        let state_file = options
+            .state_file
+            .clone()
+            .map(|path| StateFile::new(path, &options.config));
+        let from_file = config.desired_state();
+        let restored = state_file.as_ref().and_then(|f| f.restore(&from_file));
+        let was_restored = restored.is_some();
+        let runtime = restored.unwrap_or_else(|| RuntimeState {
+            desired: from_file,
+            disabled: BTreeSet::new(),
+        });
         let mut agent = Agent {
             balancer,
             config_path: options.config.clone(),
             config: config.clone(),
-            desired: desired.clone(),
+            desired: runtime.desired,
             health: BTreeMap::new(),
-            disabled: BTreeSet::new(),
+            health_changes: HealthChanges::default(),
+            disabled: runtime.disabled,
+            state_file,
             interfaces: config.dataplane.interface_names(),
             started: Instant::now(),
             rates: RateMeter::default(),
@@ -171,7 +202,7 @@ impl Agent {
         let env = agent.environment()?;
         agent.interfaces.clear();
         agent.balancer.stage_environment(env);
-        let report = agent.balancer.apply(&desired)?;
+        let report = agent.apply_initial(was_restored)?;
         info!(resumed, ?report, "VIPs applied");
         let (attached, _) = agent.attach_all(&config)?;
         info!(interfaces = ?attached, "attached");
@@ -185,6 +216,31 @@ impl Agent {
             }
         }
         Ok(agent)
+    }
+
+    /// Applies the state the agent starts with. A restored runtime state the data
+    /// plane refuses (nothing is written then) gives way to the file's: the state
+    /// file never keeps the agent from starting.
+    fn apply_initial(&mut self, restored: bool) -> Result<ApplyReport, AgentError> {
+        match self.balancer.apply(&self.effective(&self.desired)) {
+            Err(ApplyError::Invalid(e)) if restored => {
+                warn!(
+                    "the saved runtime state is refused ({e}); starting from the configuration file"
+                );
+                if let Some(file) = &self.state_file {
+                    file.set_aside();
+                }
+                self.desired = self.config.desired_state();
+                self.disabled.clear();
+                Ok(self.balancer.apply(&self.desired)?)
+            }
+            applied => Ok(applied?),
+        }
+    }
+
+    /// The count of backends' up/down changes, for a cache of what `status` shows.
+    pub fn health_changes(&self) -> HealthChanges {
+        self.health_changes.clone()
     }
 
     /// Where the metrics listener should be, if anywhere.
@@ -311,7 +367,14 @@ impl Agent {
         self.desired = desired;
         self.forget_gone_backends();
         info!(?report, ?attached, ?detached, "reloaded");
-        Ok(changed(report, attached, detached))
+        // The file is the truth again: the state file keeps only what it cannot say
+        // (disables), against the file as read now.
+        if let Some(file) = &mut self.state_file {
+            file.config_reloaded();
+        }
+        let mut reloaded = changed(report, attached, detached);
+        reloaded.not_persisted = self.persist();
+        Ok(reloaded)
     }
 
     /// Ends the agent: with [`OnExit::Detach`] the data plane goes too.
@@ -448,6 +511,11 @@ impl Agent {
                 })
             }
             Request::AclList => self.acl_rules().map(Reply::Acl),
+            Request::RunningConfig => Ok(Reply::RunningConfig(Box::new(persist::running_config(
+                &self.config_path,
+                &self.config,
+                &self.runtime(),
+            )))),
             Request::BackendDisable { vip, backend } => self.set_disabled(&vip, backend, true),
             Request::BackendEnable { vip, backend } => self.set_disabled(&vip, backend, false),
             Request::BackendSetWeight {
@@ -479,7 +547,9 @@ impl Agent {
         info!(?report, "changed through the API");
         self.desired = next;
         self.forget_gone_backends();
-        Ok(Reply::Changed(changed(report, Vec::new(), Vec::new())))
+        let mut done = changed(report, Vec::new(), Vec::new());
+        done.not_persisted = self.persist();
+        Ok(Reply::Changed(done))
     }
 
     /// Sets a backend's admin state; the maps follow, or nothing changes.
@@ -501,11 +571,34 @@ impl Agent {
         match self.reapply() {
             Ok(report) => {
                 info!(%backend, disabled, "admin state changed");
-                Ok(Reply::Changed(changed(report, Vec::new(), Vec::new())))
+                let mut done = changed(report, Vec::new(), Vec::new());
+                done.not_persisted = self.persist();
+                Ok(Reply::Changed(done))
             }
             Err(e) => {
                 self.disabled = before;
                 Err(e.into())
+            }
+        }
+    }
+
+    /// What the API has changed: the running VIPs and the disabled backends.
+    fn runtime(&self) -> RuntimeState {
+        RuntimeState {
+            desired: self.desired.clone(),
+            disabled: self.disabled.clone(),
+        }
+    }
+
+    /// Writes the runtime state to the state file, after the change is applied (the
+    /// data plane never waits for a disk); says why it could not, for the reply.
+    fn persist(&self) -> Option<String> {
+        let file = self.state_file.as_ref()?;
+        match file.record(&self.runtime(), &self.config.desired_state()) {
+            Ok(()) => None,
+            Err(e) => {
+                error!("{e}: the change runs, but a restart of the agent forgets it");
+                Some(e.to_string())
             }
         }
     }
@@ -566,13 +659,9 @@ impl Agent {
     }
 
     /// Records one check result of a backend (checked with `check`); when its state
-    /// flips, the schedules are rewritten without it (or with it again).
-    pub fn record_check(
-        &mut self,
-        key: &BackendKey,
-        check: &HealthCheck,
-        result: Result<std::time::Duration, String>,
-    ) {
+    /// flips, the schedules are rewritten without it (or with it again). A check this
+    /// machine could not run is logged and counted, and changes nothing.
+    pub fn record_check(&mut self, key: &BackendKey, check: &HealthCheck, result: CheckResult) {
         // A result for a check that has since changed or gone is stale.
         let Some(vip) = self.desired.vips.iter().find(|v| v.name == key.0) else {
             return;
@@ -586,9 +675,25 @@ impl Agent {
             endpoint(key.1.ip(), key.1.port(), vip.protocol),
         ));
         let health = self.health.entry(key.clone()).or_default();
-        let Some(up) = health.record(&result, check.rise, check.fall) else {
+        let skipped_before = health.skipped_in_a_row;
+        let flipped = health.record(&result, check.rise, check.fall);
+        // Once per run of skipped checks, not per probe: when descriptors run out,
+        // every probe of every backend fails alike.
+        match (&result, skipped_before) {
+            (Err(CheckFailure::Local(why)), 0) => warn!(
+                vip = key.0, backend = %key.1, reason = %why,
+                "health check skipped: this machine could not run it; the backend keeps its state"
+            ),
+            (Err(CheckFailure::Local(_)), _) => {}
+            (_, 0) => {}
+            (_, skipped) => {
+                info!(vip = key.0, backend = %key.1, skipped, "health checks run again")
+            }
+        }
+        let Some(up) = flipped else {
             return;
         };
+        self.health_changes.record();
         let why = health.last_error.clone().unwrap_or_default();
         if up {
             info!(vip = key.0, backend = %key.1, "backend up: back in the schedule");
@@ -1004,6 +1109,7 @@ fn changed(maps: ApplyReport, attached: Vec<String>, detached: Vec<String>) -> C
         maps,
         interfaces_attached: attached,
         interfaces_detached: detached,
+        not_persisted: None,
     }
 }
 

@@ -18,7 +18,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    config::Config,
     edge::Action,
+    persist::DisabledBackend,
     reconcile::ApplyReport,
     state::{BackendSpec, Protocol, Scheduler, VipSpec},
     vrrp::VrrpStatus,
@@ -116,6 +118,8 @@ pub enum Request {
     },
     /// Every access-list rule with the packets it decided.
     AclList,
+    /// The running state as a configuration file holds it (for `foobar-lb save`).
+    RunningConfig,
 }
 
 /// A refused request: what was wrong, and where.
@@ -169,6 +173,20 @@ pub enum Reply {
     Explained(Explanation),
     /// For `acl list`.
     Acl(Vec<AclRuleStatus>),
+    /// For `running_config`.
+    RunningConfig(Box<RunningConfig>),
+}
+
+/// The running state as a configuration: what `foobar-lb save` writes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunningConfig {
+    /// The configuration file the agent loaded.
+    pub config_file: PathBuf,
+    /// Its settings (`[dataplane]`, `[metrics]`, `[vrrp]`) with the running VIPs and
+    /// `[edge]` section, changes through the API included.
+    pub config: Config,
+    /// Backends disabled through the API (admin state: no configuration field holds it).
+    pub disabled: Vec<DisabledBackend>,
 }
 
 /// An access-list rule as running, with what it decided.
@@ -194,6 +212,10 @@ pub struct Changed {
     pub interfaces_attached: Vec<String>,
     /// Interfaces detached.
     pub interfaces_detached: Vec<String>,
+    /// Why the change could not be written to the state file: it runs, but a restart
+    /// of the agent forgets it. None when it was written (or no state file is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_persisted: Option<String>,
 }
 
 /// The answer of `explain`.

@@ -9,6 +9,7 @@ use crate::{
     agent::OnExit,
     api::{DEFAULT_SOCKET, Request},
     edge::Action,
+    persist::DEFAULT_STATE_FILE,
     state::{BackendSpec, Forwarding, MAX_WEIGHT, Protocol, Scheduler, VipSpec},
 };
 
@@ -101,11 +102,26 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Decap(DecapArgs),
     /// Re-read the configuration file and apply it whole; a bad file changes nothing.
+    /// The file is the truth again: changes made through the CLI go (disabled
+    /// backends stay disabled; no file says otherwise).
     ///
     /// Examples:
     ///   sudo foobar-lb reload
     #[command(verbatim_doc_comment)]
     Reload,
+    /// Write the running state (the configuration file with the changes made through
+    /// the CLI) as a configuration file, to FILE or stdout. Comments of the original
+    /// are not kept; disabled backends are listed in a comment. The file is checked to
+    /// load back as the same configuration before it is written, atomically.
+    ///
+    /// Examples:
+    ///   sudo foobar-lb save > lb.toml
+    ///   sudo foobar-lb save /etc/foobar-lb/foobar-lb.toml && sudo foobar-lb reload
+    #[command(verbatim_doc_comment)]
+    Save {
+        /// Where to write it (replaced whole); none: stdout.
+        file: Option<PathBuf>,
+    },
     /// Print a shell completion script.
     ///
     /// Examples:
@@ -237,6 +253,14 @@ pub struct RunArgs {
     /// What happens to the data plane when the daemon exits.
     #[arg(long, value_enum, default_value_t = OnExit::Keep)]
     pub on_exit: OnExit,
+    /// Where changes made through the CLI (weights, drains, disables, VIPs, backends,
+    /// access-list rules) are kept, so that the next start applies them again; one
+    /// saved before the configuration file was edited is dropped (the file wins).
+    #[arg(long, default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
+    /// Keep no state file: a restart forgets the changes made through the CLI.
+    #[arg(long, conflicts_with = "state_file")]
+    pub no_state_file: bool,
 }
 
 /// `vip` subcommands.
@@ -460,6 +484,7 @@ impl Command {
             | Command::Backend(BackendCommand::List { .. }) => Request::Status,
             Command::Stats => Request::Stats,
             Command::Reload => Request::Reload,
+            Command::Save { .. } => Request::RunningConfig,
             Command::Explain { vip, client } => Request::Explain {
                 vip: vip.clone(),
                 client: client.ip(),

@@ -6,9 +6,8 @@
 use std::{
     collections::HashMap,
     future::Future,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -27,7 +26,11 @@ use crate::{
     connections,
     health::{self, HealthCheck},
     http, topology,
-    vrrp::{self, VrrpView},
+    vrrp::{
+        self, VrrpConfig, VrrpView,
+        handoff::{self, Start},
+        instance::Exit,
+    },
 };
 
 /// How often counters are sampled for rates.
@@ -78,10 +81,35 @@ pub async fn run(
         message,
     };
     let listener = bind(&options.socket).await.map_err(socket_error)?;
+    // How the failover router starts depends on how the last agent left (see
+    // vrrp::handoff). One that stepped aside for this restart is resumed as MASTER now,
+    // not after the agent's start: loading and verifying the program can take longer
+    // than the peer waits before it takes over. Safe, because the last agent left the
+    // program attached from the pins, forwarding with the same maps meanwhile.
+    let vrrp_view = VrrpView::default();
+    let (faults, tracked) = watch::channel(Vec::new());
+    let planned = plan_vrrp(&options);
+    let mut vrrp = match &planned {
+        Some((config, start @ Start::Resume { .. })) => {
+            match vrrp::instance::spawn(config.clone(), vrrp_view.clone(), tracked.clone(), *start)
+            {
+                Ok(running) => Some(running),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&options.socket);
+                    return Err(e.into());
+                }
+            }
+        }
+        _ => None,
+    };
     let agent_options = options.agent.clone();
     let mut agent = match tokio::task::spawn_blocking(move || Agent::start(&agent_options)).await {
         Ok(Ok(agent)) => agent,
         Ok(Err(e)) => {
+            // A resumed MASTER whose agent cannot start hands over.
+            if let Some(vrrp) = vrrp.take() {
+                vrrp.stop(Exit::HandOver, Duration::from_secs(3)).await;
+            }
             let _ = std::fs::remove_file(&options.socket);
             return Err(e.into());
         }
@@ -92,35 +120,35 @@ pub async fn run(
     }
     let metrics_listen = agent.metrics_listen();
     // Tracked faults flow to the VRRP router, which turns them into a priority.
-    let (faults, tracked) = watch::channel(agent.track_faults());
-    let vrrp = match agent.vrrp_config().cloned() {
-        Some(config) => {
-            let view = VrrpView::default();
-            agent.show_vrrp(view.clone());
-            match vrrp::instance::spawn(config, view, tracked) {
-                Ok(running) => Some(running),
-                Err(e) => {
-                    let _ = std::fs::remove_file(&options.socket);
-                    return Err(e.into());
-                }
+    faults.send_replace(agent.track_faults());
+    if vrrp.is_none()
+        && let Some(config) = agent.vrrp_config().cloned()
+    {
+        let start = planned.map_or(Start::Fresh, |(_, start)| start);
+        match vrrp::instance::spawn(config, vrrp_view.clone(), tracked, start) {
+            Ok(running) => vrrp = Some(running),
+            Err(e) => {
+                let _ = std::fs::remove_file(&options.socket);
+                return Err(e.into());
             }
         }
-        None => None,
-    };
+    }
+    if vrrp.is_some() {
+        agent.show_vrrp(vrrp_view);
+    }
     let agent: Shared = Arc::new(Mutex::new(agent));
     let http_task = match metrics_listen {
         Some(at) => {
-            let listener =
-                tokio::net::TcpListener::bind(at)
-                    .await
-                    .map_err(|e| DaemonError::Socket {
-                        path: PathBuf::from(at.to_string()),
-                        message: format!("metrics listener: {e}"),
-                    })?;
+            let listener = http::bind(at).map_err(|e| DaemonError::Socket {
+                path: PathBuf::from(at.to_string()),
+                message: format!("metrics listener: {e}"),
+            })?;
             info!(%at, "serving /metrics, /status.json and the status page");
+            let health_changes = lock(&agent).health_changes();
             Some(AbortOnDrop(tokio::spawn(http::serve(
                 listener,
                 Arc::downgrade(&agent),
+                health_changes,
             ))))
         }
         None => None,
@@ -153,16 +181,16 @@ pub async fn run(
     checkers.sync(&agent).await;
     // Served requests say when the VIPs may have changed, so the checks follow.
     let changed = Arc::new(Notify::new());
+    // Its connections hold the agent weakly: an idle client does not hold up shutdown.
+    let _control = AbortOnDrop(tokio::spawn(accept_control(
+        listener,
+        Arc::downgrade(&agent),
+        changed.clone(),
+    )));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, agent.clone(), changed.clone()));
-                }
-                Err(e) => warn!("accepting a control connection: {e}"),
-            },
             _ = changed.notified() => {
                 checkers.sync(&agent).await;
                 track(&agent, &faults).await;
@@ -198,9 +226,14 @@ pub async fn run(
         }
     }
     info!("shutting down");
-    // First hand the VIPs over (priority 0), while the data plane still forwards.
-    if let Some(vrrp) = vrrp {
-        vrrp.stop(Duration::from_secs(3)).await;
+    // A real stop first hands the VIPs over (priority 0), while the data plane still
+    // forwards. A restart keeps them and the mastership: the router goes on
+    // advertising through the cleanup and steps aside last, leaving the next agent a
+    // note to resume from (see vrrp::handoff). The next agent must start after this
+    // one has exited, as systemd's restart and the lab's do.
+    let restart = options.on_exit.is_restart(options.agent.pin_dir.is_some());
+    if !restart && let Some(vrrp) = vrrp.take() {
+        vrrp.stop(Exit::HandOver, Duration::from_secs(3)).await;
     }
     checkers.stop();
     drop(http_task);
@@ -221,7 +254,28 @@ pub async fn run(
             .shutdown(options.on_exit),
         Err(_) => warn!("control connections still open; exiting without cleanup"),
     }
+    // A restart: the last advertisement goes out as late as it can, so the next agent
+    // has the backup's whole master-down interval to resume in.
+    if let Some(vrrp) = vrrp {
+        let note = handoff::note_path(&options.socket);
+        vrrp.stop(Exit::Restart(note), Duration::from_secs(3)).await;
+    }
     Ok(())
+}
+
+/// How the failover router starts, decided before the agent's start (see
+/// [`handoff::plan_start`]); `None` without `[vrrp]`. The file is read here for
+/// `[vrrp]` alone: the agent reads and checks it again.
+fn plan_vrrp(options: &RunOptions) -> Option<(VrrpConfig, Start)> {
+    let config = crate::config::Config::load(&options.agent.config)
+        .ok()?
+        .vrrp?;
+    let start = handoff::plan_start(
+        &config,
+        &handoff::note_path(&options.socket),
+        options.agent.pin_dir.as_deref(),
+    );
+    Some((config, start))
 }
 
 /// Passes what tracking finds to the VRRP router when it changed.
@@ -266,7 +320,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// A check result: which backend, with which check, and how it went.
-type Checked = (BackendKey, HealthCheck, Result<Duration, String>);
+type Checked = (BackendKey, HealthCheck, health::CheckResult);
 
 /// One task per checked backend, each probing on its own interval.
 struct Checkers {
@@ -341,7 +395,8 @@ fn lock(agent: &Shared) -> std::sync::MutexGuard<'_, Agent> {
     agent.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Binds the control socket, root-only; refuses when another daemon answers there.
+/// Binds the control socket, root-only from its first instant; refuses when another
+/// daemon answers there.
 async fn bind(path: &Path) -> Result<UnixListener, String> {
     if UnixStream::connect(path).await.is_ok() {
         return Err("another foobar-lb daemon is listening there".into());
@@ -355,14 +410,38 @@ async fn bind(path: &Path) -> Result<UnixListener, String> {
         }
         _ => {}
     }
-    let listener = UnixListener::bind(path).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| e.to_string())?;
-    Ok(listener)
+    // bind creates the socket file with the mode the umask leaves: under 0o177 it is
+    // 0600 from the start, where a chmod after the bind left a moment in which any
+    // local user could connect. The umask is the process's: this runs first in `run`,
+    // before the daemon starts anything that creates files, and restores it at once.
+    // SAFETY: umask cannot fail and changes nothing but the process's mask.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(previous) };
+    bound.map_err(|e| e.to_string())
 }
 
-/// Serves one connection: request lines in, reply lines out.
-async fn serve(stream: UnixStream, agent: Shared, changed: Arc<Notify>) {
+/// Accepts control connections until aborted, backing off when accepting fails (out
+/// of file descriptors) instead of spinning. No connection limit: only root can
+/// connect.
+async fn accept_control(listener: UnixListener, agent: Weak<Mutex<Agent>>, changed: Arc<Notify>) {
+    let mut backoff = http::AcceptBackoff::new("control socket");
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                tokio::spawn(serve(stream, agent.clone(), changed.clone()));
+            }
+            Err(e) => backoff.failed(&e).await,
+        }
+    }
+}
+
+/// Serves one connection: request lines in, reply lines out. It holds the agent only
+/// while serving a request, so that a client idle between requests does not keep a
+/// stopping daemon from cleaning up; once the agent is gone, requests are refused.
+async fn serve(stream: UnixStream, agent: Weak<Mutex<Agent>>, changed: Arc<Notify>) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1)).lines();
     loop {
@@ -374,10 +453,19 @@ async fn serve(stream: UnixStream, agent: Shared, changed: Arc<Notify>) {
                 return;
             }
         };
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => {
+        let reply = match (serde_json::from_str::<Request>(&line), agent.upgrade()) {
+            (Err(e), _) => Err(ApiError::new(
+                ErrorKind::BadRequest,
+                None,
+                format!("not a request: {e}"),
+            )),
+            (Ok(_), None) => Err(ApiError::new(
+                ErrorKind::Dataplane,
+                None,
+                "the agent is stopping",
+            )),
+            (Ok(request), Some(agent)) => {
                 debug!(?request, "control request");
-                let agent = agent.clone();
                 tokio::task::spawn_blocking(move || lock(&agent).handle(request))
                     .await
                     .unwrap_or_else(|e| {
@@ -388,11 +476,6 @@ async fn serve(stream: UnixStream, agent: Shared, changed: Arc<Notify>) {
                         ))
                     })
             }
-            Err(e) => Err(ApiError::new(
-                ErrorKind::BadRequest,
-                None,
-                format!("not a request: {e}"),
-            )),
         };
         if matches!(reply, Ok(Reply::Changed(_))) {
             changed.notify_one();

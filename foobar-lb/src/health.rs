@@ -3,7 +3,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -157,8 +160,23 @@ impl HealthCheck {
     }
 }
 
-/// One probe of `target`: its latency, or why it failed.
-pub async fn probe(check: &HealthCheck, target: SocketAddr) -> Result<Duration, String> {
+/// Why a probe did not pass.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CheckFailure {
+    /// The backend failed it (refused, timed out, answered wrong): counts toward `fall`.
+    #[error("{0}")]
+    Backend(String),
+    /// This machine could not run it (out of file descriptors, memory, buffers or
+    /// local ports): it says nothing about the backend, whose state stays as it was.
+    #[error("skipped: local error: {0}")]
+    Local(String),
+}
+
+/// How one probe went: its latency, or why it did not pass.
+pub type CheckResult = Result<Duration, CheckFailure>;
+
+/// One probe of `target`: its latency, or why it did not pass.
+pub async fn probe(check: &HealthCheck, target: SocketAddr) -> CheckResult {
     let target = check
         .port
         .map_or(target, |port| SocketAddr::new(target.ip(), port));
@@ -166,24 +184,44 @@ pub async fn probe(check: &HealthCheck, target: SocketAddr) -> Result<Duration, 
     let work = async {
         let stream = TcpStream::connect(target)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(|e| connect_failure(&e))?;
+        let failed = CheckFailure::Backend;
         match check.kind {
             CheckKind::Tcp => Ok(()),
-            CheckKind::Http => http_get(check, target, stream).await,
+            CheckKind::Http => http_get(check, target, stream).await.map_err(failed),
             CheckKind::Https => {
                 let name = ServerName::IpAddress(target.ip().into());
                 let stream = tls_connector()
                     .connect(name, stream)
                     .await
-                    .map_err(|e| format!("tls: {e}"))?;
-                http_get(check, target, stream).await
+                    .map_err(|e| failed(format!("tls: {e}")))?;
+                http_get(check, target, stream).await.map_err(failed)
             }
         }
     };
     match tokio::time::timeout(Duration::from_millis(check.timeout_ms), work).await {
         Ok(Ok(())) => Ok(started.elapsed()),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("timed out after {} ms", check.timeout_ms)),
+        Err(_) => Err(CheckFailure::Backend(format!(
+            "timed out after {} ms",
+            check.timeout_ms
+        ))),
+    }
+}
+
+/// Whose fault a failed connect is. Only the socket's creation and its implicit bind
+/// can fail for want of this machine's resources; everything after is the backend's
+/// (or the network's) answer.
+fn connect_failure(e: &std::io::Error) -> CheckFailure {
+    let local = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    );
+    let message = format!("connect: {e}");
+    if local {
+        CheckFailure::Local(message)
+    } else {
+        CheckFailure::Backend(message)
     }
 }
 
@@ -281,6 +319,27 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
+/// How many times a backend went up or down, shared with whoever caches what `status`
+/// shows (the HTTP listener): a cache learns without the agent's lock that its copy is
+/// out of date. The databases' failover reads backends' health from `/status.json` and
+/// must not see a flip late.
+#[derive(Clone, Debug, Default)]
+pub struct HealthChanges(Arc<AtomicU64>);
+
+impl HealthChanges {
+    /// The changes so far.
+    pub fn count(&self) -> u64 {
+        // The count guards no data (a cache reads that under the agent's lock): it
+        // only has to move.
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// One more change.
+    pub fn record(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Where a backend stands, by its checks.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendHealth {
@@ -296,6 +355,16 @@ pub struct BackendHealth {
     pub last_latency_ms: Option<f64>,
     /// Up↔down changes so far.
     pub transitions: u64,
+    /// Checks skipped so far because this machine could not run them
+    /// ([`CheckFailure::Local`]).
+    #[serde(default)]
+    pub skipped: u64,
+    /// Checks skipped in a row up to now: 0 once one runs again.
+    #[serde(default)]
+    pub skipped_in_a_row: u32,
+    /// Why the last check was skipped.
+    #[serde(default)]
+    pub last_skip: Option<String>,
 }
 
 impl Default for BackendHealth {
@@ -309,18 +378,28 @@ impl Default for BackendHealth {
             last_error: None,
             last_latency_ms: None,
             transitions: 0,
+            skipped: 0,
+            skipped_in_a_row: 0,
+            last_skip: None,
         }
     }
 }
 
 impl BackendHealth {
-    /// Records a check; returns the new state if it changed.
-    pub fn record(
-        &mut self,
-        result: &Result<Duration, String>,
-        rise: u32,
-        fall: u32,
-    ) -> Option<bool> {
+    /// Records a check; returns the new state if it changed. A skipped check is
+    /// neither a success nor a failure: the state and its streak wait for one that ran.
+    pub fn record(&mut self, result: &CheckResult, rise: u32, fall: u32) -> Option<bool> {
+        let result = match result {
+            Err(CheckFailure::Local(why)) => {
+                self.skipped += 1;
+                self.skipped_in_a_row += 1;
+                self.last_skip = Some(why.clone());
+                return None;
+            }
+            Err(CheckFailure::Backend(e)) => Err(e),
+            Ok(latency) => Ok(latency),
+        };
+        self.skipped_in_a_row = 0;
         let ok = result.is_ok();
         self.last_ok = Some(ok);
         match result {
@@ -347,10 +426,54 @@ impl BackendHealth {
 mod tests {
     use super::*;
 
-    const OK: Result<Duration, String> = Ok(Duration::from_millis(1));
+    const OK: CheckResult = Ok(Duration::from_millis(1));
 
-    fn fail() -> Result<Duration, String> {
-        Err("refused".into())
+    fn fail() -> CheckResult {
+        Err(CheckFailure::Backend("refused".into()))
+    }
+
+    fn out_of_files() -> CheckResult {
+        Err(connect_failure(&std::io::Error::from_raw_os_error(
+            libc::EMFILE,
+        )))
+    }
+
+    #[test]
+    fn errors_of_this_machine_are_local_and_the_rest_the_backends() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(matches!(connect_failure(&e), CheckFailure::Local(_)), "{e}");
+        }
+        for errno in [libc::ECONNREFUSED, libc::EHOSTUNREACH, libc::ETIMEDOUT] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(
+                matches!(connect_failure(&e), CheckFailure::Backend(_)),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_skipped_check_changes_neither_the_state_nor_its_streak() {
+        let mut h = BackendHealth::default();
+        assert_eq!(h.record(&fail(), 2, 3), None);
+        assert_eq!(h.record(&fail(), 2, 3), None);
+        // However many are skipped, the third failure is still the one that counts.
+        for _ in 0..10 {
+            assert_eq!(h.record(&out_of_files(), 2, 3), None);
+        }
+        assert!(h.up);
+        assert_eq!((h.skipped, h.skipped_in_a_row), (10, 10));
+        assert!(h.last_skip.as_deref().unwrap().contains("connect"));
+        assert_eq!(h.last_error.as_deref(), Some("refused"));
+        assert_eq!(h.record(&fail(), 2, 3), Some(false));
+        assert_eq!(h.skipped_in_a_row, 0);
+        // Down stays down through skipped checks.
+        for _ in 0..10 {
+            assert_eq!(h.record(&out_of_files(), 2, 3), None);
+        }
+        assert!(!h.up);
+        assert_eq!(h.transitions, 1);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use foobar_lb::{
     config::XdpModeSetting,
     daemon::{self, RunOptions},
     decap::{self, DecapOptions},
-    render,
+    persist, render,
 };
 
 fn main() -> ExitCode {
@@ -41,6 +41,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             clap_mangen::Man::new(Cli::command()).render(&mut stdout)?;
             return Ok(());
         }
+        Command::Save { file: Some(file) } => return save_to(&cli, file),
         _ => {}
     }
     let request = cli
@@ -48,6 +49,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         .request()
         .expect("client commands have requests");
     let reply = api::call(&cli.socket, &request)?;
+    if let Reply::Changed(api::Changed {
+        not_persisted: Some(why),
+        ..
+    }) = &reply
+    {
+        eprintln!("warning: applied, but a restart of the agent will forget it: {why}");
+    }
     let drain_wait = match &cli.command {
         Command::Backend(BackendCommand::Drain {
             vip,
@@ -122,6 +130,7 @@ fn json_of(command: &Command, reply: &Reply) -> serde_json::Value {
         (_, Reply::Changed(c)) => value(c),
         (_, Reply::Explained(e)) => value(e),
         (_, Reply::Acl(rules)) => value(rules),
+        (_, Reply::RunningConfig(running)) => value(running),
     }
 }
 
@@ -142,7 +151,45 @@ fn table_of(command: &Command, reply: &Reply) -> anyhow::Result<String> {
         (_, Reply::Changed(c)) => render::changed(c),
         (_, Reply::Explained(e)) => render::explanation(e),
         (_, Reply::Acl(rules)) => render::acl(rules),
+        // `save` to stdout: the configuration file itself (without its last newline,
+        // which the caller adds).
+        (_, Reply::RunningConfig(running)) => {
+            persist::config_file_text(running)?.trim_end().to_owned()
+        }
     })
+}
+
+/// `save FILE`: the running state as a configuration file, replacing FILE atomically
+/// (its permissions kept).
+fn save_to(cli: &Cli, file: &std::path::Path) -> anyhow::Result<()> {
+    let Reply::RunningConfig(running) = api::call(&cli.socket, &api::Request::RunningConfig)?
+    else {
+        bail!("the agent answered a running-config request with something else");
+    };
+    let text = persist::config_file_text(&running)?;
+    let mode = std::fs::metadata(file).map_or(0o644, |m| {
+        std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777
+    });
+    persist::write_atomically(file, text.as_bytes(), mode)
+        .with_context(|| format!("writing {}", file.display()))?;
+    let backends: usize = running.config.vips.iter().map(|v| v.backends.len()).sum();
+    match cli.output {
+        Output::Table => println!(
+            "saved {} VIPs and {backends} backends to {}",
+            running.config.vips.len(),
+            file.display()
+        ),
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "file": file,
+                "vips": running.config.vips.len(),
+                "backends": backends,
+                "disabled": running.disabled,
+            })
+        ),
+    }
+    Ok(())
 }
 
 fn selected(vips: &[api::VipStatus], vip: Option<&str>) -> Vec<api::VipStatus> {
@@ -208,6 +255,7 @@ fn run(args: &RunArgs, cli: &Cli) -> anyhow::Result<()> {
             pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
             debug_log: tracing::level_filters::LevelFilter::current()
                 >= tracing::level_filters::LevelFilter::DEBUG,
+            state_file: (!args.no_state_file).then(|| args.state_file.clone()),
         },
         socket: cli.socket.clone(),
         on_exit: args.on_exit,

@@ -89,11 +89,16 @@ pub fn status(s: &Status) -> String {
         }
     }
     out.push_str("\n\n");
+    out + &status_table(&s.vips).to_string()
+}
+
+/// Each VIP with its backends under it.
+fn status_table(vips: &[VipStatus]) -> Table {
     let mut t = table(&[
-        "VIP", "ADDRESS", "PROTO", "SCHED", "WEIGHT", "STATE", "SHARE", "FLOWS", "PKT/S", "BIT/S",
-        "NEW/S",
+        "VIP", "ADDRESS", "PROTO", "SCHED", "WEIGHT", "STATE", "CHECK", "SHARE", "FLOWS", "PKT/S",
+        "BIT/S", "NEW/S",
     ]);
-    for vip in &s.vips {
+    for vip in vips {
         let mut row = vec![
             Cell::new(&vip.name),
             Cell::new(vip.address),
@@ -125,7 +130,7 @@ pub fn status(s: &Status) -> String {
             t.add_row(row);
         }
     }
-    out + &t.to_string()
+    t
 }
 
 /// A backend's last check, short: `ok 0.3ms`, the failure, or `-` when unchecked.
@@ -140,6 +145,10 @@ fn check(b: &BackendStatus) -> String {
 
 /// `vip list`.
 pub fn vips(vips: &[VipStatus]) -> String {
+    vip_table(vips).to_string()
+}
+
+fn vip_table(vips: &[VipStatus]) -> Table {
     let mut t = table(&[
         "VIP", "ADDRESS", "PROTO", "SCHED", "BACKENDS", "SLOTS", "FLOWS",
     ]);
@@ -154,11 +163,15 @@ pub fn vips(vips: &[VipStatus]) -> String {
             right(v.traffic.active_flows),
         ]);
     }
-    t.to_string()
+    t
 }
 
 /// `backend list`.
 pub fn backends(vips: &[VipStatus]) -> String {
+    backend_table(vips).to_string()
+}
+
+fn backend_table(vips: &[VipStatus]) -> Table {
     let mut t = table(&[
         "VIP", "BACKEND", "WEIGHT", "STATE", "SHARE", "FLOWS", "PACKETS", "BYTES",
     ]);
@@ -176,11 +189,20 @@ pub fn backends(vips: &[VipStatus]) -> String {
             ]);
         }
     }
-    t.to_string()
+    t
 }
 
 /// `stats`.
 pub fn stats(s: &Stats) -> String {
+    let (counts, traffic) = (count_table(s), traffic_table(s));
+    if s.acl.is_empty() {
+        return format!("{counts}\n\n{traffic}");
+    }
+    format!("{counts}\n\n{traffic}\n\n{}", acl(&s.acl))
+}
+
+/// Packets per XDP action, outcome and flow event.
+fn count_table(s: &Stats) -> Table {
     let mut counts = table(&["COUNTER", "PACKETS"]);
     for (group, list) in [
         ("action", &s.actions),
@@ -194,6 +216,11 @@ pub fn stats(s: &Stats) -> String {
             ]);
         }
     }
+    counts
+}
+
+/// Counters of each VIP and backend.
+fn traffic_table(s: &Stats) -> Table {
     let mut traffic = table(&[
         "VIP / BACKEND",
         "PACKETS",
@@ -212,10 +239,7 @@ pub fn stats(s: &Stats) -> String {
             right(c.reply_bytes),
         ]);
     }
-    if s.acl.is_empty() {
-        return format!("{counts}\n\n{traffic}");
-    }
-    format!("{counts}\n\n{traffic}\n\n{}", acl(&s.acl))
+    traffic
 }
 
 /// Access-list rules and what each decided.
@@ -223,6 +247,10 @@ pub fn acl(rules: &[AclRuleStatus]) -> String {
     if rules.is_empty() {
         return "no access-list rules: every source is let in".into();
     }
+    acl_table(rules).to_string()
+}
+
+fn acl_table(rules: &[AclRuleStatus]) -> Table {
     let mut t = table(&["LIST", "ACTION", "PREFIX", "PACKETS"]);
     for r in rules {
         t.add_row(vec![
@@ -232,7 +260,7 @@ pub fn acl(rules: &[AclRuleStatus]) -> String {
             right(r.packets),
         ]);
     }
-    t.to_string()
+    t
 }
 
 /// Any change: what it wrote.
@@ -284,6 +312,90 @@ pub fn explanation(e: &Explanation) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        api::{Count, TrafficCount},
+        edge::Action,
+        state::{Protocol, Scheduler},
+    };
+
+    /// One VIP with one backend, a count of each kind and an access-list rule: rows
+    /// in every table.
+    fn fixture() -> (Vec<VipStatus>, Stats) {
+        let backend = BackendStatus {
+            address: "10.1.0.11:80".parse().unwrap(),
+            weight: 1,
+            state: "active".into(),
+            health: "up".into(),
+            last_check: Some("ok".into()),
+            check_latency_ms: Some(0.3),
+            health_transitions: 0,
+            share: 1.0,
+            next_hop: None,
+            traffic: Traffic::default(),
+        };
+        let vip = VipStatus {
+            name: "www".into(),
+            address: "10.0.0.100:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            scheduler: Scheduler::Rr,
+            schedule_len: 1,
+            traffic: Traffic::default(),
+            backends: vec![backend],
+        };
+        let count = |name: &str| {
+            vec![Count {
+                name: name.into(),
+                value: 1,
+            }]
+        };
+        let traffic = |name: &str| {
+            vec![TrafficCount {
+                name: name.into(),
+                packets: 1,
+                bytes: 1,
+                new_flows: 1,
+                reply_packets: 1,
+                reply_bytes: 1,
+            }]
+        };
+        let stats = Stats {
+            actions: count("tx"),
+            outcomes: count("sent"),
+            events: count("new"),
+            vips: traffic("www"),
+            backends: traffic("www/10.1.0.11:80"),
+            acl: vec![AclRuleStatus {
+                list: "global".into(),
+                action: Action::Deny,
+                prefix: "192.0.2.0/24".parse().unwrap(),
+                packets: 1,
+            }],
+        };
+        (vec![vip], stats)
+    }
+
+    #[test]
+    fn every_row_has_a_cell_under_each_heading() {
+        let (vips, stats) = fixture();
+        for t in [
+            status_table(&vips),
+            vip_table(&vips),
+            backend_table(&vips),
+            count_table(&stats),
+            traffic_table(&stats),
+            acl_table(&stats.acl),
+        ] {
+            let headings = t.header().expect("a header").cell_count();
+            assert!(t.row_iter().count() > 0, "no row to check:\n{t}");
+            for row in t.row_iter() {
+                assert_eq!(
+                    row.cell_count(),
+                    headings,
+                    "a row whose cells do not match the headings:\n{t}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn si_prefixes() {

@@ -30,6 +30,10 @@ use prometheus_client::{
 
 use crate::server::ClientInfo;
 
+pub mod exposition;
+
+pub use exposition::Format;
+
 /// Labels of a request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -91,21 +95,21 @@ impl Observer {
         })
     }
 
-    /// The metrics in the OpenMetrics text format.
-    pub fn render(&self) -> String {
+    /// The metrics in `format`.
+    pub fn render(&self, format: Format) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String");
-        out
+        format.convert(out)
     }
 
-    /// A `GET /metrics` answer.
-    pub fn metrics_response(&self) -> Response {
+    /// The answer to a `GET /metrics` with these headers: the classic text format
+    /// unless its `Accept` asks for OpenMetrics.
+    pub fn metrics_response(&self, request: &HeaderMap) -> Response {
+        let accept = request.get_all(header::ACCEPT);
+        let format = Format::negotiate(accept.iter().filter_map(|v| v.to_str().ok()));
         (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            self.render(),
+            [(header::CONTENT_TYPE, format.content_type())],
+            self.render(format),
         )
             .into_response()
     }

@@ -105,7 +105,7 @@ impl Service<Request<Incoming>> for Dispatch {
                     }
                     _ => text(StatusCode::OK, "ok"),
                 },
-                Route::Metrics => routes.observer.metrics_response(),
+                Route::Metrics => routes.observer.metrics_response(request.headers()),
                 Route::Api => {
                     let (_, worker) = routes.proxy.as_ref().expect("routed to the proxy");
                     proxy::forward(State(worker.clone()), request).await

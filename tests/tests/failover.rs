@@ -1,24 +1,32 @@
 //! Active-passive failover with VRRPv3 in an HA lab: two balancers on the same client
 //! and server networks. foobar-lb pairs with itself and with Debian's keepalived in
-//! either role; a crash, a graceful stop, preemption and tracked faults move the VIP
-//! and the web servers' gateway, and connections survive.
+//! either role; a crash, a real stop, preemption and tracked faults move the VIP and
+//! the web servers' gateway, and connections survive; a restart of the master's agent
+//! moves nothing.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    thread::sleep,
-    time::Duration,
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    process::Child,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, sleep},
+    time::{Duration, Instant},
 };
 
 use foobar_lb::vrrp::packet::{Advertisement, GROUP, PROTOCOL, checksum};
 use socket2::{Domain, Protocol, Socket, Type};
 use tests::{
     e2e::{json_of, one_at_a_time, vip},
-    http::{connect, get},
+    http::{connect, get, get_once},
     lab::{
-        Balancer, CLIENT, LB_SERVER_IF, LB_SERVER_SIDE, Lab, LabSpec, METRICS, VIP, VRID,
-        default_config, ha_config, keepalived_config, vrrp_section, wait_until,
+        ADVERT_INTERVAL_MS, Balancer, CLIENT, LB_SERVER_IF, LB_SERVER_SIDE, Lab, LabSpec, METRICS,
+        VIP, VRID, bin_dir_of_this_test, default_config, ha_config, keepalived_config,
+        vrrp_section, wait_until,
     },
     probe::{Probe, outage},
+    process::{bin, spawn_logged, terminate},
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -48,10 +56,15 @@ fn metrics(b: &Balancer) -> String {
 
 /// Two foobar-lb balancers, lb1 (priority 150) and lb2 (100), lb1 MASTER.
 fn foobar_pair(tag: &str) -> Lab {
+    pair_with(tag, "maglev")
+}
+
+/// The same with the VIP on `scheduler`.
+fn pair_with(tag: &str, scheduler: &str) -> Lab {
     let mut lab = Lab::up(LabSpec::ha_for_test(tag, 2));
     for (i, priority) in [(0, 150), (1, 100)] {
         let b = &mut lab.balancers[i];
-        b.write_config(&ha_config(2, priority, true));
+        b.write_config(&(default_config(2, scheduler) + METRICS + &vrrp_section(priority, true)));
         b.start_agent();
     }
     wait_role(&lab.balancers[0], "master");
@@ -68,6 +81,64 @@ fn assert_serves(lab: &Lab) {
     for i in 0..4 {
         tests::http::get_once(&lab.client, vip(), None)
             .unwrap_or_else(|e| panic!("request {i} through the VIP: {e}"));
+    }
+}
+
+/// An agent run as its service unit runs it, with `--on-exit detach`: SIGTERM is then
+/// a real stop, which hands the VIPs over. The lab's `start_agent` keeps the default
+/// `--on-exit keep`, under which SIGTERM is a restart that keeps them.
+struct UnitAgent {
+    child: Option<Child>,
+}
+
+impl UnitAgent {
+    /// Starts it on `b`'s configuration, pins, socket and log, and waits until its
+    /// control socket answers.
+    fn start(b: &Balancer) -> UnitAgent {
+        let child = spawn_logged(
+            b.ns.command(&bin(&bin_dir_of_this_test(), "foobar-lb"))
+                .arg("--socket")
+                .arg(b.socket())
+                .arg("run")
+                .arg("--config")
+                .arg(b.config_path())
+                .arg("--pin-dir")
+                .arg(&b.pin_dir)
+                .arg("--state-file")
+                .arg(b.config_path().with_file_name("state.json"))
+                .arg("--on-exit")
+                .arg("detach")
+                .env("RUST_LOG", &b.log_filter),
+            &b.config_path().with_file_name("agent.log"),
+        );
+        let mut agent = UnitAgent { child: Some(child) };
+        wait_until(Duration::from_secs(20), "the agent to answer", || {
+            let exited = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!("{}'s agent exited ({status}):\n{}", b.name, b.agent_log());
+            }
+            b.cli(&["status"]).status.success()
+        });
+        agent
+    }
+
+    /// SIGTERM, as the unit's stop sends; waits for the agent to exit.
+    fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = terminate(&mut child);
+            assert!(status.success(), "the agent's stop failed: {status}");
+        }
+    }
+}
+
+impl Drop for UnitAgent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
     }
 }
 
@@ -128,8 +199,9 @@ fn a_crashed_master_hands_over_and_connections_survive() {
     );
 
     // lb1 comes back: it drops the addresses its killed agent left, then preempts.
+    // It runs as its service unit would, so that its stop below is a real one.
     lab.plug_in(0);
-    lab.balancers[0].start_agent();
+    let lb1 = UnitAgent::start(&lab.balancers[0]);
     wait_role(&lab.balancers[0], "master");
     wait_role(&lab.balancers[1], "backup");
     assert_eq!(vrrp(&lab.balancers[0])["last_takeover"], "preempted");
@@ -139,9 +211,9 @@ fn a_crashed_master_hands_over_and_connections_survive() {
         server
     );
 
-    // A graceful stop says priority 0: lb2 takes over without waiting out the
-    // master-down interval, and lb1 gives its addresses up.
-    lab.balancers[0].stop_agent();
+    // A real stop (`--on-exit detach`) says priority 0: lb2 takes over without waiting
+    // out the master-down interval, and lb1 gives its addresses up.
+    lb1.stop();
     wait_role(&lab.balancers[1], "master");
     assert_eq!(vrrp(&lab.balancers[1])["last_takeover"], "master_stopped");
     assert!(!lab.balancers[0].holds_vip());
@@ -157,7 +229,8 @@ fn keepalived_backup_pairs_with_a_foobar_master() {
     let _turn = one_at_a_time();
     let mut lab = Lab::up(LabSpec::ha_for_test("vrrp-kabk", 2));
     lab.balancers[0].write_config(&ha_config(2, 150, true));
-    lab.balancers[0].start_agent();
+    // As its service unit runs it: the stop below is a real one.
+    let lb1 = UnitAgent::start(&lab.balancers[0]);
     wait_role(&lab.balancers[0], "master");
     // lb2: keepalived moves the addresses; foobar-lb only runs its data plane.
     lab.balancers[1].write_config(&(default_config(2, "maglev") + METRICS));
@@ -181,11 +254,13 @@ fn keepalived_backup_pairs_with_a_foobar_master() {
     );
     assert_serves(&lab);
 
-    // foobar-lb stops: keepalived takes the VIP and the gateway; lb2's data plane serves.
-    lab.balancers[0].stop_agent();
+    // foobar-lb stops for real (priority 0): keepalived takes the VIP and the gateway;
+    // lb2's data plane serves.
+    lb1.stop();
     wait_until(LIMIT, "keepalived to become MASTER", || {
         lab.balancers[1].holds_vip()
     });
+    assert!(!lab.balancers[0].holds_vip());
     assert!(
         lab.balancers[1]
             .keepalived_log()
@@ -412,5 +487,202 @@ fn tracked_faults_lower_the_priority_so_the_peer_takes_over() {
     assert_serves(&lab);
     lab.balancers[0].ns.ip(&["link", "set", LB_SERVER_IF, "up"]);
     wait_role(&lab.balancers[0], "master");
+    assert_serves(&lab);
+}
+
+/// A process of the test's, stopped when dropped, a panic included.
+struct Ended(Child);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        terminate(&mut self.0);
+    }
+}
+
+/// The number logged as `key=` in the first line of `log` that contains `what`.
+fn logged(log: &str, what: &str, key: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains(what))
+        .unwrap_or_else(|| panic!("no {what:?} in the log:\n{log}"));
+    line.split(&format!("{key}="))
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+#[test]
+fn restarting_the_masters_agent_moves_nothing_and_breaks_no_connection() {
+    let _turn = one_at_a_time();
+    // Round robin: a connection lives on the balancer whose flow table knows it, so
+    // the VIP going to lb2 and back would break them.
+    let mut lab = pair_with("vrrp-restart", "rr");
+    // Every change to lb1's addresses, as the kernel reports it.
+    let watched = lab.dir.join("lb1-addresses.log");
+    let monitor = Ended(spawn_logged(
+        lab.balancers[0]
+            .ns
+            .command("ip")
+            .args(["-o", "monitor", "address"]),
+        &watched,
+    ));
+    let mut open: Vec<TcpStream> = (0..8)
+        .map(|i| connect(&lab.client, vip(), None).unwrap_or_else(|e| panic!("connect {i}: {e}")))
+        .collect();
+    let servers: Vec<String> = open
+        .iter_mut()
+        .map(|s| get(s).expect("first request"))
+        .collect();
+    // Requests on every kept-alive connection and on new ones, all through the restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (stop, ns) = (stop.clone(), lab.client.handle());
+        thread::spawn(move || {
+            let (mut requests, mut failures) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                for (i, s) in open.iter_mut().enumerate() {
+                    match get(s) {
+                        Ok(server) if server == servers[i] => {}
+                        Ok(other) => failures.push(format!("connection {i} answered by {other}")),
+                        Err(e) => failures.push(format!("connection {i}: {e}")),
+                    }
+                }
+                if let Err(e) = get_once(&ns, vip(), None) {
+                    failures.push(format!("new connection: {e}"));
+                }
+                requests += open.len() + 1;
+                sleep(Duration::from_millis(5));
+            }
+            (requests, failures)
+        })
+    };
+    sleep(Duration::from_millis(300));
+
+    // SIGTERM with the default `--on-exit keep`: a restart.
+    let restarting = Instant::now();
+    lab.balancers[0].stop_agent();
+    lab.balancers[0].start_agent();
+    println!("lb1's agent restarted in {:?}", restarting.elapsed());
+    // Several of lb2's master-down intervals.
+    sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let (requests, failures) = client.join().expect("client thread");
+    drop(monitor);
+
+    let log = lab.balancers[0].agent_log();
+    assert!(log.contains("stepped aside for a restart"), "{log}");
+    // The last advertisement of the old agent to the first of the new one, against
+    // the time lb2 waits before taking over: 3 × interval + (256 − 100) / 256 × interval.
+    let silent_ms = logged(&log, "MASTER resumed", "silent_ms");
+    let interval = u64::from(ADVERT_INTERVAL_MS);
+    let master_down_ms = 3 * interval + (256 - 100) * interval / 256;
+    println!("lb1 was silent for {silent_ms} ms; lb2 takes over after {master_down_ms} ms");
+    assert!(silent_ms < master_down_ms, "{log}");
+    // The router resumed before the data plane's start, not after it.
+    let resumed_at = log.find("MASTER resumed").unwrap();
+    assert!(
+        log.rfind("VIPs applied").is_some_and(|at| at > resumed_at),
+        "{log}"
+    );
+
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} requests failed: {failures:?}",
+        failures.len()
+    );
+    assert!(requests > 100, "only {requests} requests");
+    let v = vrrp(&lab.balancers[1]);
+    assert_eq!(v["role"], "backup", "{v}");
+    assert_eq!(v["transitions"]["master"].as_u64().unwrap_or(0), 0, "{v}");
+    assert_eq!(v["master"], "10.0.0.3", "{v}");
+    assert!(!lab.balancers[1].holds_vip());
+    let v = vrrp(&lab.balancers[0]);
+    assert_eq!(v["role"], "master", "{v}");
+    assert_eq!(v["last_takeover"], "resumed", "{v}");
+    assert!(lab.balancers[0].holds_vip());
+    let changes = std::fs::read_to_string(&watched).unwrap_or_default();
+    let moved = |l: &str| {
+        l.starts_with("Deleted")
+            && (l.contains(&format!("{VIP}/")) || l.contains(&format!("{LB_SERVER_SIDE}/")))
+    };
+    assert!(
+        !changes.lines().any(moved),
+        "lb1's addresses went away during the restart:\n{changes}"
+    );
+
+    // A restart too slow to resume: lb2 takes over once, and the restarted lb1, which
+    // outranks it and preempts, leaves it the role rather than fail over again.
+    lab.balancers[0].stop_agent();
+    wait_role(&lab.balancers[1], "master");
+    assert_eq!(vrrp(&lab.balancers[1])["last_takeover"], "master_down");
+    lab.balancers[0].start_agent();
+    wait_role(&lab.balancers[0], "backup");
+    sleep(Duration::from_millis(1000));
+    assert!(lab.balancers[0].agent_log().contains("too late"));
+    let v = vrrp(&lab.balancers[0]);
+    assert_eq!(v["role"], "backup", "{v}");
+    assert_eq!(v["master"], "10.0.0.4", "{v}");
+    assert!(!lab.balancers[0].holds_vip(), "a BACKUP kept the addresses");
+    let v = vrrp(&lab.balancers[1]);
+    assert_eq!(v["role"], "master", "{v}");
+    assert_eq!(v["transitions"]["master"], 1, "{v}");
+    assert!(lab.balancers[1].holds_vip());
+    assert_serves(&lab);
+}
+
+#[test]
+fn a_real_stop_of_the_master_hands_over_at_once() {
+    let _turn = one_at_a_time();
+    let mut lab = Lab::up(LabSpec::ha_for_test("vrrp-stop", 2));
+    lab.balancers[0].write_config(&ha_config(2, 150, true));
+    let lb1 = UnitAgent::start(&lab.balancers[0]);
+    lab.balancers[1].write_config(&ha_config(2, 100, true));
+    lab.balancers[1].start_agent();
+    wait_role(&lab.balancers[0], "master");
+    wait_role(&lab.balancers[1], "backup");
+    wait_until(LIMIT, "lb2 to hear lb1", || {
+        vrrp(&lab.balancers[1])["master"] == "10.0.0.3"
+    });
+    let mut long_lived = connect(&lab.client, vip(), None).expect("connect");
+    let server = get(&mut long_lived).expect("first request");
+
+    let probe = Probe::start(&lab.client, vip());
+    sleep(Duration::from_millis(300));
+    let stopping = Instant::now();
+    lb1.stop();
+    wait_role(&lab.balancers[1], "master");
+    let took = stopping.elapsed();
+    sleep(Duration::from_millis(500));
+    let attempts = probe.stop();
+    let o = outage(&attempts).expect("some request got through");
+    println!(
+        "a real stop: lb2 MASTER {} ms after SIGTERM (polled), longest gap {} ms ({} of {} \
+         requests failed)",
+        took.as_millis(),
+        o.longest_gap.as_millis(),
+        o.failures,
+        o.attempts
+    );
+    // lb2 heard priority 0 rather than waiting for lb1's advertisements to stop.
+    let v = vrrp(&lab.balancers[1]);
+    assert_eq!(v["last_takeover"], "master_stopped", "{v}");
+    assert!(o.contiguous, "requests failed outside one outage: {o:?}");
+    // The failover bound of a dead master: its master-down interval and one more interval.
+    let bound = Duration::from_millis(u64::from(4 * ADVERT_INTERVAL_MS));
+    assert!(o.longest_gap < bound, "{o:?}");
+    assert!(!lab.balancers[0].holds_vip());
+    assert!(
+        !lab.balancers[0]
+            .ns
+            .ip(&["-4", "addr", "show", "dev", LB_SERVER_IF])
+            .contains(&format!("{LB_SERVER_SIDE}/24"))
+    );
+    assert!(lab.balancers[1].holds_vip());
+    assert!(!lab.balancers[0].agent_log().contains("stepped aside"));
+    assert_eq!(
+        get(&mut long_lived).expect("request after the stop"),
+        server
+    );
     assert_serves(&lab);
 }

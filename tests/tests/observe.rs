@@ -56,7 +56,11 @@ fn metrics_follow_the_traffic_and_the_health_of_backends() {
         get_once(&lab.client, vip(), None).unwrap_or_else(|e| panic!("request {i}: {e}"));
     }
     let text = fetch(&lab, "/metrics");
-    assert!(text.ends_with("# EOF\n"), "{text}");
+    // The classic text format unless OpenMetrics is asked for (promtool.rs checks both).
+    assert!(
+        text.contains("# TYPE foobar_lb_packets_total counter") && !text.contains("# EOF"),
+        "{text}"
+    );
     // Every sample line is `name{labels} value`, and every name is ours.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let (series, value) = line.rsplit_once(' ').expect("name value");

@@ -5,8 +5,9 @@
 //! - `crash`: lb1's agent is SIGKILLed and lb1 unplugged from both networks (a dead
 //!   machine); lb2 takes over after the master-down interval;
 //! - `failback`: lb1 comes back and preempts lb2;
-//! - `graceful_stop`: lb1's agent gets SIGTERM and sends priority 0; lb2 takes over
-//!   after its skew only;
+//! - `graceful_stop`: lb1's agent is stopped for real (`--on-exit detach`, as a
+//!   service's stop; a restart with `keep` moves nothing) and sends priority 0; lb2
+//!   takes over after its skew only;
 //! - `backend_death_to_removal`: web1 is killed; the time until the master's health
 //!   checks (every 200 ms, fall 2) take it out of the schedule.
 //!
@@ -50,6 +51,8 @@ pub fn run(rounds: u32) -> Result<()> {
         stack: false,
         router: false,
     });
+    // lb1's stops are real ones (see `graceful_stop`).
+    lab.balancers[0].on_exit = "detach";
     for (i, priority) in [(0, 150), (1, 100)] {
         lab.balancers[i].write_config(&config(priority));
         lab.balancers[i].start_agent();

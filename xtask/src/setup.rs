@@ -46,6 +46,15 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
 ];
 
+/// Debian packages installed without the packages they recommend.
+const WITHOUT_RECOMMENDS: &[&str] = &[
+    // promtool, Prometheus's checker of /metrics (tests/promtool.rs). Debian ships it
+    // only with the server, which is not started here: the container has no init
+    // system and its policy-rc.d refuses service starts. Its recommended node
+    // exporter is not needed.
+    "prometheus",
+];
+
 /// Where bpf-linker finds the nightly's libLLVM; it keeps an rpath to it, so it must
 /// outlive the build (not /tmp).
 const LLVM_PREFIX: &str = "/opt/foobar-lb/llvm";
@@ -70,25 +79,64 @@ pub fn ensure() -> Result<()> {
         install_bpf_linker()?;
         did.push("bpf-linker");
     }
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !package_installed(p))
-        .collect();
-    if !missing.is_empty() {
-        run_command(Command::new("apt-get").args(["update", "-qq"]))?;
-        run_command(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+    if install_missing_packages()? {
         did.push("Debian packages");
     }
     if did.is_empty() {
         eprintln!("setup: nothing to do, everything is installed");
     } else {
         eprintln!("setup: installed {}", did.join(", "));
+    }
+    Ok(())
+}
+
+/// Installs the Debian packages that are not installed yet; whether there were any.
+fn install_missing_packages() -> Result<bool> {
+    let not_installed = |list: &[&'static str]| -> Vec<&'static str> {
+        list.iter()
+            .copied()
+            .filter(|p| !package_installed(p))
+            .collect()
+    };
+    let batches = [
+        (not_installed(PACKAGES), None),
+        (
+            not_installed(WITHOUT_RECOMMENDS),
+            Some("--no-install-recommends"),
+        ),
+    ];
+    let names: Vec<&str> = batches
+        .iter()
+        .flat_map(|(p, _)| p.iter().copied())
+        .collect();
+    if names.is_empty() {
+        return Ok(false);
+    }
+    eprintln!("setup: installing {}", names.join(" "));
+    run_quietly(Command::new("apt-get").args(["update", "-qq"]))?;
+    for (packages, option) in batches.iter().filter(|(p, _)| !p.is_empty()) {
+        run_quietly(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq"])
+                .args(option)
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    Ok(true)
+}
+
+/// Runs `cmd` with its output kept back, and shown only if it fails: apt-get and dpkg
+/// print lines for every package even with `-qq`.
+fn run_quietly(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -19,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     VrrpConfig,
+    handoff::{self, Note, Start},
     net::{self, Addresses, AdvertSocket, Announcer, Interface},
     packet::{Advertisement, Rejection, split_ipv4},
     router::{Action, Role, Router, RouterParams, Takeover},
@@ -96,17 +98,29 @@ pub enum VrrpError {
     },
 }
 
-/// Stops a running router gracefully (priority 0, addresses released) and waits.
+/// How a router ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// A real stop: a MASTER says priority 0, so the peer takes over after its skew,
+    /// and releases the addresses.
+    HandOver,
+    /// A restart, the data plane forwarding meanwhile: a MASTER keeps the addresses,
+    /// advertises once more and leaves the note at this path, so that the next agent
+    /// resumes as MASTER (see [`handoff`]).
+    Restart(PathBuf),
+}
+
+/// Stops a running router and waits.
 pub struct Running {
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<oneshot::Sender<Exit>>,
     task: JoinHandle<()>,
 }
 
 impl Running {
-    /// Asks the router to stop and waits up to `limit` for it.
-    pub async fn stop(mut self, limit: Duration) {
+    /// Asks the router to stop as `exit` says and waits up to `limit` for it.
+    pub async fn stop(mut self, exit: Exit, limit: Duration) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(exit);
         }
         if tokio::time::timeout(limit, &mut self.task).await.is_err() {
             warn!("vrrp: did not stop in time");
@@ -115,12 +129,14 @@ impl Running {
     }
 }
 
-/// Starts the router as BACKUP (first removing addresses a crashed run left behind).
-/// `faults` carries what tracking found; each change moves the priority.
+/// Starts the router as `start` says ([`handoff::plan_start`] decides): as BACKUP
+/// (first removing addresses a crashed run left behind), or as MASTER resuming from a
+/// restart. `faults` carries what tracking found; each change moves the priority.
 pub fn spawn(
     config: VrrpConfig,
     view: VrrpView,
     faults: watch::Receiver<Vec<String>>,
+    start: Start,
 ) -> Result<Running, VrrpError> {
     let link = net::interface(&config.interface)
         .map_err(|e| VrrpError::Interface(format!("{}: {e}", config.interface)))?
@@ -195,6 +211,7 @@ pub fn spawn(
         socket,
         primary,
         view,
+        start,
     };
     let task = tokio::spawn(instance.run(faults, stopped));
     Ok(Running {
@@ -213,29 +230,51 @@ struct Instance {
     /// The address list we advertise and expect.
     advertised: Vec<Ipv4Addr>,
     view: VrrpView,
+    start: Start,
 }
 
 impl Instance {
     async fn run(
         mut self,
         mut faults: watch::Receiver<Vec<String>>,
-        mut stop: oneshot::Receiver<()>,
+        mut stop: oneshot::Receiver<Exit>,
     ) {
-        // A run killed as MASTER left its addresses: we start as BACKUP without them.
-        self.release().await;
-        let start = self.router.start(std::time::Instant::now());
-        self.perform(start).await;
+        let now = std::time::Instant::now();
+        // A run killed as MASTER, or one that restarted too late to resume, left its
+        // addresses: a BACKUP starts without them.
+        let first = match self.start {
+            Start::Resume { .. } => self.router.resume(now),
+            Start::Fresh => {
+                self.release().await;
+                self.router.start(now)
+            }
+            Start::Late => {
+                self.release().await;
+                self.router.start_yielding(now)
+            }
+        };
+        self.perform(first).await;
         self.publish(Role::Initialize);
-        info!(
-            interface = self.config.interface,
-            vrid = self.config.vrid,
-            priority = self.router.priority(),
-            primary = %self.primary,
-            "vrrp: BACKUP, waiting {:?} for a master",
-            self.router.master_down_interval()
-        );
+        match self.start {
+            Start::Resume { last_advert } => info!(
+                interface = self.config.interface,
+                vrid = self.config.vrid,
+                priority = self.router.priority(),
+                primary = %self.primary,
+                silent_ms = handoff::since_boot().saturating_sub(last_advert).as_millis() as u64,
+                "vrrp: MASTER resumed, the addresses kept; advertising again after the restart"
+            ),
+            _ => info!(
+                interface = self.config.interface,
+                vrid = self.config.vrid,
+                priority = self.router.priority(),
+                primary = %self.primary,
+                "vrrp: BACKUP, waiting {:?} for a master",
+                self.router.master_down_interval()
+            ),
+        }
         let mut buf = vec![0u8; 2048];
-        loop {
+        let exit = loop {
             let before = self.router.role();
             let deadline = self
                 .router
@@ -243,7 +282,8 @@ impl Instance {
                 .map(Instant::from_std)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let actions = tokio::select! {
-                _ = &mut stop => break,
+                // Dropped unasked: the daemon is going; hand over as a real stop does.
+                exit = &mut stop => break exit.unwrap_or(Exit::HandOver),
                 received = self.socket.recv(&mut buf) => match received {
                     Ok(n) => self.receive(&buf[..n]),
                     Err(e) => {
@@ -267,12 +307,41 @@ impl Instance {
             };
             self.perform(actions).await;
             self.publish(before);
-        }
+        };
         let before = self.router.role();
-        let last = self.router.shutdown();
-        self.perform(last).await;
+        match exit {
+            Exit::Restart(note) if before == Role::Master => self.step_aside(&note).await,
+            _ => {
+                let last = self.router.shutdown();
+                self.perform(last).await;
+                info!("vrrp: stopped");
+            }
+        }
         self.publish(before);
-        info!("vrrp: stopped");
+    }
+
+    /// Ends a MASTER for a restart, keeping the addresses. The note goes first,
+    /// stamped before the final advertisement, so that the age the next agent reads
+    /// never understates how long the backup has waited; then that advertisement, at
+    /// our priority. Without a note the next agent would start as BACKUP and drop the
+    /// addresses anyway, so then we hand over as a real stop does.
+    async fn step_aside(&mut self, note: &Path) {
+        if let Err(e) = handoff::write(note, &Note::now(&self.config)) {
+            warn!(
+                path = %note.display(),
+                "vrrp: cannot leave the next agent a note ({e}); handing over instead"
+            );
+            let last = self.router.shutdown();
+            self.perform(last).await;
+            return;
+        }
+        let last = self.router.suspend();
+        self.perform(last).await;
+        info!(
+            window = ?handoff::resume_window(self.config.interval()),
+            "vrrp: stepped aside for a restart, keeping the addresses; the next agent \
+             resumes as MASTER if it starts within the window, or the peer takes over"
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VrrpStatus> {

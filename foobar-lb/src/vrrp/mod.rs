@@ -8,8 +8,10 @@
 //! replies are translated statelessly, a new MASTER carries on the flows of the old.
 //!
 //! [`packet`] is the wire format, [`router`] the state machine, [`net`] the sockets
-//! and addresses, and [`instance`] runs them as a task of the daemon.
+//! and addresses, [`handoff`] what a restart passes from one agent to the next, and
+//! [`instance`] runs them as a task of the daemon.
 
+pub mod handoff;
 pub mod instance;
 pub mod net;
 pub mod packet;

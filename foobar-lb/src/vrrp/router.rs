@@ -49,6 +49,23 @@ pub enum Takeover {
     MasterStopped,
     /// We outrank the master and preempt it.
     Preempted,
+    /// The last agent stepped aside for a restart as MASTER, keeping the addresses,
+    /// and we carried on before the backup noticed (see [`super::handoff`]).
+    Resumed,
+}
+
+/// Whether a backup leaves the role to a master it outranks: after a restart too slow
+/// to resume, the peer that took over meanwhile keeps it, since taking it back would
+/// be a second failover for one restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Yielding {
+    /// Preemption as configured.
+    No,
+    /// To the first master heard, once it is.
+    ToFirstMaster,
+    /// To this master while it advertises at least this priority: a lower one means it
+    /// tracks a fault, and then we preempt as configured.
+    To(Ipv4Addr, u8),
 }
 
 /// What the caller must do, in order.
@@ -89,6 +106,8 @@ pub struct Router {
     pending: Takeover,
     /// Why we last became master.
     last_takeover: Option<Takeover>,
+    /// Whether we spare a master we outrank.
+    yielding: Yielding,
 }
 
 impl Router {
@@ -103,6 +122,7 @@ impl Router {
             master: None,
             pending: Takeover::MasterDown,
             last_takeover: None,
+            yielding: Yielding::No,
         }
     }
 
@@ -151,6 +171,25 @@ impl Router {
         Vec::new()
     }
 
+    /// Startup after a restart too slow to resume: as backup, but sparing the master
+    /// that took over meanwhile even where preemption would take the role back.
+    pub fn start_yielding(&mut self, now: Instant) -> Vec<Action> {
+        self.yielding = Yielding::ToFirstMaster;
+        self.start(now)
+    }
+
+    /// Startup after a restart that kept the addresses: MASTER at once, advertising
+    /// now, before the backup's Master_Down_Timer (started by the last agent's final
+    /// advertisement) runs out. The addresses never moved, so there is nothing to take
+    /// or announce.
+    pub fn resume(&mut self, now: Instant) -> Vec<Action> {
+        self.role = Role::Master;
+        self.last_takeover = Some(Takeover::Resumed);
+        self.master = None;
+        self.deadline = Some(now + self.params.interval);
+        vec![Action::Advertise(self.priority)]
+    }
+
     fn become_backup(&mut self, now: Instant, master: Option<(Ipv4Addr, Duration)>) {
         if let Some((address, interval)) = master {
             self.master = Some(address);
@@ -167,6 +206,8 @@ impl Router {
     fn become_master(&mut self, now: Instant) -> Vec<Action> {
         self.role = Role::Master;
         self.last_takeover = Some(self.pending);
+        // The master we spared is gone: from now on, the RFC's rules.
+        self.yielding = Yielding::No;
         self.master = None;
         self.deadline = Some(now + self.params.interval);
         vec![Action::Advertise(self.priority), Action::TakeAddresses]
@@ -196,11 +237,12 @@ impl Router {
         match self.role {
             Role::Initialize => Vec::new(),
             Role::Backup => {
+                let spared = self.spares(source, advert.priority);
                 if advert.priority == 0 {
                     // The master is leaving: take over after the skew only.
                     self.deadline = Some(now + self.skew());
                     self.pending = Takeover::MasterStopped;
-                } else if !self.params.preempt || advert.priority >= self.priority {
+                } else if !self.params.preempt || advert.priority >= self.priority || spared {
                     self.become_backup(now, Some((source, interval)));
                 } else {
                     // We preempt: let Master_Down_Timer run out.
@@ -221,6 +263,26 @@ impl Router {
                 } else {
                     Vec::new()
                 }
+            }
+        }
+    }
+
+    /// Whether a backup leaves the role to `master` even where it outranks it (see
+    /// [`Yielding`]). Asked on every advertisement, so that the master spared is the
+    /// first one heard, whichever priority it had then.
+    fn spares(&mut self, master: Ipv4Addr, priority: u8) -> bool {
+        match self.yielding {
+            Yielding::No => false,
+            // A master leaving (priority 0) is not one to spare.
+            Yielding::ToFirstMaster if priority > 0 => {
+                self.yielding = Yielding::To(master, priority);
+                true
+            }
+            Yielding::To(spared, floor) if spared == master && priority >= floor => true,
+            Yielding::ToFirstMaster | Yielding::To(..) => {
+                // It left, weakened (a tracked fault), or another router took over.
+                self.yielding = Yielding::No;
+                false
             }
         }
     }
@@ -248,6 +310,20 @@ impl Router {
         self.deadline = None;
         match was {
             Role::Master => vec![Action::Advertise(0), Action::ReleaseAddresses],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Stop for a restart: a master keeps its addresses and advertises once more at
+    /// its priority, not 0 (which would hand the role over at once), so that the
+    /// backup's Master_Down_Timer starts afresh and the next agent has all of it to
+    /// resume (see [`super::handoff`]).
+    pub fn suspend(&mut self) -> Vec<Action> {
+        let was = self.role;
+        self.role = Role::Initialize;
+        self.deadline = None;
+        match was {
+            Role::Master => vec![Action::Advertise(self.priority)],
             _ => Vec::new(),
         }
     }
@@ -420,5 +496,87 @@ mod tests {
         let mut backup = router(100, true);
         backup.start(Instant::now());
         assert!(backup.shutdown().is_empty());
+    }
+
+    #[test]
+    fn suspending_for_a_restart_keeps_the_addresses_and_advertises_once_more() {
+        let (mut r, _) = master(150, true);
+        assert_eq!(r.suspend(), vec![Action::Advertise(150)]);
+        assert_eq!(r.role(), Role::Initialize);
+        assert_eq!(r.deadline(), None);
+        let mut backup = router(100, true);
+        backup.start(Instant::now());
+        assert!(backup.suspend().is_empty());
+    }
+
+    #[test]
+    fn a_resumed_router_is_master_at_once_and_advertises_on_schedule() {
+        let t0 = Instant::now();
+        let mut r = router(150, true);
+        assert_eq!(r.resume(t0), vec![Action::Advertise(150)]);
+        assert_eq!(r.role(), Role::Master);
+        assert_eq!(r.master(), Some(ME));
+        assert_eq!(r.last_takeover(), Some(Takeover::Resumed));
+        assert_eq!(r.on_timer(t0 + 100 * MS), vec![Action::Advertise(150)]);
+        // A peer that took over meanwhile is resolved as between two masters.
+        assert_eq!(
+            r.on_advertisement(t0 + 150 * MS, PEER, &advert(200)),
+            vec![Action::ReleaseAddresses]
+        );
+        assert_eq!(r.role(), Role::Backup);
+    }
+
+    /// Advertisements from PEER every 100 ms with the given priorities; the router's
+    /// role after each.
+    fn hear(r: &mut Router, from: Instant, priorities: &[u8]) -> Vec<Role> {
+        let mut roles = Vec::new();
+        for (i, &p) in priorities.iter().enumerate() {
+            let t = from + (i as u32 + 1) * 100 * MS;
+            r.on_timer(t);
+            r.on_advertisement(t, PEER, &advert(p));
+            roles.push(r.role());
+        }
+        roles
+    }
+
+    #[test]
+    fn a_late_restart_spares_the_master_that_took_over_until_it_weakens() {
+        let t0 = Instant::now();
+        let mut r = router(150, true);
+        assert!(r.start_yielding(t0).is_empty());
+        // PEER (100) took over while we restarted: we outrank it but leave it be.
+        assert!(
+            hear(&mut r, t0, &[100; 20])
+                .iter()
+                .all(|&role| role == Role::Backup)
+        );
+        assert_eq!(r.master(), Some(PEER));
+        // It tracks a fault (priority 50): now we preempt as configured.
+        let t = t0 + 2000 * MS;
+        hear(&mut r, t, &[50; 5]);
+        assert_eq!(r.role(), Role::Master);
+        assert_eq!(r.last_takeover(), Some(Takeover::Preempted));
+    }
+
+    #[test]
+    fn sparing_ends_when_the_spared_master_leaves_or_none_is_there() {
+        let t0 = Instant::now();
+        let mut r = router(150, true);
+        r.start_yielding(t0);
+        hear(&mut r, t0, &[100, 100, 0]);
+        assert!(r.on_timer(t0 + 400 * MS).contains(&Action::TakeAddresses));
+        assert_eq!(r.last_takeover(), Some(Takeover::MasterStopped));
+        // Back to the RFC's rules: a lower-priority master is ignored.
+        assert!(
+            r.on_advertisement(t0 + 450 * MS, PEER, &advert(100))
+                .is_empty()
+        );
+        assert_eq!(r.role(), Role::Master);
+
+        let mut alone = router(150, true);
+        alone.start_yielding(t0);
+        let t = t0 + alone.master_down_interval();
+        assert!(alone.on_timer(t).contains(&Action::TakeAddresses));
+        assert_eq!(alone.last_takeover(), Some(Takeover::MasterDown));
     }
 }
