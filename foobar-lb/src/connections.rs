@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 
 use crate::{
     reconcile::Balancer,
-    schedule::{self, Weighted},
+    schedule,
     state::Scheduler,
 };
 
@@ -129,18 +129,8 @@ impl Connections {
             {
                 continue;
             }
-            let weighted: Vec<Weighted> = vip
-                .plan
-                .backends
-                .iter()
-                .zip(&vip.plan.spec.backends)
-                .map(|(&endpoint, b)| Weighted {
-                    endpoint,
-                    weight: b.weight,
-                })
-                .collect();
             let wlc = vip.plan.spec.scheduler == Scheduler::Wlc;
-            let ring = schedule::least_connections(&weighted, &active, wlc);
+            let ring = schedule::least_connections(&vip.plan.weighted(), &active, wlc);
             let ring: Vec<u32> = schedule::from_cursor(&ring, cursor)
                 .into_iter()
                 .map(|at| vip.backend_ids[at as usize])

@@ -289,6 +289,18 @@ pub struct PlannedVip {
 }
 
 impl PlannedVip {
+    /// Its backends as the schedulers weigh them.
+    pub fn weighted(&self) -> Vec<Weighted> {
+        self.backends
+            .iter()
+            .zip(&self.spec.backends)
+            .map(|(&endpoint, b)| Weighted {
+                endpoint,
+                weight: b.weight,
+            })
+            .collect()
+    }
+
     /// A stand-in plan for a VIP read back from pinned maps: enough to diff against
     /// (endpoints, scheduler); weights and name are unknown until the next apply.
     pub fn adopted(

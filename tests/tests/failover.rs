@@ -22,11 +22,10 @@ use tests::{
     http::{connect, get, get_once},
     lab::{
         ADVERT_INTERVAL_MS, Balancer, CLIENT, LB_SERVER_IF, LB_SERVER_SIDE, Lab, LabSpec, METRICS,
-        VIP, VRID, bin_dir_of_this_test, default_config, ha_config, keepalived_config,
-        vrrp_section, wait_until,
+        VIP, VRID, default_config, ha_config, keepalived_config, vrrp_section, wait_until,
     },
     probe::{Probe, outage},
-    process::{bin, spawn_logged, terminate},
+    process::{spawn_logged, terminate},
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -84,62 +83,18 @@ fn assert_serves(lab: &Lab) {
     }
 }
 
-/// An agent run as its service unit runs it, with `--on-exit detach`: SIGTERM is then
-/// a real stop, which hands the VIPs over. The lab's `start_agent` keeps the default
-/// `--on-exit keep`, under which SIGTERM is a restart that keeps them.
-struct UnitAgent {
-    child: Option<Child>,
+/// Starts lb1's agent as its service unit runs it, with `--on-exit detach`: its stop
+/// is then a real one, which hands the VIPs over (the lab's default, `keep`, makes a
+/// stop a restart that keeps them).
+fn start_as_a_unit(lab: &mut Lab) {
+    lab.balancers[0].on_exit = "detach";
+    lab.balancers[0].start_agent();
 }
 
-impl UnitAgent {
-    /// Starts it on `b`'s configuration, pins, socket and log, and waits until its
-    /// control socket answers.
-    fn start(b: &Balancer) -> UnitAgent {
-        let child = spawn_logged(
-            b.ns.command(&bin(&bin_dir_of_this_test(), "foobar-lb"))
-                .arg("--socket")
-                .arg(b.socket())
-                .arg("run")
-                .arg("--config")
-                .arg(b.config_path())
-                .arg("--pin-dir")
-                .arg(&b.pin_dir)
-                .arg("--state-file")
-                .arg(b.config_path().with_file_name("state.json"))
-                .arg("--on-exit")
-                .arg("detach")
-                .env("RUST_LOG", &b.log_filter),
-            &b.config_path().with_file_name("agent.log"),
-        );
-        let mut agent = UnitAgent { child: Some(child) };
-        wait_until(Duration::from_secs(20), "the agent to answer", || {
-            let exited = agent
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            if let Some(status) = exited {
-                panic!("{}'s agent exited ({status}):\n{}", b.name, b.agent_log());
-            }
-            b.cli(&["status"]).status.success()
-        });
-        agent
-    }
-
-    /// SIGTERM, as the unit's stop sends; waits for the agent to exit.
-    fn stop(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let status = terminate(&mut child);
-            assert!(status.success(), "the agent's stop failed: {status}");
-        }
-    }
-}
-
-impl Drop for UnitAgent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            terminate(&mut child);
-        }
-    }
+/// SIGTERM to lb1's agent, as the unit's stop sends; waits for it to exit.
+fn stop_as_a_unit(lab: &mut Lab) {
+    let status = lab.balancers[0].stop_agent();
+    assert!(status.success(), "the agent's stop failed: {status}");
 }
 
 #[test]
@@ -201,7 +156,7 @@ fn a_crashed_master_hands_over_and_connections_survive() {
     // lb1 comes back: it drops the addresses its killed agent left, then preempts.
     // It runs as its service unit would, so that its stop below is a real one.
     lab.plug_in(0);
-    let lb1 = UnitAgent::start(&lab.balancers[0]);
+    start_as_a_unit(&mut lab);
     wait_role(&lab.balancers[0], "master");
     wait_role(&lab.balancers[1], "backup");
     assert_eq!(vrrp(&lab.balancers[0])["last_takeover"], "preempted");
@@ -213,7 +168,7 @@ fn a_crashed_master_hands_over_and_connections_survive() {
 
     // A real stop (`--on-exit detach`) says priority 0: lb2 takes over without waiting
     // out the master-down interval, and lb1 gives its addresses up.
-    lb1.stop();
+    stop_as_a_unit(&mut lab);
     wait_role(&lab.balancers[1], "master");
     assert_eq!(vrrp(&lab.balancers[1])["last_takeover"], "master_stopped");
     assert!(!lab.balancers[0].holds_vip());
@@ -230,7 +185,7 @@ fn keepalived_backup_pairs_with_a_foobar_master() {
     let mut lab = Lab::up(LabSpec::ha_for_test("vrrp-kabk", 2));
     lab.balancers[0].write_config(&ha_config(2, 150, true));
     // As its service unit runs it: the stop below is a real one.
-    let lb1 = UnitAgent::start(&lab.balancers[0]);
+    start_as_a_unit(&mut lab);
     wait_role(&lab.balancers[0], "master");
     // lb2: keepalived moves the addresses; foobar-lb only runs its data plane.
     lab.balancers[1].write_config(&(default_config(2, "maglev") + METRICS));
@@ -256,7 +211,7 @@ fn keepalived_backup_pairs_with_a_foobar_master() {
 
     // foobar-lb stops for real (priority 0): keepalived takes the VIP and the gateway;
     // lb2's data plane serves.
-    lb1.stop();
+    stop_as_a_unit(&mut lab);
     wait_until(LIMIT, "keepalived to become MASTER", || {
         lab.balancers[1].holds_vip()
     });
@@ -636,7 +591,7 @@ fn a_real_stop_of_the_master_hands_over_at_once() {
     let _turn = one_at_a_time();
     let mut lab = Lab::up(LabSpec::ha_for_test("vrrp-stop", 2));
     lab.balancers[0].write_config(&ha_config(2, 150, true));
-    let lb1 = UnitAgent::start(&lab.balancers[0]);
+    start_as_a_unit(&mut lab);
     lab.balancers[1].write_config(&ha_config(2, 100, true));
     lab.balancers[1].start_agent();
     wait_role(&lab.balancers[0], "master");
@@ -650,7 +605,7 @@ fn a_real_stop_of_the_master_hands_over_at_once() {
     let probe = Probe::start(&lab.client, vip());
     sleep(Duration::from_millis(300));
     let stopping = Instant::now();
-    lb1.stop();
+    stop_as_a_unit(&mut lab);
     wait_role(&lab.balancers[1], "master");
     let took = stopping.elapsed();
     sleep(Duration::from_millis(500));

@@ -150,37 +150,7 @@ fn the_database_links_carry_no_sql_in_the_clear_and_no_secret_leaks_to_command_l
     // Every packet to or from MariaDB's port on both servers: the application's
     // connections through the VIPs (both ends of the full NAT), replication.
     let captures: Vec<Capture> = (0..2).map(|i| Capture::start(&lab, i, DB_PORT)).collect();
-    let marker = format!(
-        "tls-marker-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .expect("time")
-            .as_nanos()
-    );
-    // Writes, and reads that must see them (read-your-writes: the cookie), from the
-    // replica or the primary.
-    let jar = lab.dir.join("cookies.txt").display().to_string();
-    for n in 0..10 {
-        let body = lab
-            .post_through_site(&format!("{marker} {n}"), &["-c", &jar, "-b", &jar])
-            .unwrap_or_else(|e| panic!("post {n}: {e}"));
-        let post: serde_json::Value = serde_json::from_str(&body).expect("a post");
-        let url = format!("https://{SITE}/api/posts/{}", post["id"]);
-        let read = lab.site_curl(&["-f", "-b", &jar, &url]);
-        assert!(
-            text(&read.stdout).contains(&marker),
-            "post {n} not read back: {}",
-            text(&read.stderr)
-        );
-    }
-    let url = format!("https://{SITE}/api/posts?limit=10");
-    let list = lab.site_curl(&["-f", "-b", &jar, &url]);
-    assert!(
-        text(&list.stdout).contains(&marker),
-        "{}",
-        text(&list.stderr)
-    );
+    let marker = marked_posts_and_reads(&lab, "tls-marker", "cookies.txt");
     // The replica applies the last posts (their rows cross the replication link).
     wait_until(Duration::from_secs(10), "the posts on the replica", || {
         lab.db_sql(
@@ -320,35 +290,7 @@ fn with_web_to_app_tls_the_api_works_and_no_request_crosses_in_the_clear() {
     // Every packet to or from the application port on both servers' links: each web
     // node reaches the other server's application node there (its own over loopback).
     let captures: Vec<Capture> = (0..2).map(|i| Capture::start(&lab, i, APP_PORT)).collect();
-    let marker = format!(
-        "app-tls-marker-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .expect("time")
-            .as_nanos()
-    );
-    let jar = lab.dir.join("app-tls-cookies.txt").display().to_string();
-    for n in 0..10 {
-        let body = lab
-            .post_through_site(&format!("{marker} {n}"), &["-c", &jar, "-b", &jar])
-            .unwrap_or_else(|e| panic!("post {n} through the site: {e}"));
-        let post: serde_json::Value = serde_json::from_str(&body).expect("a post");
-        let url = format!("https://{SITE}/api/posts/{}", post["id"]);
-        let read = lab.site_curl(&["-f", "-b", &jar, &url]);
-        assert!(
-            text(&read.stdout).contains(&marker),
-            "post {n} not read back: {}",
-            text(&read.stderr)
-        );
-    }
-    let url = format!("https://{SITE}/api/posts?limit=10");
-    let list = lab.site_curl(&["-f", "-b", &jar, &url]);
-    assert!(
-        text(&list.stdout).contains(&marker),
-        "{}",
-        text(&list.stderr)
-    );
+    let marker = marked_posts_and_reads(&lab, "app-tls-marker", "app-tls-cookies.txt");
 
     for mut capture in captures {
         let bytes = capture.stop();
@@ -381,6 +323,42 @@ fn with_web_to_app_tls_the_api_works_and_no_request_crosses_in_the_clear() {
             );
         }
     }
+}
+
+/// Ten posts through the site whose text carries a fresh marker, each read back, and
+/// the list: writes and reads that must see them (read-your-writes: the cookie jar
+/// `jar` in the lab's directory). Returns the marker.
+fn marked_posts_and_reads(lab: &Lab, prefix: &str, jar: &str) -> String {
+    let marker = format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("time")
+            .as_nanos()
+    );
+    let jar = lab.dir.join(jar).display().to_string();
+    for n in 0..10 {
+        let body = lab
+            .post_through_site(&format!("{marker} {n}"), &["-c", &jar, "-b", &jar])
+            .unwrap_or_else(|e| panic!("post {n}: {e}"));
+        let post: serde_json::Value = serde_json::from_str(&body).expect("a post");
+        let url = format!("https://{SITE}/api/posts/{}", post["id"]);
+        let read = lab.site_curl(&["-f", "-b", &jar, &url]);
+        assert!(
+            text(&read.stdout).contains(&marker),
+            "post {n} not read back: {}",
+            text(&read.stderr)
+        );
+    }
+    let url = format!("https://{SITE}/api/posts?limit=10");
+    let list = lab.site_curl(&["-f", "-b", &jar, &url]);
+    assert!(
+        text(&list.stdout).contains(&marker),
+        "{}",
+        text(&list.stderr)
+    );
+    marker
 }
 
 /// tcpdump on a server's interface, one TCP port, into a file; killed if the test

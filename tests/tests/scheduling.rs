@@ -219,16 +219,7 @@ fn a_flow_entry_notes_when_it_was_last_seen() {
 
 /// The backends of a least-connections VIP as the planner weighs them.
 fn weighted(lab: &PacketLab) -> Vec<Weighted> {
-    let vip = lab.balancer.vips().next().unwrap();
-    vip.plan
-        .backends
-        .iter()
-        .zip(&vip.plan.spec.backends)
-        .map(|(&endpoint, b)| Weighted {
-            endpoint,
-            weight: b.weight,
-        })
-        .collect()
+    lab.balancer.vips().next().unwrap().plan.weighted()
 }
 
 #[test]
