@@ -7,6 +7,7 @@ pub mod acme;
 pub mod db;
 pub mod deploy;
 pub mod lab;
+pub mod monitoring;
 pub mod netns;
 pub mod pki;
 pub mod probe;

@@ -68,8 +68,8 @@ pub const FIREWALL_TABLES: [&str; 3] = ["foobar_web", "foobar_app", "foobar_db"]
 const CLIENT_NETWORKS: [&str; 2] = ["10.0.0.0/24", "fd00::/64"];
 
 /// The balancers on the server network: the sources of health checks and of full NAT
-/// (the database VIPs), and of scrapes (the lab has no monitoring host). With the HA
-/// lab's own addresses, so the rules hold with two balancers.
+/// (the database VIPs), and of scrapes. With the HA lab's own addresses, so the rules
+/// hold with two balancers.
 fn balancers() -> Vec<String> {
     let v4 = [
         LB_SERVER_SIDE,
@@ -79,6 +79,12 @@ fn balancers() -> Vec<String> {
     let mut all: Vec<String> = v4.iter().map(ToString::to_string).collect();
     all.push("fd00:1::1".into());
     all
+}
+
+/// The lab's monitoring host on the server network ([`crate::monitoring`]): it
+/// scrapes each node's `/metrics`, on that node's port only.
+fn monitoring_host() -> Vec<String> {
+    vec![crate::monitoring::MONITOR_SERVER_SIDE.to_string()]
 }
 
 /// The addresses of servers `which` (each shared by its web, application and
@@ -161,6 +167,7 @@ pub fn web_config(
     let firewall = firewall_section(&[
         (&[HTTP_PORT, HTTPS_PORT], [site, balancers()].concat()),
         (&[HTTP_PORT], server_addresses(0..servers)),
+        (&[HTTP_PORT], monitoring_host()),
     ]);
     let upstream_tls = upstream_ca
         .map(|ca| format!("upstream_tls_ca = \"{}\"\n", ca.display()))
@@ -195,10 +202,13 @@ pub fn app_config(
     tls: Option<&AppTlsFiles>,
 ) -> String {
     let ca = TlsFiles::of(dir).ca;
-    let firewall = firewall_section(&[(
-        &[APP_PORT],
-        [server_addresses(0..servers), balancers()].concat(),
-    )]);
+    let firewall = firewall_section(&[
+        (
+            &[APP_PORT],
+            [server_addresses(0..servers), balancers()].concat(),
+        ),
+        (&[APP_PORT], monitoring_host()),
+    ]);
     let tls = tls
         .map(|files| {
             format!(
@@ -277,10 +287,14 @@ pub fn db_config(dir: &Path, i: usize, password_file: &Path, repl_password_file:
     // database VIPs, full NAT, so with the balancer's address (the VIPs' access list
     // lets in the application nodes only, see `db_vip_section`); the balancers check
     // the agent; the other database node replicates, and fences through the agent.
-    let firewall = firewall_section(&[(
-        &[DB_PORT, DB_AGENT_PORT],
-        [balancers(), server_addresses([1 - i])].concat(),
-    )]);
+    // The monitoring host reads the agent's /metrics.
+    let firewall = firewall_section(&[
+        (
+            &[DB_PORT, DB_AGENT_PORT],
+            [balancers(), server_addresses([1 - i])].concat(),
+        ),
+        (&[DB_AGENT_PORT], monitoring_host()),
+    ]);
     format!(
         "name = \"db{n}\"\nserver_id = {n}\nlisten = \"{me}:{DB_PORT}\"\nhttp = \"{me}:{DB_AGENT_PORT}\"\n\
          state_dir = \"{}\"\n\n\

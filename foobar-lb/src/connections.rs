@@ -21,11 +21,7 @@ use std::collections::BTreeMap;
 use foobar_lb_common::{Endpoint, FLOW_CLOCK_SHIFT, PROTO_UDP, TrafficStats};
 use tracing::{debug, warn};
 
-use crate::{
-    reconcile::Balancer,
-    schedule,
-    state::Scheduler,
-};
+use crate::{reconcile::Balancer, schedule, state::Scheduler};
 
 /// How often the least-connections rings are planned again (when the counts moved).
 pub const PLAN_EVERY: std::time::Duration = std::time::Duration::from_millis(10);

@@ -15,6 +15,7 @@ use foobar_lab::{
         self, ADVERT_INTERVAL_MS, LB_CLIENT_IF, LB_SERVER_IF, Lab, LabSpec, VIP, VIP_PORT,
         wait_until, web_addr,
     },
+    monitoring::{self, Monitoring},
     process::{bin, spawn_logged},
     stack::{self, APP_PORT, DNS_ADDR, HTTP_PORT, SITE},
 };
@@ -79,17 +80,33 @@ pub fn up(ha: bool, stack: bool) -> Result<()> {
     if ha {
         for (i, priority) in [150, 100].into_iter().enumerate() {
             let b = &mut lab.balancers[i];
-            b.write_config(&lab::ha_config(2, priority, true));
+            // lab::ha_config, with the metrics listener where the monitoring host
+            // reaches it.
+            b.write_config(
+                &(lab::default_config(2, "maglev")
+                    + &monitoring::metrics_section()
+                    + &lab::vrrp_section(priority, true)),
+            );
             b.start_agent();
         }
         wait_until(Duration::from_secs(10), "lb1 to become MASTER", || {
             lab.balancers[0].holds_vip()
         });
     } else {
+        if !stack {
+            // The default config, with metrics for the monitoring host (the stack's
+            // balancer has its own).
+            lab.write_config(&(lab::default_config(2, "rr") + &monitoring::metrics_section()));
+        }
         lab.start_agent();
     }
+    // Prometheus on the monitoring host, scraping every agent and node, with the
+    // alert rules of deploy/alerts/.
+    let mut prometheus = Monitoring::start(&lab);
+    let prometheus_url = prometheus.url();
     let agent_pids: Vec<u32> = lab.balancers.iter().filter_map(|b| b.agent_pid()).collect();
-    let pids = lab.detach_processes();
+    let mut pids = lab.detach_processes();
+    pids.extend(prometheus.detach());
     std::fs::write(
         pids_file(),
         pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
@@ -106,12 +123,14 @@ pub fn up(ha: bool, stack: bool) -> Result<()> {
             stack::db_write_vip(),
             stack::db_read_vip(),
         );
+        print_prometheus(&prometheus_url);
         println!("try:");
         println!(
             "  sudo ip netns exec {PREFIX}-client curl --cacert {} https://{SITE}/api/posts",
             lab.pki.as_ref().expect("stack").ca_cert().display()
         );
         println!("  {} status", cli_line(first));
+        print_prometheus_try(&prometheus_url);
         println!("  cargo xtask lab deploy   # rolling restart of the web and application nodes");
         println!("  cargo xtask lab down");
         return Ok(());
@@ -132,9 +151,11 @@ pub fn up(ha: bool, stack: bool) -> Result<()> {
             web_addr(1)
         );
     }
+    print_prometheus(&prometheus_url);
     println!("try:");
     println!("  sudo ip netns exec {PREFIX}-client curl -s http://{VIP}/");
     println!("  {} status", cli_line(first));
+    print_prometheus_try(&prometheus_url);
     println!(
         "  {} backend drain www {}:8080",
         cli_line(first),
@@ -149,6 +170,24 @@ pub fn up(ha: bool, stack: bool) -> Result<()> {
     }
     println!("  cargo xtask lab down");
     Ok(())
+}
+
+/// Where the lab's Prometheus is (`url`, on the monitoring host).
+fn print_prometheus(url: &str) {
+    println!(
+        "prometheus: {url} on {PREFIX}-mon ({}, {}), scraping every agent and node each second, \
+         with the alert rules of deploy/alerts/ (their `for:` shortened to seconds)\n",
+        monitoring::MONITOR_CLIENT_SIDE,
+        monitoring::MONITOR_SERVER_SIDE
+    );
+}
+
+/// The lab's Prometheus in the `try:` list.
+fn print_prometheus_try(url: &str) {
+    println!("  sudo ip netns exec {PREFIX}-client curl -s {url}/api/v1/alerts    # active alerts");
+    println!(
+        "  sudo ip netns exec {PREFIX}-client curl -s {url}/api/v1/targets   # every target's health"
+    );
 }
 
 /// Stops every lab process and removes the namespaces and pins.
