@@ -49,10 +49,14 @@ pub enum Command {
     /// Run the daemon: attach to the configured interfaces and serve the control socket.
     ///
     /// SIGHUP reloads the configuration file; SIGTERM and SIGINT stop the daemon.
+    /// It needs root, or the capabilities CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and
+    /// CAP_NET_RAW alone, as the Debian package's foobar-lb service runs it
+    /// (`systemctl reload foobar-lb` sends SIGHUP).
     ///
     /// Examples:
     ///   sudo foobar-lb run --config /etc/foobar-lb/foobar-lb.toml
     ///   sudo foobar-lb run --config lb.toml --on-exit detach
+    ///   sudo systemctl enable --now foobar-lb
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
     /// List, add or remove VIPs.

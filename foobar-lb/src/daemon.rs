@@ -187,6 +187,8 @@ pub async fn run(
         Arc::downgrade(&agent),
         changed.clone(),
     )));
+    // systemd (Type=notify) counts the start as done only now: attached, answering.
+    crate::systemd::ready();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -226,6 +228,7 @@ pub async fn run(
         }
     }
     info!("shutting down");
+    crate::systemd::stopping();
     // A real stop first hands the VIPs over (priority 0), while the data plane still
     // forwards. A restart keeps them and the mastership: the router goes on
     // advertising through the cleanup and steps aside last, leaving the next agent a

@@ -27,5 +27,6 @@ pub mod reconcile;
 pub mod render;
 pub mod schedule;
 pub mod state;
+pub mod systemd;
 pub mod topology;
 pub mod vrrp;

@@ -211,14 +211,60 @@ mod erased {
     }
 }
 
+/// Capability numbers (linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Refuses `run` or `decap` without what they need of the kernel: root's capabilities,
+/// or just the ones below, as the systemd unit grants them. Checked on the effective
+/// set, not on the user id: root in a container may lack them, and a service need not
+/// be root. CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON, as the kernel allows.
 fn require_root(command: &str) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    let mut needed = vec![
+        (CAP_BPF, "CAP_BPF (BPF programs and maps)"),
+        (
+            CAP_PERFMON,
+            "CAP_PERFMON (the verifier refuses the program's pointer arithmetic without it)",
+        ),
+        (
+            CAP_NET_ADMIN,
+            "CAP_NET_ADMIN (attaching XDP, addresses, sysctls)",
+        ),
+    ];
+    if command == "run" {
+        needed.push((CAP_NET_RAW, "CAP_NET_RAW (VRRP and ARP sockets)"));
+    }
+    let effective = effective_capabilities()?;
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    let missing: Vec<&str> = needed
+        .into_iter()
+        .filter(|&(cap, _)| {
+            !(has(cap) || (matches!(cap, CAP_BPF | CAP_PERFMON) && has(CAP_SYS_ADMIN)))
+        })
+        .map(|(_, name)| name)
+        .collect();
+    if !missing.is_empty() {
         bail!(
-            "foobar-lb {command} needs root: it loads BPF programs and attaches them to interfaces; try sudo"
+            "foobar-lb {command} needs root: it loads BPF programs and attaches them to \
+             interfaces, and this process lacks {}; try sudo",
+            missing.join(", ")
         );
     }
     Ok(())
+}
+
+/// This process's effective capabilities (`CapEff` of /proc/self/status), as bits.
+fn effective_capabilities() -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .context("/proc/self/status has no CapEff line")?;
+    u64::from_str_radix(hex.trim(), 16).with_context(|| format!("CapEff {:?}", hex.trim()))
 }
 
 fn init_logging() {

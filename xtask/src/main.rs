@@ -5,6 +5,7 @@ mod bench_failover;
 mod bench_lab;
 mod bench_stack;
 mod lab;
+mod package;
 mod setup;
 mod wrk;
 
@@ -39,6 +40,11 @@ enum Task {
         #[command(subcommand)]
         action: LabAction,
     },
+    /// Build the Debian package (dpkg-deb): the release binary in /usr/sbin, the
+    /// systemd unit, an example /etc/foobar-lb/foobar-lb.toml, the man page and the
+    /// bash, zsh and fish completions. Prints the .deb's path
+    /// (target/package/foobar-lb_<version>_<arch>.deb). Runs setup first.
+    Package,
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -154,6 +160,11 @@ fn main() -> Result<()> {
         Task::Demo => {
             prepare_lab()?;
             lab::demo()
+        }
+        Task::Package => {
+            setup::ensure()?;
+            println!("{}", package::build()?.display());
+            Ok(())
         }
         Task::Lab { action } => match action {
             LabAction::Up { ha, stack } => {

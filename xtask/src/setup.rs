@@ -44,6 +44,9 @@ const PACKAGES: &[&str] = &[
     // Let's Encrypt's test ACME server, and captures that show what crosses a link.
     "pebble",
     "tcpdump",
+    // `systemd-analyze verify` of the package's unit (dpkg-deb, which builds the
+    // package, comes with dpkg itself).
+    "systemd",
 ];
 
 /// Debian packages installed without the packages they recommend.
