@@ -21,7 +21,7 @@ use std::{
 use foobar_lb::config::Config;
 
 /// What the package installs, with its mode.
-const FILES: [(&str, u32); 9] = [
+const FILES: [(&str, u32); 11] = [
     ("usr/sbin/foobar-lb", 0o755),
     ("usr/lib/systemd/system/foobar-lb.service", 0o644),
     ("etc/foobar-lb/foobar-lb.toml", 0o644),
@@ -31,6 +31,8 @@ const FILES: [(&str, u32); 9] = [
     ("usr/share/fish/vendor_completions.d/foobar-lb.fish", 0o644),
     ("usr/share/doc/foobar-lb/copyright", 0o644),
     ("usr/share/doc/foobar-lb/README.md.gz", 0o644),
+    ("usr/share/foobar-lb/alerts/foobar-lb.yml", 0o644),
+    ("usr/share/foobar-lb/alerts/certificates.yml", 0o644),
 ];
 const UNIT: &str = "usr/lib/systemd/system/foobar-lb.service";
 const CONFIG: &str = "etc/foobar-lb/foobar-lb.toml";

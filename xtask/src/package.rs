@@ -80,6 +80,17 @@ pub fn build() -> Result<PathBuf> {
     )?;
     let readme = fs::read_to_string(root.join("README.md")).context("reading README.md")?;
     put_gzipped(&stage, "usr/share/doc/foobar-lb/README.md", &readme)?;
+    // Prometheus alert rules, for an operator's `rule_files`.
+    for name in ["foobar-lb.yml", "certificates.yml"] {
+        let rules = fs::read_to_string(root.join("deploy/alerts").join(name))
+            .with_context(|| format!("reading deploy/alerts/{name}"))?;
+        put(
+            &stage,
+            &format!("usr/share/foobar-lb/alerts/{name}"),
+            rules,
+            0o644,
+        )?;
+    }
 
     let control = control(arch, installed_size_kib(&stage)?, &depends(&executable));
     put(&stage, "DEBIAN/control", &control, 0o644)?;
