@@ -61,9 +61,16 @@ fn build() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
+    // The upgrade test's build passes its feature on to the program.
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_LAYOUT_TEST").is_some() {
+        &["layout-test"]
+    } else {
+        &[]
+    };
     let package = Package {
         name: ebpf.name.as_str(),
         root_dir: root_dir.as_str(),
+        features,
         ..Default::default()
     };
     aya_build::build_ebpf([package], Toolchain::default())?;

@@ -243,6 +243,9 @@ pub struct Balancer {
     /// The agent's `--on-exit`: `keep` (a stop is a restart: a VRRP master keeps its
     /// addresses and resumes) or `detach` (a real stop: it hands over at once).
     pub on_exit: &'static str,
+    /// The agent's binary in the build directory: `foobar-lb`, or another build of
+    /// it (the upgrade test's `foobar-lb-next-layout`).
+    pub program: &'static str,
     dir: PathBuf,
     bin_dir: PathBuf,
     agent: Option<Child>,
@@ -259,6 +262,7 @@ impl Balancer {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}-{name}")),
             log_filter: "info".into(),
             on_exit: "keep",
+            program: "foobar-lb",
             dir,
             bin_dir: bin_dir.to_owned(),
             agent: None,
@@ -292,7 +296,7 @@ impl Balancer {
         assert!(self.agent.is_none(), "the agent is already running");
         let child = spawn_logged(
             self.ns
-                .command(&bin(&self.bin_dir, "foobar-lb"))
+                .command(&bin(&self.bin_dir, self.program))
                 .arg("--socket")
                 .arg(self.socket())
                 .arg("run")
@@ -1138,12 +1142,8 @@ fn make_ns(name: &str, persistent: bool) -> Netns {
 
 /// Removes a pin directory on bpffs (links and maps); missing is fine.
 pub fn remove_pins(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
+    // Links, and the maps of every layout (`maps-vN`).
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Deletes every namespace whose name starts with `prefix` (xtask lab down).

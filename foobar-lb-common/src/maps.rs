@@ -36,6 +36,16 @@ pub const FORWARD_DSR_IPIP: u32 = 2;
 /// Direct server return in GUE (UDP, variant 1: the inner IP header follows the UDP one).
 pub const FORWARD_DSR_GUE: u32 = 3;
 
+/// The version of the pinned maps' layout: bumped whenever a map's key, value or
+/// meaning changes, so that an upgrade knows to migrate the pinned maps (see the
+/// agent's `migrate`) rather than misread them. Maps of layout `N` are pinned in
+/// `maps-vN` under the pin directory; layout 1 had them in the directory itself.
+#[cfg(not(feature = "layout-test"))]
+pub const LAYOUT_VERSION: u32 = 2;
+/// The test build's next layout: [`TrafficStats`] has one more counter.
+#[cfg(feature = "layout-test")]
+pub const LAYOUT_VERSION: u32 = 3;
+
 /// Most VIPs a data plane holds.
 pub const MAX_VIPS: u32 = 64;
 /// Most backends a data plane holds, over all VIPs.
@@ -604,7 +614,8 @@ pub struct ReplyTarget {
 }
 const _: () = assert!(size_of::<ReplyTarget>() == 28);
 
-/// Traffic counters of a VIP or a backend (per CPU in the kernel).
+/// Traffic counters of a VIP or a backend (per CPU in the kernel). New counters go at
+/// the end: an upgrade then carries the old ones over (see the agent's `migrate`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrafficStats {
@@ -623,8 +634,15 @@ pub struct TrafficStats {
     pub closed_flows: u64,
     /// Flow-table entries made: connections opened.
     pub opened_flows: u64,
+    /// A counter only the upgrade test's build has, to change the layout the way a
+    /// real new counter would (appended: see the agent's `migrate`).
+    #[cfg(feature = "layout-test")]
+    pub layout_test: u64,
 }
+#[cfg(not(feature = "layout-test"))]
 const _: () = assert!(size_of::<TrafficStats>() == 56);
+#[cfg(feature = "layout-test")]
+const _: () = assert!(size_of::<TrafficStats>() == 64);
 
 impl TrafficStats {
     /// Adds another CPU's counters to these.
@@ -639,7 +657,8 @@ impl TrafficStats {
     }
 }
 
-/// Global counters (per CPU in the kernel): one per [`crate::Reason`].
+/// Global counters (per CPU in the kernel): one per [`crate::Reason`]. New reasons
+/// go at the end, so an upgrade carries the old counts over.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Counters {

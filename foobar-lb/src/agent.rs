@@ -215,6 +215,8 @@ impl Agent {
                 }
             }
         }
+        // After an upgrade of the maps' layout, every link now runs this program.
+        agent.balancer.dataplane().finish_migration()?;
         Ok(agent)
     }
 

@@ -31,7 +31,14 @@ use foobar_lb_common::{
 };
 use ipnet::IpNet;
 
-use crate::{batch, pin, reconcile::MapState, state::address_of, topology::words};
+use crate::{
+    batch,
+    migrate::{MigrateError, Migration},
+    pin,
+    reconcile::MapState,
+    state::address_of,
+    topology::words,
+};
 
 /// The XDP program object, built by `build.rs`.
 pub static PROGRAM_OBJECT: &[u8] =
@@ -87,6 +94,9 @@ pub enum DataplaneError {
     /// Pinning failed.
     #[error(transparent)]
     Pin(#[from] pin::PinError),
+    /// Pinned maps of another layout could not be migrated.
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
     /// A link could not be held as a file-descriptor link (kernel without bpf_link).
     #[error("the XDP link of {0} is not a bpf_link; this kernel is too old for pinning")]
     NotALink(String),
@@ -150,6 +160,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
     resumed: bool,
+    /// An upgrade from pinned maps of an older layout, until the links run this program.
+    migration: Option<Migration>,
 }
 
 macro_rules! map {
@@ -182,33 +194,55 @@ impl Dataplane {
             .map_max_entries(names::NAT_FLOWS6, options.flow_capacity)
             .override_global("AYA_LOG_LEVEL", &log_level, false);
         let mut resumed = false;
+        let mut migration = None;
         if let Some(dir) = &options.pin_dir {
             pin::prepare_dir(dir)?;
-            pin::check_pinned_layout(dir, options.flow_capacity)?;
-            resumed = pin::has_pinned_maps(dir);
+            let maps_dir = pin::maps_dir(dir);
+            migration = Migration::prepare(dir, options.flow_capacity)?;
+            if migration.is_some() {
+                // Maps of this layout beside an older one's are a migration cut short:
+                // the old program still runs on the old maps, so they are copied again.
+                pin::remove_all_maps(&maps_dir)?;
+            }
+            std::fs::create_dir_all(&maps_dir).map_err(|e| pin::PinError::Directory {
+                path: maps_dir.clone(),
+                message: e.to_string(),
+            })?;
+            pin::check_pinned_layout(&maps_dir, options.flow_capacity)?;
+            resumed = pin::has_pinned_maps(&maps_dir) || migration.is_some();
             for name in names::ALL {
-                loader.map_pin_path(name, pin::map_path(dir, name));
+                loader.map_pin_path(name, pin::map_path(&maps_dir, name));
             }
         }
-        let mut ebpf = loader.load(PROGRAM_OBJECT)?;
-        // The verifier gives up with EAGAIN when a signal arrives while it runs (a
-        // child exiting, a SIGHUP): it is tried again, as libbpf does.
-        let mut attempts = 5;
-        loop {
-            match program(&mut ebpf)?.load() {
-                Err(ProgramError::LoadError { io_error, .. })
-                    if io_error.kind() == std::io::ErrorKind::WouldBlock && attempts > 1 =>
-                {
-                    attempts -= 1;
-                }
-                other => break other?,
+        let loaded = load_verified(&mut loader).and_then(|ebpf| {
+            if let (Some(migration), Some(dir)) = (&mut migration, &options.pin_dir) {
+                migration.copy(&pin::maps_dir(dir))?;
             }
-        }
+            Ok(ebpf)
+        });
+        let ebpf = match (loaded, &options.pin_dir) {
+            (Err(e), Some(dir)) if migration.is_some() => {
+                // The old layout stays the only one, as if this build had never run.
+                let _ = std::fs::remove_dir_all(pin::maps_dir(dir));
+                return Err(e);
+            }
+            (loaded, _) => loaded?,
+        };
         Ok(Self {
             ebpf,
             pin_dir: options.pin_dir.clone(),
             resumed,
+            migration,
         })
+    }
+
+    /// Ends an upgrade from maps of an older layout (see [`Migration`]), once this
+    /// program is in every pinned link; nothing to do otherwise.
+    pub fn finish_migration(&mut self) -> Result<()> {
+        match self.migration.take() {
+            Some(migration) => Ok(migration.finish()?),
+            None => Ok(()),
+        }
     }
 
     /// The reader of the program's aya-log records; `None` if the object has none.
@@ -800,6 +834,25 @@ fn acl_key(scope: u32, prefix: &IpNet) -> LpmKey<AclKey> {
         addr: words(prefix.addr()),
     };
     LpmKey::new(32 + u32::from(prefix.prefix_len()), data)
+}
+
+/// The object loaded and its balancing program verified. The verifier gives up with
+/// EAGAIN when a signal arrives while it runs (a child exiting, a SIGHUP): it is
+/// tried again, as libbpf does.
+fn load_verified(loader: &mut EbpfLoader<'_>) -> Result<Ebpf> {
+    let mut ebpf = loader.load(PROGRAM_OBJECT)?;
+    let mut attempts = 5;
+    loop {
+        match program(&mut ebpf)?.load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempts > 1 =>
+            {
+                attempts -= 1;
+            }
+            other => break other?,
+        }
+    }
+    Ok(ebpf)
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {

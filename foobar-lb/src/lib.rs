@@ -21,6 +21,7 @@ pub mod edge;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod migrate;
 pub mod persist;
 pub mod pin;
 pub mod reconcile;

@@ -1,9 +1,10 @@
 //! Pinning on bpffs, so the data plane outlives the agent.
 //!
-//! Maps are pinned by name under the pin directory and XDP links as `link-<interface>`.
-//! A new agent (or a new version of the program) reopens the maps as they are, with
-//! every flow and counter, and swaps its program into the pinned links atomically
-//! (`bpf_link_update`), so forwarding never stops.
+//! Maps are pinned by name in `maps-v<layout>` under the pin directory and XDP links
+//! as `link-<interface>`. A new agent (or a new version of the program) reopens the
+//! maps as they are, with every flow and counter, and swaps its program into the
+//! pinned links atomically (`bpf_link_update`), so forwarding never stops. A build of
+//! another map layout migrates the maps first (see `migrate`).
 
 use std::{
     ffi::CString,
@@ -15,10 +16,13 @@ use std::{
 use aya::maps::MapInfo;
 use foobar_lb_common::{
     ACL_SCOPE_COUNT, AclKey, AclRule, AddrUse, Backend, Counters, Endpoint, FlowKey, FlowKey6,
-    FlowState, Iface, MAX_ACL_RULES, MAX_BACKENDS, MAX_IFINDEX, MAX_NEIGHBOURS, MAX_ROUTES,
-    MAX_TX_PORTS, MAX_VIPS, NatTarget, NextHop, RateWindow, ReplyTarget, Route, SCHEDULE_STRIDE,
-    SOURCE_LIMIT_CAPACITY, Settings, SourceKey, TrafficStats, VipAddr, VipInfo, map_names as names,
+    FlowState, Iface, LAYOUT_VERSION, MAX_ACL_RULES, MAX_BACKENDS, MAX_IFINDEX, MAX_NEIGHBOURS,
+    MAX_ROUTES, MAX_TX_PORTS, MAX_VIPS, NatTarget, NextHop, RateWindow, ReplyTarget, Route,
+    SCHEDULE_STRIDE, SOURCE_LIMIT_CAPACITY, Settings, SourceKey, TrafficStats, VipAddr, VipInfo,
+    map_names as names,
 };
+
+use crate::migrate::Shape;
 
 /// The magic number `statfs` reports for bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -119,6 +123,35 @@ fn mount_bpffs(at: &Path) -> Result<(), PinError> {
     Ok(())
 }
 
+/// Where this build's maps are pinned: `maps-v<LAYOUT_VERSION>` in the pin directory.
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
+    maps_dir_of(pin_dir, LAYOUT_VERSION)
+}
+
+/// Where the maps of layout `version` are pinned (layout 1: the pin directory itself).
+pub fn maps_dir_of(pin_dir: &Path, version: u32) -> PathBuf {
+    if version <= 1 {
+        return pin_dir.to_owned();
+    }
+    pin_dir.join(format!("maps-v{version}"))
+}
+
+/// The layouts (2 and later) with a map directory under the pin directory.
+pub fn layout_versions(pin_dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("maps-v"))
+                .and_then(|v| v.parse().ok())
+        })
+        .collect()
+}
+
 /// The path of a pinned map.
 pub fn map_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
@@ -150,6 +183,16 @@ pub fn pinned_interfaces(dir: &Path) -> Vec<String> {
 /// Whether any map of ours is pinned in `dir`.
 pub fn has_pinned_maps(dir: &Path) -> bool {
     names::ALL.iter().any(|n| map_path(dir, n).exists())
+}
+
+/// The key size, value size (`None`: not checked) and entries this build gives a map.
+pub fn expected_shape(name: &str, flow_capacity: u32) -> Shape {
+    let (key, value, entries) = expected_layout(name, flow_capacity);
+    Shape {
+        key: key as u32,
+        value: value.map(|v| v as u32),
+        entries,
+    }
 }
 
 /// Key size, value size (`None`: not checked) and entries this build expects of a map.
@@ -240,11 +283,27 @@ pub fn check_pinned_layout(dir: &Path, flow_capacity: u32) -> Result<(), PinErro
     Ok(())
 }
 
+/// Removes the maps pinned in `dir` (links stay).
+pub fn remove_all_maps(dir: &Path) -> Result<(), PinError> {
+    for name in names::ALL {
+        match std::fs::remove_file(map_path(dir, name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(dir_error(&map_path(dir, name), e.to_string()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Removes every pin of ours from `dir` (links first, so the program stops before its
-/// maps go), then the directory if it is empty.
+/// maps go), the maps of every layout, then the directory if it is empty.
 pub fn remove_all(dir: &Path) -> std::io::Result<()> {
     for interface in pinned_interfaces(dir) {
         std::fs::remove_file(link_path(dir, &interface))?;
+    }
+    for version in layout_versions(dir) {
+        std::fs::remove_dir_all(maps_dir_of(dir, version))?;
     }
     for name in names::ALL {
         match std::fs::remove_file(map_path(dir, name)) {

@@ -300,7 +300,11 @@ fn detach_on_exit_removes_the_program_and_its_pins() {
     assert!(status.success(), "{status}");
     // --on-exit keep (the default) left it forwarding.
     assert_eq!(lab.get().as_deref(), Some("web1"));
-    assert!(lab.balancer().pin_dir.join("FLOWS").exists());
+    assert!(
+        foobar_lb::pin::maps_dir(&lab.balancer().pin_dir)
+            .join("FLOWS")
+            .exists()
+    );
 
     // A run with --on-exit detach, stopped by SIGTERM, leaves nothing behind.
     let mut agent = lab

@@ -301,9 +301,30 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    build_next_layout()?;
     // The end-to-end tests run the agent's and the nodes' binaries from target/debug.
     cargo(&NODE_BINS)?;
     cargo_test(&["test", "--workspace", "--exclude", "foobar-lb-ebpf"])
+}
+
+/// The upgrade test's second build of the agent, whose pinned maps have the next
+/// layout (the `layout-test` feature), as `target/debug/foobar-lb-next-layout`. The
+/// normal build that follows puts `target/debug/foobar-lb` back.
+fn build_next_layout() -> Result<()> {
+    cargo(&[
+        "build",
+        "-p",
+        "foobar-lb",
+        "--bin",
+        "foobar-lb",
+        "--features",
+        "layout-test",
+    ])?;
+    std::fs::copy(
+        "target/debug/foobar-lb",
+        "target/debug/foobar-lb-next-layout",
+    )?;
+    Ok(())
 }
 
 /// Runs `cargo test`, echoing its output, and ends with one total over all test

@@ -53,7 +53,7 @@ fn main() -> ExitCode {
     let socket = lab.socket();
 
     // A million flows in the pinned flow table.
-    let pinned = lab.balancer().pin_dir.join(map_names::FLOWS);
+    let pinned = foobar_lb::pin::maps_dir(&lab.balancer().pin_dir).join(map_names::FLOWS);
     let flows = MapData::from_pin(&pinned).expect("the pinned flow table");
     let (keys, values): (Vec<FlowKey>, Vec<FlowState>) = (0..FLOWS)
         .map(|n| {

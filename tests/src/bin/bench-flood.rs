@@ -118,7 +118,7 @@ fn main() -> ExitCode {
         web_addr(1)
     ));
     lab.start_agent();
-    let pinned = lab.balancer().pin_dir.join(map_names::FLOWS);
+    let pinned = foobar_lb::pin::maps_dir(&lab.balancer().pin_dir).join(map_names::FLOWS);
     let flow_table = move || -> u64 {
         let data = MapData::from_pin(&pinned).expect("the pinned flow table");
         let flows: HashMap<_, FlowKey, FlowState> =
