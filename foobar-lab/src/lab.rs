@@ -253,7 +253,13 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    fn new(ns: Netns, name: &str, lab_dir: &Path, prefix: &str, bin_dir: &Path) -> Balancer {
+    pub(crate) fn new(
+        ns: Netns,
+        name: &str,
+        lab_dir: &Path,
+        prefix: &str,
+        bin_dir: &Path,
+    ) -> Balancer {
         let dir = lab_dir.join(name);
         std::fs::create_dir_all(&dir).expect("balancer dir");
         Balancer {
@@ -414,7 +420,12 @@ impl Balancer {
             .contains(&format!("{VIP}/32"))
     }
 
-    fn stop_all(&mut self) {
+    /// Forgets the agent without stopping it (persistent labs); its pid.
+    pub(crate) fn detach_agent(&mut self) -> Option<u32> {
+        self.agent.take().map(|c| c.id())
+    }
+
+    pub(crate) fn stop_all(&mut self) {
         if let Some(mut agent) = self.agent.take() {
             terminate(&mut agent);
         }
@@ -499,64 +510,11 @@ impl Lab {
             .router
             .then(|| make_ns(&format!("{p}-router"), spec.persistent));
 
-        for bridge in ["br-client", "br-servers"] {
-            net.ip(&["link", "add", bridge, "type", "bridge"]);
-            net.ip(&["link", "set", bridge, "up"]);
-        }
-        // A switch hands frames on as they are. With br_netfilter loaded, a bridge
-        // passes IPv4 and IPv6 through iptables, which checks headers and silently
-        // drops malformed frames before the balancer could see them.
-        if std::path::Path::new("/proc/sys/net/bridge").exists() {
-            net.exec(
-                "sysctl",
-                &[
-                    "-qw",
-                    "net.bridge.bridge-nf-call-iptables=0",
-                    "net.bridge.bridge-nf-call-ip6tables=0",
-                    "net.bridge.bridge-nf-call-arptables=0",
-                ],
-            );
-        }
-        // Plugs interface `inner` of `ns` into `bridge` through port `port`.
+        add_bridges(&net, &["br-client", "br-servers"]);
         let plug = |ns: &Netns, inner: &str, port: &str, bridge: &str| {
-            net.ip(&[
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                inner,
-                "netns",
-                ns.name(),
-            ]);
-            net.ip(&["link", "set", port, "master", bridge, "up"]);
-            // As a switch that knows its hosts: no flooding of frames for unknown
-            // MACs, so a dead balancer's traffic is not handed to its peer's XDP,
-            // which (like a NIC in promiscuous mode) would take frames for any MAC.
-            net.exec("bridge", &["link", "set", "dev", port, "flood", "off"]);
-            // GRO stays off (the veth default): merged segments would reach the
-            // balancer as one packet whose checksum is partial, as no NIC hands over.
-            ns.ip(&["link", "set", inner, "up"]);
+            plug_into(&net, ns, inner, port, bridge)
         };
-        // Frames an XDP program sends into a veth (XDP_TX, redirects) are taken only by
-        // a peer with an XDP program of its own (with GRO instead, XDP_TX frames wait
-        // in its ring): the balancers' bridge ports get a pass-through one.
-        let pass_program = spec.bin_dir.join("xdp-pass.o").display().to_string();
-        let pass_through = |port: &str| {
-            net.ip(&[
-                "link",
-                "set",
-                "dev",
-                port,
-                "xdp",
-                "obj",
-                &pass_program,
-                "sec",
-                "xdp",
-            ]);
-        };
+        let pass_through = |port: &str| pass_through(&net, &spec.bin_dir, port);
 
         plug(&client, "eth0", "client", "br-client");
         client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"]);
@@ -1127,12 +1085,68 @@ impl Drop for Lab {
     }
 }
 
+/// Makes the switch's bridges in `net`.
+pub(crate) fn add_bridges(net: &Netns, bridges: &[&str]) {
+    for bridge in bridges {
+        net.ip(&["link", "add", bridge, "type", "bridge"]);
+        net.ip(&["link", "set", bridge, "up"]);
+    }
+    // A switch hands frames on as they are. With br_netfilter loaded, a bridge
+    // passes IPv4 and IPv6 through iptables, which checks headers and silently
+    // drops malformed frames before the balancer could see them.
+    if std::path::Path::new("/proc/sys/net/bridge").exists() {
+        net.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.bridge.bridge-nf-call-iptables=0",
+                "net.bridge.bridge-nf-call-ip6tables=0",
+                "net.bridge.bridge-nf-call-arptables=0",
+            ],
+        );
+    }
+}
+
+/// Plugs interface `inner` of `ns` into `bridge` (in `net`) through port `port`.
+pub(crate) fn plug_into(net: &Netns, ns: &Netns, inner: &str, port: &str, bridge: &str) {
+    net.ip(&[
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        inner,
+        "netns",
+        ns.name(),
+    ]);
+    net.ip(&["link", "set", port, "master", bridge, "up"]);
+    // As a switch that knows its hosts: no flooding of frames for unknown
+    // MACs, so a dead balancer's traffic is not handed to its peer's XDP,
+    // which (like a NIC in promiscuous mode) would take frames for any MAC.
+    net.exec("bridge", &["link", "set", "dev", port, "flood", "off"]);
+    // GRO stays off (the veth default): merged segments would reach the
+    // balancer as one packet whose checksum is partial, as no NIC hands over.
+    ns.ip(&["link", "set", inner, "up"]);
+}
+
+/// Frames an XDP program sends into a veth (XDP_TX, redirects) are taken only by a
+/// peer with an XDP program of its own (with GRO instead, XDP_TX frames wait in its
+/// ring): the balancers' bridge ports (in `net`) get a pass-through one.
+pub(crate) fn pass_through(net: &Netns, bin_dir: &Path, port: &str) {
+    let program = bin_dir.join("xdp-pass.o").display().to_string();
+    net.ip(&[
+        "link", "set", "dev", port, "xdp", "obj", &program, "sec", "xdp",
+    ]);
+}
+
 /// `/etc/netns/<ns>`: files `ip netns exec` shows the namespace in place of /etc's.
 pub fn resolv_dir(ns: &str) -> PathBuf {
     PathBuf::from("/etc/netns").join(ns)
 }
 
-fn make_ns(name: &str, persistent: bool) -> Netns {
+pub(crate) fn make_ns(name: &str, persistent: bool) -> Netns {
     if persistent {
         Netns::persistent(name)
     } else {

@@ -4,6 +4,7 @@
 //! toolchain exists.
 
 pub mod acme;
+pub mod bgp;
 pub mod db;
 pub mod deploy;
 pub mod lab;

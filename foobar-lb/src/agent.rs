@@ -24,6 +24,7 @@ use crate::{
         AclRuleStatus, ApiError, BackendStatus, Changed, Count, ErrorKind, Explanation, Reply,
         Request, Stats, Status, Traffic, TrafficCount, VipStatus,
     },
+    bgp::{self, BgpConfig, BgpView},
     config::{Config, ConfigError},
     connections::Connections,
     dataplane::{Attached, Dataplane, DataplaneError, LoadOptions},
@@ -132,6 +133,18 @@ struct RateMeter {
 /// A backend of a VIP, by VIP name and backend address.
 pub type BackendKey = (String, SocketAddr);
 
+/// What failover tracks, from one look at the interfaces and the running VIPs: VRRP
+/// turns it into faults (a lower priority), BGP into what to announce.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tracked {
+    /// Why the data plane does not serve everywhere it should: an interface missing,
+    /// down or not attached.
+    pub dataplane: Vec<String>,
+    /// Each VIP address with its VIPs: the name, and whether it has a usable backend
+    /// (up, enabled, weighted).
+    pub addresses: BTreeMap<IpAddr, Vec<(String, bool)>>,
+}
+
 /// The running agent.
 pub struct Agent {
     balancer: Balancer,
@@ -146,6 +159,7 @@ pub struct Agent {
     started: Instant,
     rates: RateMeter,
     vrrp: Option<VrrpView>,
+    bgp: Option<BgpView>,
     topology: Topology,
     connections: Connections,
 }
@@ -193,6 +207,7 @@ impl Agent {
             started: Instant::now(),
             rates: RateMeter::default(),
             vrrp: None,
+            bgp: None,
             topology: Topology::read_blocking().map_err(|e| AgentError::Topology(e.to_string()))?,
             connections: Connections::default(),
         };
@@ -260,32 +275,76 @@ impl Agent {
         self.vrrp = Some(view);
     }
 
+    /// The BGP announcements, if this balancer has routers to announce to.
+    pub fn bgp_config(&self) -> Option<&BgpConfig> {
+        self.config.bgp.as_ref()
+    }
+
+    /// Where the running BGP speaker publishes its state, for `status` and `/metrics`.
+    pub fn show_bgp(&mut self, view: BgpView) {
+        self.bgp = Some(view);
+    }
+
     /// What makes this balancer a worse MASTER than its peer right now: an interface
     /// of the data plane missing, down or not attached, or a VIP the router moves
     /// without a usable backend (all down, disabled or drained).
     pub fn track_faults(&self) -> Vec<String> {
-        let Some(vrrp) = &self.config.vrrp else {
-            return Vec::new();
-        };
-        let mut faults = Vec::new();
-        for name in &self.config.dataplane.interface_names() {
-            match vrrp::net::interface(name) {
-                Ok(Some(i)) if !i.running => faults.push(format!("interface {name} is down")),
-                Ok(Some(_)) if !self.interfaces.contains(name) => {
-                    faults.push(format!("interface {name} is not attached"))
+        self.tracking().0
+    }
+
+    /// What tracking finds now, from one look: the VRRP router's faults (see
+    /// [`Agent::track_faults`]), and what the BGP speaker should announce (`None`
+    /// without `[bgp]`; see [`bgp::announce`]).
+    pub fn tracking(&self) -> (Vec<String>, Option<bgp::Wanted>) {
+        let (vrrp_config, bgp_config) = (self.config.vrrp.as_ref(), self.config.bgp.as_ref());
+        if vrrp_config.is_none() && bgp_config.is_none() {
+            return (Vec::new(), None);
+        }
+        let tracked = self.tracked();
+        let faults = vrrp_config.map_or_else(Vec::new, |router| {
+            let mut faults = tracked.dataplane.clone();
+            for (address, vips) in &tracked.addresses {
+                let moved = matches!(address, IpAddr::V4(a) if router.vips.contains(a));
+                for (name, usable) in vips {
+                    if moved && !usable {
+                        faults.push(format!("vip {name} has no usable backend"));
+                    }
                 }
-                Ok(Some(_)) => {}
-                Ok(None) => faults.push(format!("interface {name} is missing")),
-                Err(e) => faults.push(format!("interface {name}: {e}")),
             }
+            faults
+        });
+        let wanted = bgp_config.map(|announcer| {
+            let candidates = announcer.candidates(&self.desired.vips, vrrp_config);
+            bgp::decide(&candidates, &tracked)
+        });
+        (faults, wanted)
+    }
+
+    /// Whether the data plane serves on every configured interface, and which VIPs of
+    /// each address have a usable backend (not all down, disabled or drained).
+    pub fn tracked(&self) -> Tracked {
+        let mut tracked = Tracked::default();
+        for name in &self.config.dataplane.interface_names() {
+            let fault = match vrrp::net::interface(name) {
+                Ok(Some(i)) if !i.running => format!("interface {name} is down"),
+                Ok(Some(_)) if !self.interfaces.contains(name) => {
+                    format!("interface {name} is not attached")
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => format!("interface {name} is missing"),
+                Err(e) => format!("interface {name}: {e}"),
+            };
+            tracked.dataplane.push(fault);
         }
         for vip in self.effective(&self.desired).vips {
-            let moved = matches!(vip.address, IpAddr::V4(a) if vrrp.vips.contains(&a));
-            if moved && vip.backends.iter().all(|b| b.weight == 0) {
-                faults.push(format!("vip {} has no usable backend", vip.name));
-            }
+            let usable = vip.backends.iter().any(|b| b.weight > 0);
+            tracked
+                .addresses
+                .entry(vip.address)
+                .or_default()
+                .push((vip.name, usable));
         }
-        faults
+        tracked
     }
 
     /// The reader of the program's log records, for the daemon to drain.
@@ -351,6 +410,9 @@ impl Agent {
         }
         if config.vrrp != self.config.vrrp {
             return Err(AgentError::NeedsRestart { field: "vrrp" });
+        }
+        if config.bgp != self.config.bgp {
+            return Err(AgentError::NeedsRestart { field: "bgp" });
         }
         let desired = config.desired_state();
         // Validate before touching interfaces; apply validates again, cheaply.
@@ -545,6 +607,8 @@ impl Agent {
         // Validate what was asked for, not only its effective form (a weight of 300
         // on a down backend is still wrong).
         next.plan()?;
+        // The file's start-only sections hold for API changes too (BGP's hash rule).
+        self.config.check_desired(&next)?;
         let report = self.balancer.apply(&self.effective(&next))?;
         info!(?report, "changed through the API");
         self.desired = next;
@@ -972,6 +1036,10 @@ impl Agent {
                 .vrrp
                 .as_ref()
                 .map(|v| Box::new(v.lock().unwrap_or_else(|p| p.into_inner()).snapshot())),
+            bgp: self
+                .bgp
+                .as_ref()
+                .map(|v| Box::new(bgp::status::lock(v).clone())),
         })
     }
 

@@ -18,6 +18,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    bgp::BgpStatus,
     config::Config,
     edge::Action,
     persist::DisabledBackend,
@@ -326,6 +327,9 @@ pub struct Status {
     /// The failover router, when one is configured.
     #[serde(default)]
     pub vrrp: Option<Box<VrrpStatus>>,
+    /// The BGP speaker, when `[bgp]` is configured.
+    #[serde(default)]
+    pub bgp: Option<Box<BgpStatus>>,
 }
 
 /// One counter.

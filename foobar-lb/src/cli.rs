@@ -48,7 +48,9 @@ pub enum Output {
 pub enum Command {
     /// Run the daemon: attach to the configured interfaces and serve the control socket.
     ///
-    /// SIGHUP reloads the configuration file; SIGTERM and SIGINT stop the daemon.
+    /// SIGHUP reloads the configuration file; SIGTERM and SIGINT stop the daemon
+    /// (with `[bgp]`, after withdrawing the VIPs from the routers). With `[bgp]` it
+    /// runs BIRD 2 (Debian's bird2) as its child, which listens on TCP port 179.
     /// It needs root, or the capabilities CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and
     /// CAP_NET_RAW alone, as the Debian package's foobar-lb service runs it
     /// (`systemctl reload foobar-lb` sends SIGHUP).
@@ -68,7 +70,8 @@ pub enum Command {
     /// List, add or remove access-list rules, global or of a VIP.
     #[command(subcommand)]
     Acl(AclCommand),
-    /// VIPs, backends, weights, flows and rates.
+    /// VIPs, backends, weights, flows and rates; the VRRP router and the BGP
+    /// sessions and announcements when configured.
     ///
     /// Examples:
     ///   sudo foobar-lb status

@@ -35,6 +35,17 @@
 //! vrid = 51
 //! priority = 150
 //! vips = ["203.0.113.10"]
+//!
+//! # [bgp]                         # optional, instead of [vrrp]: announce to routers
+//! # local_as = 65001              # (module bgp), active-active: announced VIPs need
+//! # announce_from = "10.0.0.3"    # maglev or sh; the sessions' source, routes' next hop
+//! # vips = ["203.0.113.10"]       # default: every VIP address not in [vrrp]
+//! # [bgp.bfd]
+//! # interval_ms = 50
+//! # multiplier = 3
+//! # [[bgp.neighbours]]
+//! # address = "10.0.0.254"
+//! # remote_as = 65000
 //! ```
 
 use std::{
@@ -50,6 +61,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    bgp::BgpConfig,
     edge::EdgeSpec,
     state::{DesiredState, StateError, VipSpec},
     vrrp::VrrpConfig,
@@ -352,6 +364,9 @@ pub struct Config {
     /// Active-passive failover with a peer; none: this balancer holds its VIPs alone.
     #[serde(default)]
     pub vrrp: Option<VrrpConfig>,
+    /// Active-active announcements to routers over BGP (BIRD); none: no BGP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpConfig>,
 }
 
 /// Why a configuration file was refused.
@@ -480,7 +495,20 @@ impl Config {
         if let Some(vrrp) = &self.vrrp {
             vrrp.validate(&dp.interface_names(), &self.vips)?;
         }
-        Ok(())
+        if let Some(bgp) = &self.bgp {
+            bgp.validate(&self.vips, self.vrrp.as_ref())?;
+        }
+        self.check_desired(&self.desired_state())
+    }
+
+    /// Checks what the start-only sections demand of a desired state, the file's or
+    /// one changed through the API: VIPs on addresses announced over BGP have a hash
+    /// scheduler (see [`BgpConfig::check_active_active`]).
+    pub fn check_desired(&self, desired: &DesiredState) -> Result<(), StateError> {
+        match &self.bgp {
+            Some(bgp) => bgp.check_active_active(&desired.vips, self.vrrp.as_ref()),
+            None => Ok(()),
+        }
     }
 
     /// The VIP part, as the reconciler takes it.

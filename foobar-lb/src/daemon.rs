@@ -23,6 +23,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     agent::{Agent, AgentError, AgentOptions, BackendKey, OnExit},
     api::{ApiError, ErrorKind, MAX_REQUEST_BYTES, Reply, Request},
+    bgp::{self, BgpStatus, BgpView, Speaker, Wanted},
     connections,
     health::{self, HealthCheck},
     http, topology,
@@ -58,6 +59,9 @@ pub enum DaemonError {
     /// The failover router could not start.
     #[error(transparent)]
     Vrrp(#[from] crate::vrrp::instance::VrrpError),
+    /// The BGP speaker (BIRD) could not start.
+    #[error(transparent)]
+    Bgp(#[from] bgp::BgpError),
     /// The control socket could not be set up.
     #[error("control socket {path}: {message}")]
     Socket {
@@ -102,6 +106,15 @@ pub async fn run(
         }
         _ => None,
     };
+    // A BIRD that cannot run (missing, or refusing the configuration the agent writes)
+    // refuses the start before the data plane is touched.
+    if let Err(e) = preflight_bgp(&options).await {
+        if let Some(vrrp) = vrrp.take() {
+            vrrp.stop(Exit::HandOver, Duration::from_secs(3)).await;
+        }
+        let _ = std::fs::remove_file(&options.socket);
+        return Err(e.into());
+    }
     let agent_options = options.agent.clone();
     let mut agent = match tokio::task::spawn_blocking(move || Agent::start(&agent_options)).await {
         Ok(Ok(agent)) => agent,
@@ -119,8 +132,11 @@ pub async fn run(
         tokio::spawn(drain_ebpf_log(logger));
     }
     let metrics_listen = agent.metrics_listen();
-    // Tracked faults flow to the VRRP router, which turns them into a priority.
-    faults.send_replace(agent.track_faults());
+    // Tracked faults flow to the VRRP router, which turns them into a priority, and
+    // what to announce to the BGP speaker.
+    let (now_faults, now_wanted) = agent.tracking();
+    faults.send_replace(now_faults);
+    let (wanted, wanted_rx) = watch::channel(now_wanted.unwrap_or_default());
     if vrrp.is_none()
         && let Some(config) = agent.vrrp_config().cloned()
     {
@@ -135,6 +151,25 @@ pub async fn run(
     }
     if vrrp.is_some() {
         agent.show_vrrp(vrrp_view);
+    }
+    // BIRD starts once the data plane is attached; a BIRD that cannot run (missing,
+    // or refusing its configuration) keeps the agent from starting.
+    let mut speaker = None;
+    if let Some(config) = agent.bgp_config().cloned() {
+        let view: BgpView = Arc::new(Mutex::new(BgpStatus::new(&config)));
+        match Speaker::start(config, &options.socket, view.clone(), wanted_rx).await {
+            Ok(started) => {
+                agent.show_bgp(view);
+                speaker = Some(started);
+            }
+            Err(e) => {
+                if let Some(vrrp) = vrrp.take() {
+                    vrrp.stop(Exit::HandOver, Duration::from_secs(3)).await;
+                }
+                let _ = std::fs::remove_file(&options.socket);
+                return Err(e.into());
+            }
+        }
     }
     let agent: Shared = Arc::new(Mutex::new(agent));
     let http_task = match metrics_listen {
@@ -195,7 +230,7 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = changed.notified() => {
                 checkers.sync(&agent).await;
-                track(&agent, &faults).await;
+                track(&agent, &faults, &wanted).await;
             }
             Some((key, check, result)) = checked.recv() => {
                 let shared = agent.clone();
@@ -203,7 +238,7 @@ pub async fn run(
                     lock(&shared).record_check(&key, &check, result)
                 })
                 .await;
-                track(&agent, &faults).await;
+                track(&agent, &faults, &wanted).await;
             }
             _ = hangup.recv() => {
                 let shared = agent.clone();
@@ -214,7 +249,7 @@ pub async fn run(
                     Err(e) => error!("SIGHUP: reload panicked: {e}"),
                 }
                 checkers.sync(&agent).await;
-                track(&agent, &faults).await;
+                track(&agent, &faults, &wanted).await;
             }
             Some(fresh) = topology.recv() => {
                 let shared = agent.clone();
@@ -223,12 +258,18 @@ pub async fn run(
             _ = sampler.tick() => {
                 let shared = agent.clone();
                 let _ = tokio::task::spawn_blocking(move || lock(&shared).sample()).await;
-                track(&agent, &faults).await;
+                track(&agent, &faults, &wanted).await;
             }
         }
     }
     info!("shutting down");
     crate::systemd::stopping();
+    // Withdrawn from the routers first, while the data plane still forwards: the
+    // flows move to the other balancers before this one stops (both on a restart and
+    // on a stop: a restarted agent announces again once it runs).
+    if let Some(speaker) = speaker.take() {
+        speaker.stop().await;
+    }
     // A real stop first hands the VIPs over (priority 0), while the data plane still
     // forwards. A restart keeps them and the mastership: the router goes on
     // advertising through the cleanup and steps aside last, leaving the next agent a
@@ -281,15 +322,40 @@ fn plan_vrrp(options: &RunOptions) -> Option<(VrrpConfig, Start)> {
     Some((config, start))
 }
 
-/// Passes what tracking finds to the VRRP router when it changed.
-async fn track(agent: &Shared, faults: &watch::Sender<Vec<String>>) {
+/// Checks BIRD for the file's `[bgp]`, if any (see [`bgp::speaker::preflight`]). A file
+/// that does not load is left to the agent's start, which says why.
+async fn preflight_bgp(options: &RunOptions) -> Result<(), bgp::BgpError> {
+    let Ok(config) = crate::config::Config::load(&options.agent.config) else {
+        return Ok(());
+    };
+    let Some(announcer) = &config.bgp else {
+        return Ok(());
+    };
+    let candidates = announcer.candidates(&config.vips, config.vrrp.as_ref());
+    bgp::speaker::preflight(announcer, &options.socket, &candidates).await
+}
+
+/// Passes what tracking finds to the VRRP router and the BGP speaker when it changed.
+async fn track(
+    agent: &Shared,
+    faults: &watch::Sender<Vec<String>>,
+    wanted: &watch::Sender<Wanted>,
+) {
     let agent = agent.clone();
-    if let Ok(now) = tokio::task::spawn_blocking(move || lock(&agent).track_faults()).await {
+    if let Ok((now, announce)) = tokio::task::spawn_blocking(move || lock(&agent).tracking()).await
+    {
         faults.send_if_modified(|old| {
             let changed = *old != now;
             *old = now;
             changed
         });
+        if let Some(announce) = announce {
+            wanted.send_if_modified(|old| {
+                let changed = *old != announce;
+                *old = announce;
+                changed
+            });
+        }
     }
 }
 

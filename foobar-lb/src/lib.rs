@@ -6,11 +6,13 @@
 //! updates, and [`dataplane`] loads the program and owns the maps (pinned by [`pin`]).
 //! The [`agent`] ties them together behind the [`daemon`]'s control socket
 //! ([`api`]); [`health`] checks the backends, [`vrrp`] fails the VIPs over to a peer,
-//! [`metrics`] and [`http`] export it all; [`cli`] and [`render`] are the command line.
+//! [`bgp`] announces them to routers (active-active, through BIRD), [`metrics`] and
+//! [`http`] export it all; [`cli`] and [`render`] are the command line.
 
 pub mod agent;
 pub mod api;
 pub mod batch;
+pub mod bgp;
 pub mod cli;
 pub mod config;
 pub mod connections;

@@ -17,6 +17,7 @@ use prometheus_client::{
 
 use crate::{
     api::{Stats, Status, Traffic},
+    bgp::status::SessionState,
     vrrp::Role,
 };
 
@@ -34,6 +35,13 @@ impl Builder {
             family.get_or_create(&labels).inc_by(v);
         }
         self.registry.register(name, help, family);
+    }
+
+    /// A counter without labels.
+    fn single_counter(&mut self, name: &str, help: &str, value: u64) {
+        let counter: Counter = Counter::default();
+        counter.inc_by(value);
+        self.registry.register(name, help, counter);
     }
 
     /// A gauge without labels.
@@ -275,6 +283,43 @@ pub fn render(status: &Status, stats: &Stats, format: Format) -> String {
                 .iter()
                 .map(|(reason, n)| (vec![("reason", reason.clone())], *n))
                 .collect(),
+        );
+    }
+    if let Some(bgp) = &status.bgp {
+        let on = |yes: bool| if yes { 1.0 } else { 0.0 };
+        b.gauge(
+            "foobar_lb_bgp_session_established",
+            "1 while the BGP session with the neighbour is established, 0 otherwise",
+            bgp.sessions
+                .iter()
+                .map(|s| {
+                    let labels = vec![("neighbour", s.neighbour.to_string())];
+                    (labels, on(s.state == SessionState::Established))
+                })
+                .collect(),
+        );
+        b.gauge(
+            "foobar_lb_bgp_vip_announced",
+            "1 while this balancer announces the VIP address to its BGP neighbours",
+            bgp.vips
+                .iter()
+                .map(|v| (vec![("vip", v.address.to_string())], on(v.announced)))
+                .collect(),
+        );
+        b.single_counter(
+            "foobar_lb_bgp_announcements",
+            "VIP addresses that started to be announced over BGP",
+            bgp.announcements,
+        );
+        b.single_counter(
+            "foobar_lb_bgp_withdrawals",
+            "VIP addresses withdrawn from the BGP neighbours",
+            bgp.withdrawals,
+        );
+        b.single_counter(
+            "foobar_lb_bgp_speaker_restarts",
+            "Times BIRD, the BGP speaker, was started again after it exited",
+            bgp.speaker_restarts,
         );
     }
     b.single(

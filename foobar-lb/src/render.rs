@@ -2,8 +2,9 @@
 
 use comfy_table::{Cell, CellAlignment, Table, presets::NOTHING};
 
-use crate::api::{
-    AclRuleStatus, BackendStatus, Changed, Explanation, Stats, Status, Traffic, VipStatus,
+use crate::{
+    api::{AclRuleStatus, BackendStatus, Changed, Explanation, Stats, Status, Traffic, VipStatus},
+    bgp::status::{BfdState, BgpStatus, SessionState},
 };
 
 fn table(header: &[&str]) -> Table {
@@ -88,8 +89,54 @@ pub fn status(s: &Status) -> String {
             out += &format!("\n  priority lowered: {fault}");
         }
     }
+    if let Some(b) = &s.bgp {
+        out += &bgp_status(b);
+    }
     out.push_str("\n\n");
     out + &status_table(&s.vips).to_string()
+}
+
+/// The BGP speaker's lines of `status`: its state, each session, each address.
+fn bgp_status(b: &BgpStatus) -> String {
+    let mut out = format!(
+        "\nbgp: BIRD {}, {} announcements and {} withdrawals so far",
+        b.speaker.label(),
+        b.announcements,
+        b.withdrawals
+    );
+    if b.speaker_restarts > 0 {
+        out += &format!(", restarted {} times", b.speaker_restarts);
+    }
+    for session in &b.sessions {
+        out += &format!(
+            "\n  neighbour {} as {}: {}",
+            session.neighbour,
+            session.remote_as,
+            session.state.label()
+        );
+        if let Some(since) = &session.since {
+            out += &format!(" since {since}");
+        }
+        if let Some(bfd) = session.bfd {
+            out += if bfd == BfdState::Up {
+                ", bfd up"
+            } else {
+                ", bfd down"
+            };
+        }
+        let info = session.info.trim();
+        if session.state != SessionState::Established && !info.is_empty() {
+            out += &format!(" ({info})");
+        }
+    }
+    for vip in &b.vips {
+        if vip.announced {
+            out += &format!("\n  announces {}", vip.address);
+        } else {
+            out += &format!("\n  withholds {}: {}", vip.address, vip.reason);
+        }
+    }
+    out
 }
 
 /// Each VIP with its backends under it.
@@ -395,6 +442,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn bgp_lines() {
+        let config: crate::bgp::BgpConfig = toml::from_str(
+            "local_as = 65001\nannounce_from = \"10.0.0.3\"\n\
+             neighbours = [{ address = \"10.0.0.254\", remote_as = 65000 }]",
+        )
+        .unwrap_or_else(|e| panic!("a [bgp] section: {e}"));
+        let mut b = BgpStatus::new(&config);
+        b.vips.push(crate::bgp::status::VipAnnouncement {
+            address: "10.0.0.100".parse().unwrap_or_else(|e| panic!("{e}")),
+            announced: false,
+            reason: "no VIP has this address".into(),
+        });
+        let text = bgp_status(&b);
+        assert!(text.contains("bgp: BIRD starting"), "{text}");
+        assert!(
+            text.contains("neighbour 10.0.0.254 as 65000: idle"),
+            "{text}"
+        );
+        assert!(
+            text.contains("withholds 10.0.0.100: no VIP has this address"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use foobar_lab::{
+    bgp::{self, BGP_VIP, BgpLab, BgpSpec, OUTSIDE_CLIENT},
     deploy::{self, Site},
     lab::{
         self, ADVERT_INTERVAL_MS, LB_CLIENT_IF, LB_SERVER_IF, Lab, LabSpec, VIP, VIP_PORT,
@@ -48,12 +49,12 @@ fn is_up() -> bool {
     std::path::Path::new(&format!("/run/netns/{PREFIX}-net")).exists()
 }
 
-/// The balancers of the running lab, by their directories.
+/// The balancers of the running lab, by their directories (`lb`, or `lb1`.. in an HA
+/// or BGP lab).
 fn balancer_names() -> Vec<String> {
-    ["lb", "lb1", "lb2"]
-        .into_iter()
+    std::iter::once("lb".to_owned())
+        .chain((1..=8).map(|i| format!("lb{i}")))
         .filter(|name| socket(name).exists())
-        .map(String::from)
         .collect()
 }
 
@@ -172,6 +173,145 @@ pub fn up(ha: bool, stack: bool) -> Result<()> {
     Ok(())
 }
 
+/// How many requests `lab up --bgp` makes to show the spread.
+const BGP_DEMO_REQUESTS: usize = 30;
+
+/// Builds the BGP lab (`foobar_lab::bgp`) and leaves it running: `balancers`
+/// balancers announce the VIP to a router that spreads flows over them by ECMP.
+/// Shows the router's route, then which balancer carried each of a few requests.
+pub fn up_bgp(balancers: usize) -> Result<()> {
+    if balancers < 3 {
+        bail!(
+            "the BGP lab has 3 balancers or more (asked for {balancers}): ECMP over fewer \
+             shows little; try `cargo xtask lab up --bgp --balancers 3`"
+        );
+    }
+    if balancers > 8 {
+        bail!("the BGP lab has at most 8 balancers (asked for {balancers})");
+    }
+    if is_up() {
+        bail!("the lab is already up; `cargo xtask lab down` first");
+    }
+    let mut lab = BgpLab::up(BgpSpec {
+        prefix: PREFIX.into(),
+        balancers,
+        webs: 2,
+        persistent: true,
+        bin_dir: PathBuf::from("target/debug"),
+    });
+    let agent_pids: Vec<u32> = lab.balancers.iter().filter_map(|b| b.agent_pid()).collect();
+    // Written at once, so that `lab down` stops them whatever happens next.
+    let pids = lab.detach_processes();
+    std::fs::write(
+        pids_file(),
+        pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
+    )?;
+    let names: Vec<&str> = lab.balancers.iter().map(|b| b.name.as_str()).collect();
+    println!(
+        "lab up: client {PREFIX}-client {OUTSIDE_CLIENT} → router {PREFIX}-router (BIRD, AS {}) → \
+         VIP {BGP_VIP}:80 announced over BGP with BFD ({} ms × {}) by {} (AS {}), spread by ECMP \
+         (L4 hash) → DSR (IPIP), Maglev → web1 {}:80, web2 {}:80 (foobar-lb decap), answering \
+         the client through the router\n",
+        bgp::ROUTER_AS,
+        bgp::BFD_INTERVAL_MS,
+        bgp::BFD_MULTIPLIER,
+        names.join(", "),
+        bgp::BALANCER_AS,
+        web_addr(0),
+        web_addr(1),
+    );
+    println!(
+        "== the router's route to the VIP:\n{}\n",
+        lab.router
+            .ip(&["route", "show", &BGP_VIP.to_string()])
+            .trim_end()
+    );
+    println!(
+        "== its BGP sessions:\n{}\n",
+        lab.router_bird("show protocols").trim_end()
+    );
+
+    println!(
+        "== {BGP_DEMO_REQUESTS} requests, each on a new connection: the balancer the router \
+         chose (from the balancers' counters)"
+    );
+    let url = format!("http://{BGP_VIP}/");
+    let mut carried = vec![0usize; balancers];
+    for i in 1..=BGP_DEMO_REQUESTS {
+        let before = vip_packets(&lab)?;
+        let out = lab
+            .client
+            .command("curl")
+            .args(["-s", "-m", "2", &url])
+            .output()?;
+        if !out.status.success() {
+            bail!("request {i} through the VIP failed");
+        }
+        let server = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        // The connection's last packets (the client's FIN and ACK) are counted too
+        // before the next one starts.
+        sleep(Duration::from_millis(20));
+        let after = vip_packets(&lab)?;
+        let by: Vec<usize> = (0..balancers).filter(|&b| after[b] > before[b]).collect();
+        for &b in &by {
+            carried[b] += 1;
+        }
+        let by: Vec<&str> = by.iter().map(|&b| names[b]).collect();
+        let by = if by.is_empty() {
+            "?".to_owned()
+        } else {
+            by.join(", ")
+        };
+        println!("  request {i:2}: answered by {server} through {by}");
+    }
+    let spread: Vec<String> = names
+        .iter()
+        .zip(&carried)
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    println!("  per balancer: {}\n", spread.join(", "));
+
+    println!("try:");
+    println!("  sudo ip netns exec {PREFIX}-client curl -s {url}");
+    println!("  sudo ip netns exec {PREFIX}-router ip route show {BGP_VIP}");
+    println!(
+        "  sudo birdc -s {} show protocols",
+        lab.router_socket().display()
+    );
+    println!("  {} status", cli_line(names[0]));
+    if let Some(pid) = agent_pids.first() {
+        println!(
+            "  sudo kill -9 {pid}        # crash lb1's agent: its BIRD goes with it, and the \
+             router routes around lb1"
+        );
+    }
+    println!("  cargo xtask lab status");
+    println!("  cargo xtask lab down");
+    Ok(())
+}
+
+/// The packets each balancer's VIP has forwarded so far.
+fn vip_packets(lab: &BgpLab) -> Result<Vec<u64>> {
+    lab.balancers
+        .iter()
+        .map(|b| {
+            let out = b.cli(&["-o", "json", "status"]);
+            if !out.status.success() {
+                bail!(
+                    "{}'s agent does not answer: {}",
+                    b.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .with_context(|| format!("{}'s status", b.name))?;
+            Ok(status["vips"][0]["traffic"]["packets"]
+                .as_u64()
+                .unwrap_or(0))
+        })
+        .collect()
+}
+
 /// Where the lab's Prometheus is (`url`, on the monitoring host).
 fn print_prometheus(url: &str) {
     println!(
@@ -193,15 +333,32 @@ fn print_prometheus_try(url: &str) {
 /// Stops every lab process and removes the namespaces and pins.
 pub fn down() -> Result<()> {
     if let Ok(pids) = std::fs::read_to_string(pids_file()) {
-        for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let pids: Vec<u32> = pids.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        for pid in &pids {
             // SAFETY: signalling a pid we started; a stale one is at worst ESRCH.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
         }
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        // A BGP balancer withdraws its routes and waits before it stops.
+        let started = Instant::now();
+        while pids.iter().any(|p| running(*p)) && started.elapsed() < Duration::from_secs(5) {
+            sleep(Duration::from_millis(50));
+        }
     }
+    // Whatever still runs in the lab's namespaces (a BGP agent's BIRD, a process of a
+    // lab whose `up` failed half-way) goes with them.
+    kill_namespace_processes(&format!("{PREFIX}-"));
     let gone = lab::delete_namespaces(&format!("{PREFIX}-"));
-    for name in ["lb", "lb1", "lb2"] {
-        lab::remove_pins(&PathBuf::from(format!("/sys/fs/bpf/{PREFIX}-{name}")));
+    // Every balancer's pins: `/sys/fs/bpf/fblb-lab-<balancer>`.
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{PREFIX}-"))
+            {
+                lab::remove_pins(&entry.path());
+            }
+        }
     }
     let _ = std::fs::remove_dir_all(std::env::temp_dir().join(PREFIX));
     let _ = std::fs::remove_dir_all(lab::resolv_dir(&format!("{PREFIX}-client")));
@@ -209,11 +366,53 @@ pub fn down() -> Result<()> {
     Ok(())
 }
 
+/// SIGKILLs every process left in the namespaces whose names start with `prefix`.
+fn kill_namespace_processes(prefix: &str) {
+    let Ok(list) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&list.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() else {
+            continue;
+        };
+        for pid in String::from_utf8_lossy(&pids.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            // SAFETY: a process inside one of the lab's own namespaces.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Shows what runs.
 pub fn status() -> Result<()> {
     if !is_up() {
         println!("the lab is down (`cargo xtask lab up`)");
         return Ok(());
+    }
+    if bgp::is_bgp_lab_dir(&lab_dir()) {
+        let route = Command::new("ip")
+            .args(["-n", &format!("{PREFIX}-router"), "route", "show"])
+            .arg(BGP_VIP.to_string())
+            .output()?;
+        println!(
+            "== the router's route to the VIP\n{}",
+            String::from_utf8_lossy(&route.stdout).trim_end()
+        );
+        let protocols = Command::new("birdc")
+            .arg("-s")
+            .arg(lab_dir().join("router-bird.ctl"))
+            .args(["show", "protocols"])
+            .output()?;
+        println!(
+            "== the router's BGP sessions\n{}",
+            String::from_utf8_lossy(&protocols.stdout).trim_end()
+        );
     }
     for name in balancer_names() {
         println!("== {name}");

@@ -1,5 +1,6 @@
 //! `cargo xtask`: setup, test and benchmarks for foobar-lb.
 
+mod bench_bgp;
 mod bench_db;
 mod bench_failover;
 mod bench_lab;
@@ -35,7 +36,8 @@ enum Task {
     /// requests spread over the servers, drains one live, and removes the lab. Runs
     /// setup first; needs root.
     Demo,
-    /// The netns lab: client, balancer (or two, with --ha) and two web servers.
+    /// The netns lab: client, balancer (or two, with --ha; or three and more behind a
+    /// router, with --bgp) and two web servers.
     Lab {
         #[command(subcommand)]
         action: LabAction,
@@ -64,6 +66,15 @@ enum LabAction {
         /// server1 and server2, MariaDB on server1.
         #[arg(long)]
         stack: bool,
+        /// Active-active balancers: the client behind a router (BIRD) that spreads the
+        /// VIP's flows by ECMP over every balancer announcing it over BGP (BFD every
+        /// 50 ms × 3); Maglev and DSR over IPIP, the servers answering through the
+        /// router.
+        #[arg(long, conflicts_with_all = ["ha", "stack"])]
+        bgp: bool,
+        /// How many balancers the --bgp lab has: 3 to 8 (default 3).
+        #[arg(long, requires = "bgp", value_parser = clap::value_parser!(u64).range(3..=8))]
+        balancers: Option<u64>,
     },
     /// Stop the lab's processes and remove its namespaces and pins.
     Down,
@@ -145,11 +156,19 @@ enum Bench {
         duration: u32,
     },
     /// The gap a client sees when the VRRP master crashes, fails back or stops, and a
-    /// dead backend's time to removal, on an HA lab, as JSON lines.
+    /// dead backend's time to removal, on an HA lab, as JSON lines. With --bgp: one of
+    /// three active-active balancers crashing, on a BGP lab.
     Failover {
         /// Rounds of each case.
         #[arg(long, default_value_t = 5)]
         rounds: u32,
+        /// Active-active instead of VRRP: three balancers announce the VIP over BGP to
+        /// a router with ECMP; each round crashes one (round k: balancer k % 3), with
+        /// 24 keep-alive connections held and a probe opening a connection every 10 ms:
+        /// how long new connections to the dead one failed, and how many held
+        /// connections broke.
+        #[arg(long)]
+        bgp: bool,
     },
 }
 
@@ -167,9 +186,18 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Lab { action } => match action {
-            LabAction::Up { ha, stack } => {
+            LabAction::Up {
+                ha,
+                stack,
+                bgp,
+                balancers,
+            } => {
                 prepare_lab()?;
-                lab::up(ha, stack)
+                if bgp {
+                    lab::up_bgp(balancers.unwrap_or(3) as usize)
+                } else {
+                    lab::up(ha, stack)
+                }
             }
             LabAction::Down => {
                 require_root("the lab lives in network namespaces")?;
@@ -243,10 +271,14 @@ fn main() -> Result<()> {
             run(Command::new("target/release/bench-flood").arg(duration.to_string()))
         }
         Task::Bench {
-            which: Bench::Failover { rounds },
+            which: Bench::Failover { rounds, bgp },
         } => {
             prepare_bench()?;
-            bench_failover::run(rounds)
+            if bgp {
+                bench_bgp::run(rounds)
+            } else {
+                bench_failover::run(rounds)
+            }
         }
     }
 }

@@ -47,6 +47,8 @@ const PACKAGES: &[&str] = &[
     // `systemd-analyze verify` of the package's unit (dpkg-deb, which builds the
     // package, comes with dpkg itself).
     "systemd",
+    // BIRD 2: the BGP speaker the agent runs for `[bgp]`, and the BGP lab's router.
+    "bird2",
 ];
 
 /// Debian packages installed without the packages they recommend.
@@ -76,19 +78,22 @@ pub fn ensure() -> Result<()> {
             "--toolchain",
             "nightly",
         ]))?;
-        did.push("nightly rust-src");
+        did.push("installed nightly rust-src");
     }
     if !works("bpf-linker", &["--version"]) {
         install_bpf_linker()?;
-        did.push("bpf-linker");
+        did.push("installed bpf-linker");
     }
     if install_missing_packages()? {
-        did.push("Debian packages");
+        did.push("installed Debian packages");
+    }
+    if disable_host_bird()? {
+        did.push("disabled the host's bird.service (the agent runs its own BIRD)");
     }
     if did.is_empty() {
         eprintln!("setup: nothing to do, everything is installed");
     } else {
-        eprintln!("setup: installed {}", did.join(", "));
+        eprintln!("setup: {}", did.join(", "));
     }
     Ok(())
 }
@@ -126,6 +131,25 @@ fn install_missing_packages() -> Result<bool> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
+    Ok(true)
+}
+
+/// Debian's bird2 enables a `bird.service` that would run BIRD for the host itself;
+/// the agent runs its own BIRD, and the lab's router one of its own. Where systemd is
+/// the init system and the service is enabled or running, it is stopped and disabled;
+/// whether it was.
+fn disable_host_bird() -> Result<bool> {
+    let systemd_is_init =
+        std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd");
+    if !systemd_is_init {
+        return Ok(false);
+    }
+    let enabled = works("systemctl", &["is-enabled", "--quiet", "bird.service"]);
+    let active = works("systemctl", &["is-active", "--quiet", "bird.service"]);
+    if !enabled && !active {
+        return Ok(false);
+    }
+    run_quietly(Command::new("systemctl").args(["disable", "--now", "bird.service"]))?;
     Ok(true)
 }
 
