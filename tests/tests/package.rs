@@ -254,11 +254,11 @@ fn systemd_analyze_verifies_the_unit() {
         ("Restart", "on-failure"),
         (
             "CapabilityBoundingSet",
-            "CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_RAW",
+            "CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE",
         ),
         (
             "AmbientCapabilities",
-            "CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_RAW",
+            "CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE",
         ),
         ("NoNewPrivileges", "yes"),
         ("ProtectSystem", "strict"),

@@ -118,10 +118,9 @@ fn rounds_on(lab: &mut BgpLab, rounds: u32) -> Result<serde_json::Value> {
         let broken = count_broken(&mut held);
         drop(held);
         let gap_ms = gap.as_millis() as u64;
+        // The field order, which other tools read.
         println!(
-            "{}",
-            json!({"case": "balancer_crash", "round": round, "gap_ms": gap_ms,
-                   "established_broken": broken})
+            "{{\"case\":\"balancer_crash\",\"round\":{round},\"gap_ms\":{gap_ms},\"established_broken\":{broken}}}"
         );
         gaps.push(gap_ms);
         withdrawn.push(moved_after.as_millis() as u64);
