@@ -21,8 +21,8 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{
-        AclRuleStatus, ApiError, BackendStatus, Changed, Count, ErrorKind, Explanation, Reply,
-        Request, Stats, Status, Traffic, TrafficCount, VipStatus,
+        AclRuleStatus, ApiError, BackendStatus, Changed, Count, ErrorKind, Explanation,
+        InterfaceStatus, Reply, Request, Stats, Status, Traffic, TrafficCount, VipStatus,
     },
     bgp::{self, BgpConfig, BgpView},
     config::{Config, ConfigError},
@@ -1000,6 +1000,7 @@ impl Agent {
                     },
                     check_latency_ms: health.last_latency_ms,
                     health_transitions: health.transitions,
+                    checks_skipped: health.skipped,
                     share: if applied.schedule.is_empty() {
                         0.0
                     } else {
@@ -1020,6 +1021,7 @@ impl Agent {
             });
             total_flows += vip_active;
         }
+        let dataplane = self.interface_states();
         let dp = self.balancer.dataplane();
         Ok(Status {
             config: self.config_path.clone(),
@@ -1040,7 +1042,27 @@ impl Agent {
                 .bgp
                 .as_ref()
                 .map(|v| Box::new(bgp::status::lock(v).clone())),
+            dataplane,
         })
+    }
+
+    /// Each configured interface as the kernel last reported it (the topology is
+    /// read again on every link change): running, and running this agent's program.
+    fn interface_states(&mut self) -> Vec<InterfaceStatus> {
+        let ours = self.balancer.dataplane().program_id().ok();
+        self.config
+            .dataplane
+            .interface_names()
+            .into_iter()
+            .map(|name| {
+                let link = self.topology.links.values().find(|l| l.name == name);
+                InterfaceStatus {
+                    running: link.is_some_and(|l| l.running),
+                    attached: link.is_some_and(|l| Some(l.xdp_program) == ours),
+                    name,
+                }
+            })
+            .collect()
     }
 
     fn stats(&mut self) -> Result<Stats, ApiError> {

@@ -271,6 +271,10 @@ pub struct BackendStatus {
     pub check_latency_ms: Option<f64>,
     /// Up↔down changes so far.
     pub health_transitions: u64,
+    /// Checks not run because this machine could not (descriptors, buffers or
+    /// addresses ran out): they count neither for nor against the backend.
+    #[serde(default)]
+    pub checks_skipped: u64,
     /// Share of the VIP's schedule slots, 0 to 1.
     pub share: f64,
     /// Where the data plane sends its packets, `<interface> <MAC>`, as resolved from
@@ -330,6 +334,20 @@ pub struct Status {
     /// The BGP speaker, when `[bgp]` is configured.
     #[serde(default)]
     pub bgp: Option<Box<BgpStatus>>,
+    /// Each configured data-plane interface, as the kernel reports it.
+    #[serde(default)]
+    pub dataplane: Vec<InterfaceStatus>,
+}
+
+/// A configured data-plane interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    /// Its name.
+    pub name: String,
+    /// Whether it exists, is up and has a carrier.
+    pub running: bool,
+    /// Whether the kernel reports this agent's program attached to it.
+    pub attached: bool,
 }
 
 /// One counter.

@@ -261,6 +261,11 @@ impl Dataplane {
         self.pin_dir.as_deref()
     }
 
+    /// The kernel's id of the balancing program, as interfaces report what they run.
+    pub fn program_id(&mut self) -> Result<u32> {
+        Ok(self.program_mut()?.info()?.id())
+    }
+
     /// The balancing program, for attaching or test runs.
     pub fn program_mut(&mut self) -> Result<&mut Xdp> {
         program(&mut self.ebpf)

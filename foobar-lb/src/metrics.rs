@@ -180,6 +180,28 @@ pub fn render(status: &Status, stats: &Stats, format: Format) -> String {
             .collect(),
     );
     b.counter(
+        "foobar_lb_backend_checks_skipped",
+        "Health checks not run because this machine could not (descriptors, buffers or \
+         addresses ran out); they count neither for nor against the backend",
+        backend_rows
+            .iter()
+            .map(|(l, be)| (l.clone(), be.checks_skipped))
+            .collect(),
+    );
+    b.gauge(
+        "foobar_lb_dataplane_attached",
+        "1 while the kernel reports the agent's XDP program on the configured interface \
+         and the interface is running, else 0",
+        status
+            .dataplane
+            .iter()
+            .map(|i| {
+                let up = i.running && i.attached;
+                (vec![("interface", i.name.clone())], f64::from(u8::from(up)))
+            })
+            .collect(),
+    );
+    b.counter(
         "foobar_lb_xdp_actions",
         "Packets per XDP action",
         stats

@@ -376,6 +376,7 @@ mod tests {
             last_check: Some("ok".into()),
             check_latency_ms: Some(0.3),
             health_transitions: 0,
+            checks_skipped: 0,
             share: 1.0,
             next_hop: None,
             traffic: Traffic::default(),

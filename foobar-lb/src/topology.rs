@@ -28,7 +28,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
 use rtnetlink::packet_route::{
     address::{AddressAttribute, AddressHeaderFlags, AddressScope},
-    link::{LinkAttribute, LinkFlags},
+    link::{LinkAttribute, LinkFlags, LinkXdp},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteType},
 };
@@ -45,6 +45,8 @@ pub struct Link {
     pub mtu: u32,
     /// Up, with carrier.
     pub running: bool,
+    /// The id of the XDP program attached to it, 0 if none.
+    pub xdp_program: u32,
 }
 
 /// What a route does with a destination.
@@ -121,11 +123,19 @@ impl Topology {
             let mut name = String::new();
             let mut mac = [0u8; 6];
             let mut mtu = 1500;
+            let mut xdp_program = 0;
             for attribute in &link.attributes {
                 match attribute {
                     LinkAttribute::IfName(n) => name = n.clone(),
                     LinkAttribute::Address(a) if a.len() == 6 => mac.copy_from_slice(a),
                     LinkAttribute::Mtu(m) => mtu = *m,
+                    LinkAttribute::Xdp(xdp) => {
+                        for x in xdp {
+                            if let LinkXdp::ProgId(id) = x {
+                                xdp_program = *id;
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -140,6 +150,7 @@ impl Topology {
                     mac,
                     mtu,
                     running,
+                    xdp_program,
                 },
             );
         }
@@ -459,6 +470,7 @@ mod tests {
                 mac: [2, 0, 0, 0, 0, 2],
                 mtu: 1500,
                 running: true,
+                xdp_program: 0,
             },
         );
         t.links.insert(
@@ -468,6 +480,7 @@ mod tests {
                 mac: [2, 0, 0, 0, 0, 3],
                 mtu: 9000,
                 running: true,
+                xdp_program: 0,
             },
         );
         let route = |dst: &str, oif, via, metric| RouteEntry {

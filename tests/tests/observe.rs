@@ -101,6 +101,18 @@ fn metrics_follow_the_traffic_and_the_health_of_backends() {
             .contains(&format!("foobar_lb_backend_check_latency_seconds{{{b1}}}"))
     });
     assert_eq!(sample(&text, &format!("foobar_lb_backend_up{{{b1}}}")), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            &format!("foobar_lb_backend_checks_skipped_total{{{b1}}}")
+        ),
+        0.0
+    );
+    // The kernel's word on the data plane: the agent's program on both interfaces.
+    for interface in ["eth-client", "eth-servers"] {
+        let series = format!("foobar_lb_dataplane_attached{{interface=\"{interface}\"}}");
+        assert_eq!(sample(&text, &series), 1.0, "{series}");
+    }
 
     lab.set_web_health(0, false);
     wait_until(Duration::from_secs(5), "web1 down in the metrics", || {
