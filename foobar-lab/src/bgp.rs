@@ -206,19 +206,24 @@ pub fn parse_next_hops(json: &str) -> Vec<Ipv4Addr> {
 
 /// SIGKILLs every process in `ns`: what a machine that dies does to them.
 fn kill_everything_in(ns: &Netns) {
+    for pid in pids_in(ns) {
+        // SAFETY: a process of the lab's, inside the lab's namespace.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// The processes running in a namespace.
+fn pids_in(ns: &Netns) -> Vec<i32> {
     let Ok(out) = Command::new("ip")
         .args(["netns", "pids", ns.name()])
         .output()
     else {
-        return;
+        return Vec::new();
     };
-    for pid in String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .filter_map(|p| p.parse::<i32>().ok())
-    {
-        // SAFETY: a process of the lab's, inside the lab's namespace.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+        .collect()
 }
 
 /// The last `n` lines of `text`.
@@ -462,16 +467,26 @@ impl BgpLab {
 
     /// Balancer `i` dies: both its links go down and every process of it (the agent
     /// and its BIRD) is SIGKILLed, at once.
-    pub fn crash_balancer(&mut self, i: usize) {
+    ///
+    /// Only the agent is killed: its BIRD must die with it (it asks the kernel to be
+    /// killed when its parent dies). Returns whether it did, within a second; what
+    /// outlived it is killed then.
+    pub fn crash_balancer(&mut self, i: usize) -> bool {
         assert!(
             self.balancers[i].agent_pid().is_some(),
             "{}'s agent is not running",
             self.balancers[i].name
         );
         self.set_plugged(i, false);
-        kill_everything_in(&self.balancers[i].ns);
-        // Reaps it.
         self.balancers[i].kill_agent();
+        let ns = &self.balancers[i].ns;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !pids_in(ns).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let died_with_it = pids_in(ns).is_empty();
+        kill_everything_in(ns);
+        died_with_it
     }
 
     /// Balancer `i` comes back: its links up and its agent started again; waits (up to

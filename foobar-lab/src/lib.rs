@@ -7,6 +7,7 @@ pub mod acme;
 pub mod bgp;
 pub mod db;
 pub mod deploy;
+pub mod http;
 pub mod lab;
 pub mod monitoring;
 pub mod netns;

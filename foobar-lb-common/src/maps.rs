@@ -45,6 +45,11 @@ pub const LAYOUT_VERSION: u32 = 2;
 /// The test build's next layout: [`TrafficStats`] has one more counter.
 #[cfg(feature = "layout-test")]
 pub const LAYOUT_VERSION: u32 = 3;
+/// The oldest layout whose maps this build carries over by their sizes (copied, or
+/// counters widened). A change that keeps a map's size but changes its meaning (fields
+/// reordered, a flag redefined) must raise this to the new [`LAYOUT_VERSION`], so that
+/// an upgrade refuses what it would misread.
+pub const OLDEST_CARRIED_LAYOUT: u32 = 1;
 
 /// Most VIPs a data plane holds.
 pub const MAX_VIPS: u32 = 64;

@@ -35,7 +35,7 @@ use crate::{
     reconcile::{AppliedVip, ApplyError, ApplyReport, Balancer, Environment},
     state::{DesiredState, StateError, VipSpec, endpoint, socket_of},
     topology::Topology,
-    vrrp::{self, VrrpConfig, VrrpView},
+    vrrp::{VrrpConfig, VrrpView},
 };
 
 /// How the agent starts.
@@ -137,12 +137,17 @@ pub type BackendKey = (String, SocketAddr);
 /// turns it into faults (a lower priority), BGP into what to announce.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tracked {
-    /// Why the data plane does not serve everywhere it should: an interface missing,
-    /// down or not attached.
+    /// Why the data plane does not serve everywhere it should, as the kernel reports
+    /// the configured interfaces: one missing, down, or not running this agent's
+    /// program.
     pub dataplane: Vec<String>,
     /// Each VIP address with its VIPs: the name, and whether it has a usable backend
     /// (up, enabled, weighted).
     pub addresses: BTreeMap<IpAddr, Vec<(String, bool)>>,
+    /// The addresses with a health-checked VIP of which a backend has had no check
+    /// result yet, with those VIPs' names: BGP does not start announcing them (see
+    /// [`bgp::announce::awaiting_first_checks`]). VRRP ignores it.
+    pub awaiting_checks: BTreeMap<IpAddr, Vec<String>>,
 }
 
 /// The running agent.
@@ -232,6 +237,10 @@ impl Agent {
         }
         // After an upgrade of the maps' layout, every link now runs this program.
         agent.balancer.dataplane().finish_migration()?;
+        // Tracking reads which program each interface runs from the topology, read
+        // before the program was attached; attaching through a BPF link tells netlink
+        // nothing, so read it again now.
+        agent.refresh_topology();
         Ok(agent)
     }
 
@@ -288,19 +297,19 @@ impl Agent {
     /// What makes this balancer a worse MASTER than its peer right now: an interface
     /// of the data plane missing, down or not attached, or a VIP the router moves
     /// without a usable backend (all down, disabled or drained).
-    pub fn track_faults(&self) -> Vec<String> {
+    pub fn track_faults(&mut self) -> Vec<String> {
         self.tracking().0
     }
 
     /// What tracking finds now, from one look: the VRRP router's faults (see
     /// [`Agent::track_faults`]), and what the BGP speaker should announce (`None`
     /// without `[bgp]`; see [`bgp::announce`]).
-    pub fn tracking(&self) -> (Vec<String>, Option<bgp::Wanted>) {
-        let (vrrp_config, bgp_config) = (self.config.vrrp.as_ref(), self.config.bgp.as_ref());
-        if vrrp_config.is_none() && bgp_config.is_none() {
+    pub fn tracking(&mut self) -> (Vec<String>, Option<bgp::Wanted>) {
+        if self.config.vrrp.is_none() && self.config.bgp.is_none() {
             return (Vec::new(), None);
         }
         let tracked = self.tracked();
+        let (vrrp_config, bgp_config) = (self.config.vrrp.as_ref(), self.config.bgp.as_ref());
         let faults = vrrp_config.map_or_else(Vec::new, |router| {
             let mut faults = tracked.dataplane.clone();
             for (address, vips) in &tracked.addresses {
@@ -320,22 +329,27 @@ impl Agent {
         (faults, wanted)
     }
 
-    /// Whether the data plane serves on every configured interface, and which VIPs of
-    /// each address have a usable backend (not all down, disabled or drained).
-    pub fn tracked(&self) -> Tracked {
+    /// Whether the data plane serves on every configured interface, as the kernel
+    /// reports them (`interface_states`: a link removed or down, or running another
+    /// program, is a fault), which VIPs of each address have a usable backend
+    /// (not all down, disabled or drained), and which still wait for first checks.
+    pub fn tracked(&mut self) -> Tracked {
         let mut tracked = Tracked::default();
-        for name in &self.config.dataplane.interface_names() {
-            let fault = match vrrp::net::interface(name) {
-                Ok(Some(i)) if !i.running => format!("interface {name} is down"),
-                Ok(Some(_)) if !self.interfaces.contains(name) => {
-                    format!("interface {name} is not attached")
-                }
-                Ok(Some(_)) => continue,
-                Ok(None) => format!("interface {name} is missing"),
-                Err(e) => format!("interface {name}: {e}"),
+        for state in self.interface_states() {
+            let name = &state.name;
+            let fault = if !self.topology.links.values().any(|l| l.name == *name) {
+                format!("interface {name} is missing")
+            } else if !state.running {
+                format!("interface {name} is down")
+            } else if !state.attached {
+                format!("interface {name} does not run the balancer's program")
+            } else {
+                continue;
             };
             tracked.dataplane.push(fault);
         }
+        tracked.awaiting_checks =
+            bgp::announce::awaiting_first_checks(&self.desired.vips, &self.health);
         for vip in self.effective(&self.desired).vips {
             let usable = vip.backends.iter().any(|b| b.weight > 0);
             tracked
@@ -421,6 +435,10 @@ impl Agent {
             source,
         })?;
         let (attached, detached) = self.attach_all(&config)?;
+        if !attached.is_empty() {
+            // As at start: tracking sees the new interfaces run the program.
+            self.refresh_topology();
+        }
         let previous = std::mem::replace(&mut self.config, config.clone());
         if let Err(e) = self.write_environment() {
             self.config = previous;
@@ -778,6 +796,18 @@ impl Agent {
                 Ok(_) => info!(backend = %key.1, "reset the flows of a down backend"),
                 Err(e) => error!("resetting flows of {}: {e}", key.1),
             }
+        }
+    }
+
+    /// Reads the kernel's tables again now (after attaching, which netlink does not
+    /// announce) and takes what changed; keeps the last reading when they cannot be
+    /// read, until the daemon's watcher sends the next.
+    fn refresh_topology(&mut self) {
+        match Topology::read_blocking() {
+            Ok(fresh) => self.topology_changed(fresh),
+            Err(e) => warn!(
+                "reading the interfaces after attaching: {e}; tracking waits for the next change"
+            ),
         }
     }
 

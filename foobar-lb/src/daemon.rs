@@ -108,13 +108,16 @@ pub async fn run(
     };
     // A BIRD that cannot run (missing, or refusing the configuration the agent writes)
     // refuses the start before the data plane is touched.
-    if let Err(e) = preflight_bgp(&options).await {
-        if let Some(vrrp) = vrrp.take() {
-            vrrp.stop(Exit::HandOver, Duration::from_secs(3)).await;
+    let bgp_ipv6 = match preflight_bgp(&options).await {
+        Ok(ipv6) => ipv6,
+        Err(e) => {
+            if let Some(vrrp) = vrrp.take() {
+                vrrp.stop(Exit::HandOver, Duration::from_secs(3)).await;
+            }
+            let _ = std::fs::remove_file(&options.socket);
+            return Err(e.into());
         }
-        let _ = std::fs::remove_file(&options.socket);
-        return Err(e.into());
-    }
+    };
     let agent_options = options.agent.clone();
     let mut agent = match tokio::task::spawn_blocking(move || Agent::start(&agent_options)).await {
         Ok(Ok(agent)) => agent,
@@ -157,7 +160,7 @@ pub async fn run(
     let mut speaker = None;
     if let Some(config) = agent.bgp_config().cloned() {
         let view: BgpView = Arc::new(Mutex::new(BgpStatus::new(&config)));
-        match Speaker::start(config, &options.socket, view.clone(), wanted_rx).await {
+        match Speaker::start(config, &options.socket, bgp_ipv6, view.clone(), wanted_rx).await {
             Ok(started) => {
                 agent.show_bgp(view);
                 speaker = Some(started);
@@ -167,6 +170,9 @@ pub async fn run(
                     vrrp.stop(Exit::HandOver, Duration::from_secs(3)).await;
                 }
                 let _ = std::fs::remove_file(&options.socket);
+                // The data plane is attached: it is left as any exit leaves it
+                // (`--on-exit`), not dropped half-way.
+                agent.shutdown(options.on_exit);
                 return Err(e.into());
             }
         }
@@ -322,17 +328,21 @@ fn plan_vrrp(options: &RunOptions) -> Option<(VrrpConfig, Start)> {
     Some((config, start))
 }
 
-/// Checks BIRD for the file's `[bgp]`, if any (see [`bgp::speaker::preflight`]). A file
-/// that does not load is left to the agent's start, which says why.
-async fn preflight_bgp(options: &RunOptions) -> Result<(), bgp::BgpError> {
+/// Checks BIRD for the file's `[bgp]`, if any (see [`bgp::speaker::preflight`]), and
+/// says whether the speaker gets the IPv6 channel, from the same reading of the file
+/// (see [`bgp::BgpConfig::announces_ipv6`]). A file that does not load is left to the
+/// agent's start, which says why.
+async fn preflight_bgp(options: &RunOptions) -> Result<bool, bgp::BgpError> {
     let Ok(config) = crate::config::Config::load(&options.agent.config) else {
-        return Ok(());
+        return Ok(false);
     };
     let Some(announcer) = &config.bgp else {
-        return Ok(());
+        return Ok(false);
     };
     let candidates = announcer.candidates(&config.vips, config.vrrp.as_ref());
-    bgp::speaker::preflight(announcer, &options.socket, &candidates).await
+    let ipv6 = announcer.announces_ipv6(&config.vips, config.vrrp.as_ref());
+    bgp::speaker::preflight(announcer, &options.socket, &candidates, ipv6).await?;
+    Ok(ipv6)
 }
 
 /// Passes what tracking finds to the VRRP router and the BGP speaker when it changed.

@@ -199,9 +199,9 @@ impl Dataplane {
             pin::prepare_dir(dir)?;
             let maps_dir = pin::maps_dir(dir);
             migration = Migration::prepare(dir, options.flow_capacity)?;
-            if migration.is_some() {
-                // Maps of this layout beside an older one's are a migration cut short:
-                // the old program still runs on the old maps, so they are copied again.
+            if migration.as_ref().is_some_and(Migration::redo) {
+                // Maps of this layout beside an older one's, which the links do not
+                // run yet, are a migration cut short: they are made again.
                 pin::remove_all_maps(&maps_dir)?;
             }
             std::fs::create_dir_all(&maps_dir).map_err(|e| pin::PinError::Directory {
@@ -221,7 +221,7 @@ impl Dataplane {
             Ok(ebpf)
         });
         let ebpf = match (loaded, &options.pin_dir) {
-            (Err(e), Some(dir)) if migration.is_some() => {
+            (Err(e), Some(dir)) if migration.as_ref().is_some_and(Migration::redo) => {
                 // The old layout stays the only one, as if this build had never run.
                 let _ = std::fs::remove_dir_all(pin::maps_dir(dir));
                 return Err(e);

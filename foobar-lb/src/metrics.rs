@@ -320,12 +320,15 @@ pub fn render(status: &Status, stats: &Stats, format: Format) -> String {
                 })
                 .collect(),
         );
+        // Labelled by address, not by VIP name: one address may carry several VIPs.
         b.gauge(
             "foobar_lb_bgp_vip_announced",
-            "1 while this balancer announces the VIP address to its BGP neighbours",
+            "1 while BIRD, the BGP speaker, has the route to the VIP address, whether or \
+             not a BGP session is up to carry it (see foobar_lb_bgp_session_established), \
+             0 otherwise",
             bgp.vips
                 .iter()
-                .map(|v| (vec![("vip", v.address.to_string())], on(v.announced)))
+                .map(|v| (vec![("address", v.address.to_string())], on(v.announced)))
                 .collect(),
         );
         b.single_counter(

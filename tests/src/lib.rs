@@ -4,8 +4,7 @@
 
 pub mod browser;
 pub mod e2e;
-pub mod http;
 pub mod nodes;
-pub use foobar_lab::{db, lab, netns, probe, process, stack};
+pub use foobar_lab::{db, http, lab, netns, probe, process, stack};
 pub mod packet;
 pub mod packet_lab;

@@ -18,6 +18,7 @@ use tests::{
     e2e::{json, lab_with, one_at_a_time, vip},
     http::{connect, get},
     lab::Lab,
+    probe::Probe,
 };
 
 /// The build with the next layout, beside this one (`cargo xtask test` builds it).
@@ -109,9 +110,25 @@ fn an_upgrade_to_another_layout_keeps_flows_and_counters_and_a_downgrade_is_refu
     assert!(packets_before >= 16, "{packets_before} packets counted");
 
     // The next layout takes over: its maps are pinned as the next version, the old
-    // ones carried into them and removed.
+    // ones carried into them and removed. New connections keep coming meanwhile
+    // (every 10 ms), through the copy and the swap.
     lab.balancer_mut().program = NEXT_LAYOUT;
+    let probe = Probe::start(&lab.client, vip());
+    std::thread::sleep(Duration::from_millis(200));
     lab.start_agent();
+    std::thread::sleep(Duration::from_millis(200));
+    let attempts = probe.stop();
+    let failed = attempts.iter().filter(|a| a.answer.is_none()).count();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} new connections failed during the upgrade",
+        attempts.len()
+    );
+    println!(
+        "{} new connections during the upgrade, none failed",
+        attempts.len()
+    );
     let log = lab.agent_log();
     assert!(log.contains("copied into this build's"), "{log}");
     assert!(log.contains("upgrade of the pinned maps done"), "{log}");

@@ -26,8 +26,7 @@
 //! namespaces is left once the lab is gone.
 
 use std::{
-    io::{self, Read, Write},
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddrV4, TcpStream},
     process::Command,
     thread::sleep,
     time::{Duration, Instant},
@@ -36,6 +35,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use foobar_lab::{
     bgp::{BFD_INTERVAL_MS, BFD_MULTIPLIER, BgpLab, BgpSpec},
+    http::{connect, get},
     netns::{Netns, unique_name},
     probe::{Probe, outage},
 };
@@ -47,8 +47,6 @@ const BALANCERS: usize = 3;
 const HELD: usize = 24;
 /// Longest wait for the router to follow a change.
 const LIMIT: Duration = Duration::from_secs(10);
-/// How long connecting and each request on a held connection may take.
-const HELD_TIMEOUT: Duration = Duration::from_secs(2);
 /// BFD's detection (3 × 50 ms), the router's route update, and a margin.
 const TARGET_MS: u64 = 400;
 
@@ -169,8 +167,8 @@ pub(crate) fn wait_for_next_hops(lab: &BgpLab, n: usize, what: &str) -> Result<(
 fn open_held(client: &Netns, vip: SocketAddrV4) -> Result<Vec<TcpStream>> {
     (0..HELD)
         .map(|i| -> Result<TcpStream> {
-            let mut stream =
-                connect(client, vip).with_context(|| format!("opening held connection {i}"))?;
+            let mut stream = connect(client, vip, None)
+                .with_context(|| format!("opening held connection {i}"))?;
             get(&mut stream)
                 .with_context(|| format!("the first request on held connection {i}"))?;
             Ok(stream)
@@ -191,50 +189,6 @@ fn count_broken(held: &mut [TcpStream]) -> usize {
             .filter(|&failed| failed)
             .count()
     })
-}
-
-/// A TCP connection from inside `ns`.
-fn connect(ns: &Netns, to: SocketAddrV4) -> io::Result<TcpStream> {
-    // A socket belongs to the namespace it was created in, whichever thread uses it.
-    let _inside = ns.enter();
-    let stream = TcpStream::connect_timeout(&SocketAddr::V4(to), HELD_TIMEOUT)?;
-    stream.set_read_timeout(Some(HELD_TIMEOUT))?;
-    stream.set_write_timeout(Some(HELD_TIMEOUT))?;
-    Ok(stream)
-}
-
-/// `GET /` on a keep-alive connection; the body (the server's name), trimmed.
-fn get(stream: &mut TcpStream) -> io::Result<String> {
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: foobar.com\r\n\r\n")?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed mid-response",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                })
-                .ok_or_else(|| io::Error::other(format!("no Content-Length in {head:?}")))?;
-            if body.len() >= length {
-                if !head.starts_with("HTTP/1.1 200") {
-                    return Err(io::Error::other(format!("answer {head:?}")));
-                }
-                return Ok(body[..length].trim().to_owned());
-            }
-        }
-    }
 }
 
 /// The namespaces whose names start with `prefix`.

@@ -253,6 +253,7 @@ Architecture: {arch}
 Maintainer: {maintainer}
 Installed-Size: {installed_size}
 Depends: {depends}
+Suggests: bird2
 Section: net
 Priority: optional
 Description: XDP layer-4 load balancer: agent and command line

@@ -84,10 +84,12 @@ pub fn ensure() -> Result<()> {
         install_bpf_linker()?;
         did.push("installed bpf-linker");
     }
-    if install_missing_packages()? {
+    let installed = install_missing_packages()?;
+    if !installed.is_empty() {
         did.push("installed Debian packages");
     }
-    if disable_host_bird()? {
+    // Only a bird.service this very install enabled: a host's own BIRD is its own.
+    if installed.contains(&"bird2") && disable_host_bird()? {
         did.push("disabled the host's bird.service (the agent runs its own BIRD)");
     }
     if did.is_empty() {
@@ -98,8 +100,8 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
-/// Installs the Debian packages that are not installed yet; whether there were any.
-fn install_missing_packages() -> Result<bool> {
+/// Installs the Debian packages that are not installed yet; which there were.
+fn install_missing_packages() -> Result<Vec<&'static str>> {
     let not_installed = |list: &[&'static str]| -> Vec<&'static str> {
         list.iter()
             .copied()
@@ -113,12 +115,12 @@ fn install_missing_packages() -> Result<bool> {
             Some("--no-install-recommends"),
         ),
     ];
-    let names: Vec<&str> = batches
+    let names: Vec<&'static str> = batches
         .iter()
         .flat_map(|(p, _)| p.iter().copied())
         .collect();
     if names.is_empty() {
-        return Ok(false);
+        return Ok(names);
     }
     eprintln!("setup: installing {}", names.join(" "));
     run_quietly(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -131,7 +133,7 @@ fn install_missing_packages() -> Result<bool> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
-    Ok(true)
+    Ok(names)
 }
 
 /// Debian's bird2 enables a `bird.service` that would run BIRD for the host itself;

@@ -22,9 +22,10 @@ pub fn protocol_name(neighbour: IpAddr) -> String {
     format!("peer_{address}")
 }
 
-/// The whole configuration. `ipv6` adds the IPv6 static protocol and channels: it
-/// follows whether any address may be announced over IPv6, not whether one is now,
-/// so that a withdrawal never changes the channels (which would reset the sessions).
+/// The whole configuration. `ipv6` adds the IPv6 static protocol and channels: it is
+/// fixed when the speaker starts (see [`BgpConfig::announces_ipv6`]), whatever is
+/// announced now, so that no change of the announcements ever changes the channels
+/// (which would reset the sessions).
 pub fn config_text(bgp: &BgpConfig, announced: &BTreeSet<IpAddr>, ipv6: bool) -> String {
     let mut out = String::new();
     let mut line = |text: &str| {

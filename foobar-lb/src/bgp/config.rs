@@ -18,8 +18,9 @@ use crate::{
 pub const DEFAULT_BIRD: &str = "/usr/sbin/bird";
 /// BIRD refuses hold times from 1 to 2 s (RFC 4271: 0 or at least 3).
 pub const MIN_HOLD_TIME_S: u32 = 3;
-/// Longest wait between withdrawing and stopping the data plane.
-pub const MAX_WITHDRAW_WAIT_MS: u32 = 60_000;
+/// Longest wait between withdrawing and stopping the data plane: with the rest of a
+/// clean stop it stays within the packaged unit's `TimeoutStopSec=30`.
+pub const MAX_WITHDRAW_WAIT_MS: u32 = 20_000;
 
 fn default_hold_time_s() -> u32 {
     MIN_HOLD_TIME_S
@@ -88,7 +89,7 @@ pub struct BgpConfig {
     #[serde(default = "default_connect_retry_s")]
     pub connect_retry_s: u32,
     /// On a clean stop, the time between withdrawing and stopping the data plane, so
-    /// that routers move the flows elsewhere first.
+    /// that routers move the flows elsewhere first; at most 20000.
     #[serde(default = "default_withdraw_wait_ms")]
     pub withdraw_wait_ms: u32,
     /// The BIRD 2 daemon.
@@ -163,6 +164,14 @@ impl BgpConfig {
                 .filter(|a| !moved_by_vrrp(*a, vrrp))
                 .collect(),
         }
+    }
+
+    /// Whether BIRD gets the IPv6 static protocol and channels: when an address that
+    /// may be announced, as the file says at start (`vips`, or else the file's VIPs),
+    /// is IPv6. Fixed for the speaker's life: adding the channels later would reset
+    /// every session, so an IPv6 VIP added at runtime waits for a restart.
+    pub fn announces_ipv6(&self, file_vips: &[VipSpec], vrrp: Option<&VrrpConfig>) -> bool {
+        self.candidates(file_vips, vrrp).iter().any(IpAddr::is_ipv6)
     }
 
     /// The active-active rule: a VIP on an announced address carries a hash
@@ -347,6 +356,25 @@ impl BgpConfig {
             }
             if !seen.insert(*address) {
                 return Err(bad(field, format!("{address} is listed twice")));
+            }
+            // The route's next hop is `announce_from` (`next hop self`): one of the
+            // other family cannot be given over these sessions.
+            if address.is_ipv6() != self.announce_from.is_ipv6() {
+                let (vip, from) = if address.is_ipv6() {
+                    ("IPv6", "IPv4")
+                } else {
+                    ("IPv4", "IPv6")
+                };
+                return Err(bad(
+                    field,
+                    format!(
+                        "{address} is an {vip} address, but announce_from {} is {from}: the \
+                         routers need an {vip} next hop, which sessions from an {from} \
+                         address cannot give; announce it from balancers whose announce_from \
+                         and neighbours are {vip}, or leave it out of bgp.vips",
+                        self.announce_from
+                    ),
+                ));
             }
             if moved_by_vrrp(*address, vrrp) {
                 return Err(bad(
@@ -539,6 +567,11 @@ mod tests {
                 "bgp.vips[1]",
             ),
             ("vips = [\"10.0.0.100\"]", "vips = []", "bgp.vips"),
+            (
+                "local_as = 65001",
+                "local_as = 65001\nwithdraw_wait_ms = 20001",
+                "bgp.withdraw_wait_ms",
+            ),
         ];
         for (from, to, expected) in cases {
             let text = FILE.replace(from, to);
@@ -573,6 +606,60 @@ mod tests {
             !off.uses_bfd(&off.neighbours[0]),
             "bfd = false turns it off"
         );
+    }
+
+    #[test]
+    fn a_withdraw_wait_fits_in_the_units_stop_timeout() {
+        let most = bgp(&FILE.replace(
+            "local_as = 65001",
+            "local_as = 65001\nwithdraw_wait_ms = 20000",
+        ));
+        assert_eq!(most.withdraw_wait_ms, MAX_WITHDRAW_WAIT_MS);
+    }
+
+    /// FILE with an IPv6 VIP (maglev) at 2001:db8::100 too.
+    fn with_ipv6_vip() -> String {
+        FILE.replace(
+            "        [bgp]\n",
+            "        [[vips]]\n        name = \"www6\"\n        address = \"2001:db8::100\"\n        \
+             port = 80\n        scheduler = \"maglev\"\n        \
+             backends = [{ address = \"2001:db8:1::11\", port = 8080 }]\n\n        [bgp]\n",
+        )
+    }
+
+    #[test]
+    fn refuses_an_ipv6_vip_announced_from_an_ipv4_address() {
+        let text = with_ipv6_vip().replace(
+            "vips = [\"10.0.0.100\"]",
+            "vips = [\"10.0.0.100\", \"2001:db8::100\"]",
+        );
+        let err = refused(&text);
+        assert_eq!(err.field, "bgp.vips[1]");
+        assert!(
+            err.message.starts_with(
+                "2001:db8::100 is an IPv6 address, but announce_from 10.0.0.3 is IPv4"
+            ),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn the_ipv6_channel_follows_the_file_at_start() {
+        let channel = |text: &str| {
+            let config = Config::parse(text).unwrap_or_else(|e| panic!("should load: {e}"));
+            let b = config.bgp.as_ref().expect("[bgp]");
+            b.announces_ipv6(&config.vips, config.vrrp.as_ref())
+        };
+        // Listed: only what is listed counts.
+        assert!(!channel(&with_ipv6_vip()));
+        // Not listed: every VIP of the file, the IPv6 one too.
+        let unlisted = |text: &str| {
+            text.replace("vips = [\"10.0.0.100\"]\n", "")
+                .replace("scheduler = \"rr\"", "scheduler = \"maglev\"")
+        };
+        assert!(!channel(&unlisted(FILE)));
+        assert!(channel(&unlisted(&with_ipv6_vip())));
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod control;
 pub mod speaker;
 pub mod status;
 
-pub use announce::{Wanted, decide};
+pub use announce::{Want, Wanted, decide};
 pub use config::{BfdConfig, BgpConfig, Neighbour};
 pub use speaker::{BgpError, Speaker};
 pub use status::{BgpStatus, BgpView};

@@ -162,9 +162,11 @@ impl SessionStatus {
 pub struct VipAnnouncement {
     /// The address (announced as /32 or /128).
     pub address: IpAddr,
-    /// Whether this balancer announces it now.
+    /// Whether BIRD has its route now (this balancer announces it to every session
+    /// that is up), whatever the agent asked.
     pub announced: bool,
-    /// Why not; empty when it is.
+    /// Why not; or, while BIRD still has a route the agent asks to withdraw, why that
+    /// is asked and why BIRD has not taken it yet; empty otherwise.
     pub reason: String,
 }
 

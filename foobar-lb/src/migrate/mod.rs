@@ -25,8 +25,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::MapInfo;
-use foobar_lb_common::{LAYOUT_VERSION, map_names as names};
+use aya::{
+    maps::MapInfo,
+    programs::links::{FdLink, PinnedLink},
+};
+use foobar_lb_common::{LAYOUT_VERSION, OLDEST_CARRIED_LAYOUT, map_names as names};
 use tracing::info;
 
 use crate::pin::{self, PinError};
@@ -89,6 +92,22 @@ pub enum MigrateError {
         found: u32,
         /// This build's.
         ours: u32,
+    },
+    /// The pins are of a layout older than this build still carries.
+    #[error(
+        "the data plane pinned in {dir} has map layout v{found}; this build carries maps \
+         of layout v{oldest} and later only (a layout since changed what a map's bytes \
+         mean). Upgrade through an intermediate release, or stop the data plane for real \
+         (`foobar-lb run --on-exit detach`, or remove {dir}) and start this one empty, \
+         which loses every open flow and the counters"
+    )]
+    TooOld {
+        /// The pin directory.
+        dir: PathBuf,
+        /// The layout found.
+        found: u32,
+        /// The oldest this build carries.
+        oldest: u32,
     },
     /// A map changed in a way no migration carries.
     #[error(
@@ -175,6 +194,13 @@ pub fn plan(
             ours: LAYOUT_VERSION,
         });
     }
+    if found_version < OLDEST_CARRIED_LAYOUT {
+        return Err(MigrateError::TooOld {
+            dir: dir.to_owned(),
+            found: found_version,
+            oldest: OLDEST_CARRIED_LAYOUT,
+        });
+    }
     let mut steps = BTreeMap::new();
     for (&map, &need) in needed {
         let Some(&have) = found.get(map) else {
@@ -216,6 +242,10 @@ fn widen(map: &str, have: Shape, need: Shape) -> Option<Carry> {
 /// An upgrade under way: the old maps, open, and what was copied from them.
 pub struct Migration {
     from_version: u32,
+    /// The links run this build's layout already: an upgrade that swapped its
+    /// program in and stopped before removing the old pins. Nothing is copied again;
+    /// only the old flows the new maps lack are added.
+    swapped: bool,
     steps: BTreeMap<&'static str, Carry>,
     /// Where the old pins are; `None` once removed.
     old_pins: Option<OldPins>,
@@ -320,13 +350,23 @@ impl Migration {
             .map(|name| (name, pin::expected_shape(name, flow_capacity)))
             .collect();
         let steps = plan(pin_dir, from_version, &found, &needed)?;
+        let ours = pin::maps_dir(pin_dir);
+        let swapped = pin::has_pinned_maps(&ours) && links_use(pin_dir, &ours);
         Ok(Some(Self {
             from_version,
+            swapped,
             steps,
             old_pins: Some(old),
             maps: Vec::new(),
             counted: BTreeMap::new(),
         }))
+    }
+
+    /// Whether the maps of this build's layout pinned beside the old ones are half
+    /// made (the links still run the old program on the old maps): they are then
+    /// removed and made again. Otherwise the links run on them already.
+    pub fn redo(&self) -> bool {
+        !self.swapped
     }
 
     /// Copies every carried map into the new maps pinned in `maps_dir` (loaded, not
@@ -335,11 +375,16 @@ impl Migration {
         let old_pins = self.old_pins.as_ref().expect("copy before finish");
         let mut copied = BTreeMap::new();
         for (&name, &carry) in &self.steps {
-            if carry == Carry::Fresh {
+            if carry == Carry::Fresh || (self.swapped && !FLOW_MAPS.contains(&name)) {
                 continue;
             }
             let old = RawMap::open(&old_pins.path(name)).map_err(map_error(name))?;
             let new = RawMap::open(&pin::map_path(maps_dir, name)).map_err(map_error(name))?;
+            if self.swapped {
+                // Only what `finish` adds: the old flows the new maps lack.
+                self.maps.push((name, old, new));
+                continue;
+            }
             let entries = old.entries().map_err(map_error(name))?;
             new.put_all(&carried(&entries, &old, &new))
                 .map_err(map_error(name))?;
@@ -349,12 +394,20 @@ impl Migration {
             }
             self.maps.push((name, old, new));
         }
-        info!(
-            from = self.from_version,
-            to = LAYOUT_VERSION,
-            entries = ?copied,
-            "pinned maps of an older layout copied into this build's"
-        );
+        if self.swapped {
+            info!(
+                from = self.from_version,
+                to = LAYOUT_VERSION,
+                "an upgrade stopped after its program swap: the links run this layout's maps already; finishing it"
+            );
+        } else {
+            info!(
+                from = self.from_version,
+                to = LAYOUT_VERSION,
+                entries = ?copied,
+                "pinned maps of an older layout copied into this build's"
+            );
+        }
         Ok(())
     }
 
@@ -389,6 +442,28 @@ impl Migration {
         );
         Ok(())
     }
+}
+
+/// Whether a link pinned in `pin_dir` runs a program on the maps pinned in
+/// `maps_dir` (the program's maps include its flow table).
+fn links_use(pin_dir: &Path, maps_dir: &Path) -> bool {
+    let Ok(flows) = MapInfo::from_pin(pin::map_path(maps_dir, names::FLOWS)) else {
+        return false;
+    };
+    let programs: Vec<u32> = pin::pinned_interfaces(pin_dir)
+        .iter()
+        .filter_map(|interface| PinnedLink::from_pin(pin::link_path(pin_dir, interface)).ok())
+        .filter_map(|link| FdLink::from(link).info().ok())
+        .map(|info| info.program_id())
+        .collect();
+    aya::programs::loaded_programs().flatten().any(|program| {
+        programs.contains(&program.id())
+            && program
+                .map_ids()
+                .ok()
+                .flatten()
+                .is_some_and(|ids| ids.contains(&flows.id()))
+    })
 }
 
 /// `entries` of `old` as values of `new`: each CPU's value cut to the old size and
@@ -502,6 +577,21 @@ mod tests {
         let found = layout(&[(names::FLOWS, shape(16, 20, 1024))]);
         let needed = layout(&[(names::FLOWS, shape(16, 20, 2048))]);
         assert!(plan(Path::new("/p"), 1, &found, &needed).is_err());
+    }
+
+    #[test]
+    fn a_layout_older_than_the_oldest_carried_is_refused() {
+        if OLDEST_CARRIED_LAYOUT == 0 {
+            return;
+        }
+        let e = plan(
+            Path::new("/p"),
+            OLDEST_CARRIED_LAYOUT - 1,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        )
+        .expect_err("refused");
+        assert!(matches!(e, MigrateError::TooOld { .. }), "{e}");
     }
 
     #[test]
