@@ -134,7 +134,20 @@ pub async fn run(
     if let Some(logger) = agent.ebpf_logger() {
         tokio::spawn(drain_ebpf_log(logger));
     }
-    let metrics_listen = agent.metrics_listen();
+    // Bound now, while a failure can still leave the data plane as `--on-exit` says.
+    let metrics = match agent.metrics_listen() {
+        None => None,
+        Some(at) => match http::bind(at) {
+            Ok(listener) => Some((at, listener)),
+            Err(e) => {
+                abandon_start(agent, vrrp, &options).await;
+                return Err(DaemonError::Socket {
+                    path: PathBuf::from(at.to_string()),
+                    message: format!("metrics listener: {e}"),
+                });
+            }
+        },
+    };
     // Tracked faults flow to the VRRP router, which turns them into a priority, and
     // what to announce to the BGP speaker.
     let (now_faults, now_wanted) = agent.tracking();
@@ -147,7 +160,7 @@ pub async fn run(
         match vrrp::instance::spawn(config, vrrp_view.clone(), tracked, start) {
             Ok(running) => vrrp = Some(running),
             Err(e) => {
-                let _ = std::fs::remove_file(&options.socket);
+                abandon_start(agent, None, &options).await;
                 return Err(e.into());
             }
         }
@@ -166,24 +179,14 @@ pub async fn run(
                 speaker = Some(started);
             }
             Err(e) => {
-                if let Some(vrrp) = vrrp.take() {
-                    vrrp.stop(Exit::HandOver, Duration::from_secs(3)).await;
-                }
-                let _ = std::fs::remove_file(&options.socket);
-                // The data plane is attached: it is left as any exit leaves it
-                // (`--on-exit`), not dropped half-way.
-                agent.shutdown(options.on_exit);
+                abandon_start(agent, vrrp, &options).await;
                 return Err(e.into());
             }
         }
     }
     let agent: Shared = Arc::new(Mutex::new(agent));
-    let http_task = match metrics_listen {
-        Some(at) => {
-            let listener = http::bind(at).map_err(|e| DaemonError::Socket {
-                path: PathBuf::from(at.to_string()),
-                message: format!("metrics listener: {e}"),
-            })?;
+    let http_task = match metrics {
+        Some((at, listener)) => {
             info!(%at, "serving /metrics, /status.json and the status page");
             let health_changes = lock(&agent).health_changes();
             Some(AbortOnDrop(tokio::spawn(http::serve(
@@ -311,6 +314,17 @@ pub async fn run(
         vrrp.stop(Exit::Restart(note), Duration::from_secs(3)).await;
     }
     Ok(())
+}
+
+/// A start that fails once the data plane is attached: a resumed VRRP master hands
+/// over, the control socket goes, and the data plane is left as any exit leaves it
+/// (`--on-exit`), not dropped half-way.
+async fn abandon_start(agent: Agent, vrrp: Option<vrrp::instance::Running>, options: &RunOptions) {
+    if let Some(vrrp) = vrrp {
+        vrrp.stop(Exit::HandOver, Duration::from_secs(3)).await;
+    }
+    let _ = std::fs::remove_file(&options.socket);
+    agent.shutdown(options.on_exit);
 }
 
 /// How the failover router starts, decided before the agent's start (see

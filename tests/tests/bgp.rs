@@ -143,8 +143,12 @@ fn a_crashed_balancer_breaks_no_connection() {
     for b in &lab.balancers {
         wait_until(
             LIMIT,
-            &format!("{}'s BFD session to come up", b.name),
-            || status(b)["bgp"]["sessions"][0]["bfd"] == "up",
+            &format!("{}'s session and its BFD to show up", b.name),
+            // Status is a snapshot at most a second old, BIRD read every second.
+            || {
+                let session = &status(b)["bgp"]["sessions"][0];
+                session["bfd"] == "up" && session["state"] == "established"
+            },
         );
         let s = status(b);
         let session = &s["bgp"]["sessions"][0];

@@ -339,6 +339,43 @@ fn detach_on_exit_removes_the_program_and_its_pins() {
 }
 
 #[test]
+fn a_start_that_fails_after_attaching_leaves_the_data_plane_as_on_exit_says() {
+    let _turn = one_at_a_time();
+    let lab = tests::lab::Lab::up(tests::lab::LabSpec::for_test("late-fail", 1));
+    // The metrics port is taken in the balancer's namespace: the agent attaches,
+    // then cannot bind it.
+    let taken = {
+        let _inside = lab.lb().enter();
+        std::net::TcpListener::bind("127.0.0.1:9100").expect("take the metrics port")
+    };
+    lab.write_config(&(config("rr", &[(0, 1)]) + "\n[metrics]\nlisten = \"127.0.0.1:9100\"\n"));
+    let out = lab
+        .lb()
+        .command(&lab.spec().bin_dir.join("foobar-lb").display().to_string())
+        .arg("--socket")
+        .arg(lab.socket())
+        .args(["run", "--on-exit", "detach", "--config"])
+        .arg(lab.config_path())
+        .arg("--pin-dir")
+        .arg(&lab.balancer().pin_dir)
+        .output()
+        .expect("run the agent");
+    drop(taken);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the agent started: {said}");
+    assert!(said.contains("metrics listener"), "{said}");
+    // Detached, as asked: no program left on the interfaces, no pins, no socket.
+    for ifname in [LB_CLIENT_IF, LB_SERVER_IF] {
+        assert!(
+            !lab.lb().ip(&["link", "show", ifname]).contains("xdp"),
+            "{ifname} still has XDP"
+        );
+    }
+    assert!(!lab.balancer().pin_dir.exists(), "pins left");
+    assert!(!lab.socket().exists());
+}
+
+#[test]
 fn reload_applies_a_changed_file_whole() {
     let _turn = one_at_a_time();
     let lab = lab_with("reload", 2, Some(config("rr", &[(0, 1)])));
