@@ -30,7 +30,7 @@ use crate::{
     lab::{
         Balancer, DATAPLANE_INTERFACES, LB_CLIENT_IF, LB_SERVER_IF, METRICS, ROUTER_CLIENT_SIDE,
         ROUTER_SERVER_SIDE, WEB_PORT, add_bridges, balancer_client_addr, balancer_server_addr,
-        bin_dir_of_this_test, make_ns, pass_through, plug_into, web_addr, web_name,
+        bin_dir_of_this_test, make_ns, pass_through, plug_into, start_web_node, web_addr, web_name,
     },
     netns::{Netns, unique_name},
     process::{bin, spawn_logged, terminate},
@@ -621,32 +621,16 @@ impl BgpLab {
         // failover); a stop is immediate.
         let text = plain.replace(&listen, &format!("listen = \"[::]:{BGP_VIP_PORT}\""))
             + "\n[limits]\nheader_timeout_ms = 120000\ndrain_ms = 0\n";
-        let config = dir.join("web.toml");
-        std::fs::write(&config, text).expect("web.toml");
-        let child = spawn_logged(
-            self.webs[i]
-                .command(&bin(&self.spec.bin_dir, "foobar-web"))
-                .arg("--config")
-                .arg(&config),
-            &dir.join("web.log"),
+        let url = format!("http://{}:{BGP_VIP_PORT}/healthz", web_addr(i));
+        let child = start_web_node(
+            &self.webs[i],
+            &self.router,
+            &self.spec.bin_dir,
+            &dir,
+            &text,
+            &url,
         );
         self.web_nodes.push(child);
-        let url = format!("http://{}:{BGP_VIP_PORT}/healthz", web_addr(i));
-        let started = Instant::now();
-        while !self
-            .router
-            .command("curl")
-            .args(["-s", "-o", "/dev/null", "-m", "1", &url])
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            assert!(
-                started.elapsed() < START_LIMIT,
-                "{name} did not answer within {START_LIMIT:?}:\n{}",
-                std::fs::read_to_string(dir.join("web.log")).unwrap_or_default()
-            );
-            sleep(Duration::from_millis(50));
-        }
     }
 
     fn decap_log_path(&self, i: usize) -> PathBuf {

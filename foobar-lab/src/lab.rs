@@ -938,38 +938,43 @@ impl Lab {
         if let (Some(pebble), Some(pki)) = (&self.acme, &self.pki) {
             text = pebble.web_config(&text, &dir, i, self.webs.len(), pki);
         }
-        let config = dir.join("web.toml");
-        std::fs::write(&config, text).expect("web.toml");
-        let child = spawn_logged(
-            self.webs[i]
-                .command(&bin(&self.spec.bin_dir, "foobar-web"))
-                .arg("--config")
-                .arg(&config),
-            &dir.join("web.log"),
-        );
-        self.nodes[i].web = Some(child);
         let port = if self.spec.stack {
             stack::HTTP_PORT
         } else {
             WEB_PORT
         };
         let url = format!("http://{}:{port}/healthz", web_addr(i));
-        wait_until(
-            Duration::from_secs(10),
-            &format!("{name} to answer"),
-            || {
-                self.lb()
-                    .command("curl")
-                    .args(["-s", "-o", "/dev/null", "-m", "1", &url])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            },
+        let child = start_web_node(
+            &self.webs[i],
+            self.lb(),
+            &self.spec.bin_dir,
+            &dir,
+            &text,
+            &url,
         );
+        self.nodes[i].web = Some(child);
     }
 
     /// The (first) balancer's control socket.
     pub fn socket(&self) -> PathBuf {
         self.balancer().socket()
+    }
+
+    /// `foobar-lb --socket <socket> run <options> --config <file> --pin-dir <pins>` for
+    /// the (first) balancer, in its namespace, not started: for tests that run the
+    /// agent themselves (to see it refuse, or with other options).
+    pub fn agent_command(&self, options: &[&str]) -> Command {
+        let mut command = self.lb().command(&bin(&self.spec.bin_dir, "foobar-lb"));
+        command
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("run")
+            .args(options)
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("--pin-dir")
+            .arg(&self.balancer().pin_dir);
+        command
     }
 
     /// The (first) balancer's configuration file.
@@ -1152,6 +1157,43 @@ pub(crate) fn make_ns(name: &str, persistent: bool) -> Netns {
     } else {
         Netns::new_named(name)
     }
+}
+
+/// Writes a web node's configuration `text` in `dir`, starts foobar-web on it in `web`
+/// (its log beside it), and waits up to 10 s until `url` answers curl run in `from`;
+/// panics with the node's log otherwise.
+pub(crate) fn start_web_node(
+    web: &Netns,
+    from: &Netns,
+    bin_dir: &Path,
+    dir: &Path,
+    text: &str,
+    url: &str,
+) -> Child {
+    let config = dir.join("web.toml");
+    std::fs::write(&config, text).expect("web.toml");
+    let log = dir.join("web.log");
+    let child = spawn_logged(
+        web.command(&bin(bin_dir, "foobar-web"))
+            .arg("--config")
+            .arg(&config),
+        &log,
+    );
+    let started = Instant::now();
+    while !from
+        .command("curl")
+        .args(["-s", "-o", "/dev/null", "-m", "1", url])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{url} did not answer within 10 s:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        sleep(Duration::from_millis(50));
+    }
+    child
 }
 
 /// Removes a pin directory on bpffs (links and maps); missing is fine.

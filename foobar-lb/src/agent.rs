@@ -1079,7 +1079,7 @@ impl Agent {
     /// Each configured interface as the kernel last reported it (the topology is
     /// read again on every link change): running, and running this agent's program.
     fn interface_states(&mut self) -> Vec<InterfaceStatus> {
-        let ours = self.balancer.dataplane().program_id().ok();
+        let ours = self.balancer.dataplane().program_id();
         self.config
             .dataplane
             .interface_names()
@@ -1088,7 +1088,7 @@ impl Agent {
                 let link = self.topology.links.values().find(|l| l.name == name);
                 InterfaceStatus {
                     running: link.is_some_and(|l| l.running),
-                    attached: link.is_some_and(|l| Some(l.xdp_program) == ours),
+                    attached: link.is_some_and(|l| l.xdp_program == ours),
                     name,
                 }
             })

@@ -8,34 +8,28 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd},
 };
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
-const BPF_MAP_UPDATE_BATCH: libc::c_int = 26;
+pub(crate) const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
+pub(crate) const BPF_MAP_UPDATE_BATCH: libc::c_int = 26;
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]
 #[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+pub(crate) struct BatchAttr {
+    pub(crate) in_batch: u64,
+    pub(crate) out_batch: u64,
+    pub(crate) keys: u64,
+    pub(crate) values: u64,
+    pub(crate) count: u32,
+    pub(crate) map_fd: u32,
+    pub(crate) elem_flags: u64,
+    pub(crate) flags: u64,
 }
 
-fn bpf(cmd: libc::c_int, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: `attr` is a valid `bpf_attr` prefix for batch commands, and every
-    // pointer in it refers to memory that outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            size_of::<BatchAttr>() as u32,
-        )
-    };
+/// The `bpf` system call with `attr`, a `union bpf_attr` member of `cmd`.
+pub(crate) fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<()> {
+    // SAFETY: `attr` is a valid `bpf_attr` prefix for `cmd`, and every pointer in it
+    // refers to memory that outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>() as u32) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

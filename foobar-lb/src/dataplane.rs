@@ -162,6 +162,8 @@ pub struct Dataplane {
     resumed: bool,
     /// An upgrade from pinned maps of an older layout, until the links run this program.
     migration: Option<Migration>,
+    /// The kernel's id of the loaded program.
+    program_id: u32,
 }
 
 macro_rules! map {
@@ -220,7 +222,7 @@ impl Dataplane {
             }
             Ok(ebpf)
         });
-        let ebpf = match (loaded, &options.pin_dir) {
+        let mut ebpf = match (loaded, &options.pin_dir) {
             (Err(e), Some(dir)) if migration.as_ref().is_some_and(Migration::redo) => {
                 // The old layout stays the only one, as if this build had never run.
                 let _ = std::fs::remove_dir_all(pin::maps_dir(dir));
@@ -228,11 +230,13 @@ impl Dataplane {
             }
             (loaded, _) => loaded?,
         };
+        let program_id = program(&mut ebpf)?.info()?.id();
         Ok(Self {
             ebpf,
             pin_dir: options.pin_dir.clone(),
             resumed,
             migration,
+            program_id,
         })
     }
 
@@ -262,8 +266,8 @@ impl Dataplane {
     }
 
     /// The kernel's id of the balancing program, as interfaces report what they run.
-    pub fn program_id(&mut self) -> Result<u32> {
-        Ok(self.program_mut()?.info()?.id())
+    pub fn program_id(&self) -> u32 {
+        self.program_id
     }
 
     /// The balancing program, for attaching or test runs.

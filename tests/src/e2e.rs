@@ -43,6 +43,18 @@ pub fn json_of(balancer: &Balancer, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} gave no JSON ({e}): {out}"))
 }
 
+/// A balancer's `/metrics` (its listener on 127.0.0.1:9100 in its namespace); empty
+/// when it does not answer.
+pub fn metrics_of(balancer: &Balancer) -> String {
+    let out = balancer
+        .ns
+        .command("curl")
+        .args(["-sf", "-m", "2", "http://127.0.0.1:9100/metrics"])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// How many answers each server gave.
 pub fn tally(answers: impl IntoIterator<Item = String>) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();

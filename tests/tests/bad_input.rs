@@ -242,17 +242,7 @@ fn the_daemon_refuses_to_start_on_a_bad_config_and_says_why() {
     ];
     for (text, expected) in cases {
         lab.write_config(&text);
-        let out = lab
-            .lb()
-            .command(&lab.spec().bin_dir.join("foobar-lb").display().to_string())
-            .arg("--socket")
-            .arg(lab.socket())
-            .args(["run", "--config"])
-            .arg(lab.config_path())
-            .arg("--pin-dir")
-            .arg(&lab.balancer().pin_dir)
-            .output()
-            .expect("run");
+        let out = lab.agent_command(&[]).output().expect("run");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains(expected), "{stderr}");

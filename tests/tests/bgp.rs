@@ -22,7 +22,7 @@ use foobar_lab::{
 };
 use serde_json::Value;
 use tests::{
-    e2e::{json_of, one_at_a_time},
+    e2e::{json_of, metrics_of, one_at_a_time},
     http::{connect, get, get_once},
 };
 
@@ -69,15 +69,6 @@ fn vip_bgp(b: &Balancer) -> Value {
 
 fn announced(b: &Balancer) -> bool {
     vip_bgp(b)["announced"] == true
-}
-
-fn metrics(b: &Balancer) -> String {
-    let out =
-        b.ns.command("curl")
-            .args(["-sf", "-m", "2", "http://127.0.0.1:9100/metrics"])
-            .output()
-            .expect("curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Opens `n` kept-alive connections to the VIP from the client, each with a first
@@ -160,7 +151,7 @@ fn a_crashed_balancer_breaks_no_connection() {
         assert_eq!(session["remote_as"], 65000, "{s}");
         assert_eq!(session["state"], "established", "{s}");
         assert!(announced(b), "{s}");
-        let m = metrics(b);
+        let m = metrics_of(b);
         assert!(
             m.contains(&format!(
                 "foobar_lb_bgp_session_established{{neighbour=\"{ROUTER_BALANCER_SIDE}\"}} 1"
@@ -300,7 +291,7 @@ fn a_balancer_without_backends_withdraws() {
     assert!(!reason.is_empty(), "no reason given: {}", status(lb3));
     lab.wait_next_hops(BALANCERS - 1, LIMIT);
     assert!(!lab.next_hops().contains(&lb3_address));
-    let m = metrics(lb3);
+    let m = metrics_of(lb3);
     assert!(
         m.contains(&format!(
             "foobar_lb_bgp_vip_announced{{address=\"{BGP_VIP}\"}} 0"

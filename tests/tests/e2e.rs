@@ -308,14 +308,7 @@ fn detach_on_exit_removes_the_program_and_its_pins() {
 
     // A run with --on-exit detach, stopped by SIGTERM, leaves nothing behind.
     let mut agent = lab
-        .lb()
-        .command(&lab.spec().bin_dir.join("foobar-lb").display().to_string())
-        .arg("--socket")
-        .arg(lab.socket())
-        .args(["run", "--on-exit", "detach", "--config"])
-        .arg(lab.config_path())
-        .arg("--pin-dir")
-        .arg(&lab.balancer().pin_dir)
+        .agent_command(&["--on-exit", "detach"])
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
@@ -350,14 +343,7 @@ fn a_start_that_fails_after_attaching_leaves_the_data_plane_as_on_exit_says() {
     };
     lab.write_config(&(config("rr", &[(0, 1)]) + "\n[metrics]\nlisten = \"127.0.0.1:9100\"\n"));
     let out = lab
-        .lb()
-        .command(&lab.spec().bin_dir.join("foobar-lb").display().to_string())
-        .arg("--socket")
-        .arg(lab.socket())
-        .args(["run", "--on-exit", "detach", "--config"])
-        .arg(lab.config_path())
-        .arg("--pin-dir")
-        .arg(&lab.balancer().pin_dir)
+        .agent_command(&["--on-exit", "detach"])
         .output()
         .expect("run the agent");
     drop(taken);

@@ -18,7 +18,7 @@ use std::{
 use foobar_lb::vrrp::packet::{Advertisement, GROUP, PROTOCOL, checksum};
 use socket2::{Domain, Protocol, Socket, Type};
 use tests::{
-    e2e::{json_of, one_at_a_time, vip},
+    e2e::{json_of, metrics_of, one_at_a_time, vip},
     http::{connect, get, get_once},
     lab::{
         ADVERT_INTERVAL_MS, Balancer, CLIENT, LB_SERVER_IF, LB_SERVER_SIDE, Lab, LabSpec, METRICS,
@@ -42,15 +42,6 @@ fn wait_role(b: &Balancer, want: &str) {
     wait_until(LIMIT, &format!("{} to be {want}", b.name), || {
         role(b) == want
     });
-}
-
-fn metrics(b: &Balancer) -> String {
-    let out =
-        b.ns.command("curl")
-            .args(["-sf", "-m", "2", "http://127.0.0.1:9100/metrics"])
-            .output()
-            .expect("curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Two foobar-lb balancers, lb1 (priority 150) and lb2 (100), lb1 MASTER.
@@ -139,7 +130,7 @@ fn a_crashed_master_hands_over_and_connections_survive() {
     let v = vrrp(lb2);
     assert_eq!(v["last_takeover"], "master_down");
     assert_eq!(v["transitions"]["master"], 1);
-    let m = metrics(lb2);
+    let m = metrics_of(lb2);
     assert!(m.contains("foobar_lb_vrrp_role{role=\"master\"} 1"), "{m}");
     assert!(
         m.contains("foobar_lb_vrrp_transitions_total{role=\"master\"} 1"),
@@ -373,7 +364,7 @@ fn spoofed_and_malformed_advertisements_are_refused_and_counted() {
     let v = vrrp(lb1);
     assert_eq!(v["adverts_received"], 0, "{v}");
     assert_eq!(v["transitions"]["backup"], 1, "{v}");
-    let m = metrics(lb1);
+    let m = metrics_of(lb1);
     assert!(
         m.contains("foobar_lb_vrrp_rejected_packets_total{reason=\"source_not_on_link\"} 1"),
         "{m}"

@@ -289,14 +289,7 @@ fn the_control_socket_is_private_and_idle_clients_do_not_hold_up_detach() {
     let log = lab.dir.join("detach.log");
     let out = std::fs::File::create(&log).expect("log");
     let mut agent = OwnAgent(Some(
-        lab.lb()
-            .command(&lab.spec().bin_dir.join("foobar-lb").display().to_string())
-            .arg("--socket")
-            .arg(lab.socket())
-            .args(["run", "--on-exit", "detach", "--config"])
-            .arg(lab.config_path())
-            .arg("--pin-dir")
-            .arg(&lab.balancer().pin_dir)
+        lab.agent_command(&["--on-exit", "detach"])
             .stdout(out.try_clone().expect("log"))
             .stderr(out)
             .spawn()

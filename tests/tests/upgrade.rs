@@ -35,18 +35,11 @@ fn pinned(pin_dir: &Path, version: u32, map: &str) -> std::path::PathBuf {
     pin_dir.join(format!("maps-v{version}")).join(map)
 }
 
-/// Starts the agent binary `program` on the lab's pins and waits, bounded, for it to
+/// Starts this build's agent on the lab's pins and waits, bounded, for it to
 /// exit; returns its status and what it printed.
-fn run_to_refusal(lab: &Lab, program: &str) -> (std::process::ExitStatus, String) {
+fn run_to_refusal(lab: &Lab) -> (std::process::ExitStatus, String) {
     let mut child = lab
-        .lb()
-        .command(&lab.spec().bin_dir.join(program).display().to_string())
-        .arg("--socket")
-        .arg(lab.socket())
-        .args(["run", "--config"])
-        .arg(lab.config_path())
-        .arg("--pin-dir")
-        .arg(&lab.balancer().pin_dir)
+        .agent_command(&[])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -58,7 +51,7 @@ fn run_to_refusal(lab: &Lab, program: &str) -> (std::process::ExitStatus, String
         }
         if started.elapsed() > Duration::from_secs(20) {
             let _ = child.kill();
-            panic!("{program} did not exit within 20 s");
+            panic!("the agent did not exit within 20 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -153,8 +146,7 @@ fn an_upgrade_to_another_layout_keeps_flows_and_counters_and_a_downgrade_is_refu
 
     // Back to this build: refused, saying why, and nothing changes.
     lab.stop_agent();
-    lab.balancer_mut().program = "foobar-lb";
-    let (status, err) = run_to_refusal(&lab, "foobar-lb");
+    let (status, err) = run_to_refusal(&lab);
     assert!(!status.success(), "the older build started: {err}");
     assert!(err.contains("newer than this build's"), "{err}");
     assert!(err.contains("loses every open flow"), "{err}");

@@ -4,18 +4,17 @@
 
 use std::{
     io,
-    mem::size_of,
     os::fd::{AsFd, AsRawFd},
     path::Path,
 };
 
 use aya::maps::{MapData, MapType};
 
+use crate::batch::{BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH, BatchAttr, bpf};
+
 const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_int = 4;
-const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
-const BPF_MAP_UPDATE_BATCH: libc::c_int = 26;
 /// `BPF_NOEXIST`: only where the key is not there yet.
 pub const NO_EXIST: u64 = 1;
 /// The kernel's ENOTSUPP (not in libc): a map type without batched lookups.
@@ -30,30 +29,6 @@ struct ElemAttr {
     key: u64,
     value_or_next_key: u64,
     flags: u64,
-}
-
-/// The batch commands' part of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<()> {
-    // SAFETY: `attr` is a valid `bpf_attr` prefix for `cmd`, and every pointer in it
-    // refers to memory that outlives the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>() as u32) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Entries read from a map: keys and values laid end to end.
